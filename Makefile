@@ -1,0 +1,53 @@
+# Everything a person runs. `make test` installs what it needs, then runs the unit tests on the
+# host and the integration tests inside one VM boot of Debian's kernel (see scripts/vm-run).
+
+PYTHON  ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+APT_PKGS := qemu-system-x86 linux-image-amd64 busybox-static sg3-utils lsscsi fio tcmu-runner \
+            e2fsprogs kmod udev util-linux dmsetup
+
+.PHONY: deps apt venv test unit integration lint demo bench bench-tracker clean
+
+deps: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) vscsi/tracker/_build.py
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,vm,bench]'
+	touch $@
+
+test: deps lint unit integration
+
+lint: venv
+	$(VENV)/bin/ruff check vscsi tests scripts bench
+
+unit: venv
+	$(VPY) -m pytest tests/unit -q
+
+# One boot, all integration tests; a skipped integration test fails the run (tests/integration).
+integration: deps
+	scripts/vm-run '$(CURDIR)/$(VPY) -m pytest tests/integration -v -rs -x'
+
+demo: deps
+	scripts/vm-run 'bash scripts/demo.sh'
+
+bench: deps
+	VSCSI_VM_CPUS=2 scripts/vm-run 'bash scripts/bench.sh'
+
+bench-tracker: venv
+	$(VPY) bench/bench_tracker.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info vm-out vscsi/tracker/_tracker_c.* .pytest_cache

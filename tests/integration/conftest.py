@@ -1,0 +1,125 @@
+"""Integration tests: run as root inside the VM (scripts/vm-run) against the real LIO/TCMU stack.
+
+Outside the VM they fail rather than skip: a skipped integration test would hide a broken
+kernel path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+VSCSI = str(Path(sys.executable).with_name("vscsi"))
+CONFIGFS = Path("/sys/kernel/config/target")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _inside_vm() -> None:
+    if not os.environ.get("VSCSI_VM") or os.geteuid() != 0:
+        pytest.fail("integration tests run only inside the VM as root: use 'make integration'")
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 120, **kw: object) -> str:
+    """Run a command; on failure show its output in the assertion."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p.stdout + p.stderr
+
+
+def run_rc(*cmd: str, timeout: float = 120) -> tuple[int, str]:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+class Daemon:
+    """One `vscsi up` process serving a config written into a work directory."""
+
+    def __init__(self, workdir: Path, config: str, name: str = "vscsi") -> None:
+        self.workdir = workdir
+        self.socket = str(workdir / f"{name}.sock")
+        self.config = workdir / f"{name}.toml"
+        self.config.write_text(f'[daemon]\nsocket = "{self.socket}"\n\n{config}')
+        self.log = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> dict[str, dict[str, object]]:
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen([VSCSI, "up", "-c", str(self.config)], stdout=logf,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vscsi up exited {self.proc.returncode}:\n{self.output()}")
+            vols = self.try_status()
+            if vols and all(v["state"] == "serving" and (v["sd"] or v["export"] == "none")
+                            for v in vols.values()):
+                return vols
+            time.sleep(0.5)
+        raise AssertionError(f"volumes not served within {timeout}s:\n{self.output()}")
+
+    def try_status(self) -> dict[str, dict[str, object]] | None:
+        rc, out = run_rc(VSCSI, "status", "--json", "--socket", self.socket)
+        if rc != 0:
+            return None
+        return {v["name"]: v for v in json.loads(out)["volumes"]}
+
+    def status(self) -> dict[str, dict[str, object]]:
+        vols = self.try_status()
+        assert vols is not None, self.output()
+        return vols
+
+    def sd(self, name: str) -> str:
+        return str(self.status()[name]["sd"])
+
+    def sg(self, name: str) -> str:
+        return str(self.status()[name]["sg"])
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vscsi")
+
+
+@pytest.fixture(scope="session")
+def loopdev(workdir: Path) -> Iterator[str]:
+    """A real block device (loop over a tmpfs file) to serve as a backing store."""
+    img = workdir / "loop-backing.img"
+    with img.open("wb") as f:
+        f.truncate(64 << 20)
+    dev = run("losetup", "--find", "--show", str(img)).strip()
+    yield dev
+    run("losetup", "-d", dev, check=False)
+
+
+def our_configfs_objects() -> list[str]:
+    """Backstores and loopback targets that vscsi created (named vscsi-*)."""
+    found: list[str] = []
+    core = CONFIGFS / "core"
+    if core.exists():
+        found += [str(p) for p in core.glob("user_*/*") if p.is_dir()]
+    loop = CONFIGFS / "loopback"
+    if loop.exists():
+        found += [str(p) for p in loop.glob("naa.*")]
+    return found

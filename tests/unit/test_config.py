@@ -1,0 +1,124 @@
+"""Config validation: every mistake is one line naming the field, and nothing is created."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vscsi.config import ConfigError, load, open_volumes, parse, parse_size
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "vscsi.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_resolves_paths_and_defaults(tmp_path: Path) -> None:
+    (tmp_path / "a.img").write_bytes(bytes(1 << 20))
+    cfg = load(
+        write(
+            tmp_path,
+            """
+[[volume]]
+name = "a"
+path = "a.img"
+[volume.identity]
+serial = 410001
+volume_id = 0x10
+vendor = "HITACHI"
+product = "OPEN-V"
+
+[[volume]]
+name = "b"
+path = "b.img"
+size = "8MiB"
+create = true
+block_size = 4096
+write_cache = false
+""",
+        )
+    )
+    a, b = cfg.volumes
+    assert a.path == str(tmp_path / "a.img")
+    assert a.identity.volume_id == 0x10 and a.identity.vendor == "HITACHI"
+    assert a.write_cache is True and a.export == "loop"
+    assert b.size == 8 << 20 and b.block_size == 4096 and b.write_cache is False
+    vols = open_volumes(cfg)
+    assert vols["a"].size == 1 << 20 and vols["b"].size == 8 << 20
+    assert os.path.getsize(tmp_path / "b.img") == 8 << 20
+    for v in vols.values():
+        v.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('[[volume]]\npath = "x"', "volume[0].name"),
+        ('[[volume]]\nname = "a"', "volume[0].path"),
+        ('[[volume]]\nname = "a"\npath = "x"\nsize = "ten"', "volume[0].size"),
+        ('[[volume]]\nname = "a"\npath = "x"\nblock_size = 1000', "volume[0].block_size"),
+        ('[[volume]]\nname = "a"\npath = "x"\nexport = "fc"', "volume[0].export"),
+        ('[[volume]]\nname = "a"\npath = "x"\nwrite_cache = 1', "volume[0].write_cache"),
+        ('[[volume]]\nname = "a"\npath = "x"\ncolour = 1', "volume[0].colour"),
+        ('[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvendor = "TOO-LONG-VENDOR"',
+         "volume[0].identity.vendor"),
+        ('[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "a"\npath = "y"',
+         "volume[1].name"),
+        ('[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "b"\npath = "x"',
+         "volume[1].path"),
+        ('[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvolume_id = 1\n'
+         '[[volume]]\nname = "b"\npath = "y"\n[volume.identity]\nvolume_id = 1',
+         "volume[1].identity.volume_id"),
+        ("[disk]\n", "disk"),
+        ("", "volume"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, body: str, field: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, body))
+    msg = str(e.value)
+    assert msg.startswith(field + ":") or msg.startswith(field + "."), msg
+    assert "\n" not in msg
+
+
+def test_missing_file_is_reported_and_nothing_is_created(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            '[[volume]]\nname = "a"\npath = "a.img"\nsize = "1MiB"\ncreate = true\n'
+            '[[volume]]\nname = "b"\npath = "missing.img"\n',
+        )
+    )
+    with pytest.raises(ConfigError, match=r"^volume\[1\]\.path: .*missing.img does not exist"):
+        open_volumes(cfg)
+    # The first volume's file was created sparse, but nothing was left open or served.
+    assert (tmp_path / "a.img").exists()
+
+
+def test_size_mismatch_names_size(tmp_path: Path) -> None:
+    (tmp_path / "a.img").write_bytes(bytes(4096))
+    cfg = load(write(tmp_path, '[[volume]]\nname = "a"\npath = "a.img"\nsize = 8192\n'))
+    with pytest.raises(ConfigError, match=r"^volume\[0\]\.size: .*4096 bytes but size = 8192"):
+        open_volumes(cfg)
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(write(tmp_path, "[[volume]\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "n"), [(4096, 4096), ("64MiB", 64 << 20), ("1G", 1 << 30), ("2 TiB", 2 << 40)]
+)
+def test_parse_size(text: object, n: int) -> None:
+    assert parse_size(text, "x") == n
+
+
+def test_parse_requires_volumes() -> None:
+    with pytest.raises(ConfigError, match="^volume: at least one"):
+        parse({"daemon": {}})

@@ -1,0 +1,238 @@
+"""The TOML configuration: one `[[volume]]` table per emulated volume.
+
+Every problem is reported as one `ConfigError` naming the field (`volume[1].path`), and is found
+before anything is created: `load()` validates the whole file, `open_volumes()` opens every
+backing store and closes them all again if any fails.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vscsi.scsi.identity import Identity
+from vscsi.store.file import FileVolume, StoreConfigError
+
+DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
+EXPORTS = ("loop", "none")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one line naming the field and the fix."""
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """One `[[volume]]` table, validated."""
+
+    name: str
+    path: str
+    size: int | None
+    block_size: int | None
+    write_cache: bool
+    create: bool
+    export: str
+    identity: Identity
+    index: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"volume[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file: daemon settings and the volumes."""
+
+    volumes: list[VolumeConfig]
+    socket: str = DEFAULT_SOCKET
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_size(value: object, where: str) -> int:
+    """Sizes are integers (bytes) or strings like "64MiB", "1G", "4096"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        n = int(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise ConfigError(f'{where}: {value!r} is not a size (bytes, or like "64MiB")')
+    if n <= 0:
+        raise ConfigError(f"{where}: size must be positive, got {value!r}")
+    return n
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = table.get(key)
+    if value is not None and (
+        not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)
+    ):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
+    return value
+
+
+def _identity(table: dict[str, Any], where: str, index: int) -> Identity:
+    ident = table.get("identity", {})
+    if not isinstance(ident, dict):
+        raise ConfigError(f"{where}.identity: expected a table")
+    known = {"vendor", "product", "revision", "serial", "volume_id", "port"}
+    for key in ident:
+        if key not in known:
+            raise ConfigError(
+                f"{where}.identity.{key}: unknown key (known: {', '.join(sorted(known))})"
+            )
+    w = f"{where}.identity"
+    limits = {"vendor": 8, "product": 16, "revision": 4, "port": 16}
+    kwargs: dict[str, Any] = {}
+    for key, limit in limits.items():
+        value = _get(ident, key, str, w)
+        if value is None:
+            continue
+        if len(value) > limit or not value.isascii() or not value.isprintable():
+            raise ConfigError(
+                f"{w}.{key}: {value!r} must be printable ASCII, at most {limit} chars"
+            )
+        kwargs[key] = value
+    serial = _get(ident, "serial", int, w)
+    if serial is not None and not 0 < serial < 1 << 32:
+        raise ConfigError(f"{w}.serial: {serial} must be between 1 and 4294967295")
+    volume_id = _get(ident, "volume_id", int, w)
+    if volume_id is not None and not 0 <= volume_id < 1 << 16:
+        raise ConfigError(f"{w}.volume_id: {volume_id} must be between 0 and 65535")
+    return Identity(
+        **kwargs,
+        **({"serial": serial} if serial is not None else {}),
+        volume_id=volume_id if volume_id is not None else index,
+    )
+
+
+_VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
+
+
+def _volume(table: object, index: int, base: Path) -> VolumeConfig:
+    where = f"volume[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    for key in table:
+        if key not in _VOLUME_KEYS:
+            raise ConfigError(
+                f"{where}.{key}: unknown key (known: {', '.join(sorted(_VOLUME_KEYS))})"
+            )
+    name = _get(table, "name", str, where)
+    if name is None or not _NAME.match(name):
+        raise ConfigError(f"{where}.name: {name!r} must be 1-32 of A-Z a-z 0-9 _ . - (required)")
+    path = _get(table, "path", str, where)
+    if not path:
+        raise ConfigError(f"{where}.path: required (a file or a block device)")
+    size = table.get("size")
+    block_size = _get(table, "block_size", int, where)
+    if block_size is not None and block_size not in (512, 4096):
+        raise ConfigError(f"{where}.block_size: {block_size} must be 512 or 4096")
+    export = _get(table, "export", str, where) or "loop"
+    if export not in EXPORTS:
+        raise ConfigError(f"{where}.export: {export!r} must be one of {', '.join(EXPORTS)}")
+    write_cache = _get(table, "write_cache", bool, where)
+    create = _get(table, "create", bool, where)
+    return VolumeConfig(
+        name=name,
+        path=str((base / path) if not Path(path).is_absolute() else Path(path)),
+        size=parse_size(size, f"{where}.size") if size is not None else None,
+        block_size=block_size,
+        write_cache=True if write_cache is None else write_cache,
+        create=bool(create),
+        export=export,
+        identity=_identity(table, where, index),
+        index=index,
+    )
+
+
+def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> Config:
+    """Validate a decoded TOML document."""
+    base = base or Path.cwd()
+    for key in data:
+        if key not in ("volume", "daemon", "pair", "shadow_set"):
+            raise ConfigError(f"{key}: unknown table (known: daemon, volume)")
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise ConfigError("daemon: expected a table")
+    socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
+    tables = data.get("volume", [])
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("volume: at least one [[volume]] table is required")
+    volumes = [_volume(t, i, base) for i, t in enumerate(tables)]
+    _check_unique(volumes)
+    return Config(volumes=volumes, socket=socket, source=source)
+
+
+def _check_unique(volumes: list[VolumeConfig]) -> None:
+    seen: dict[str, int] = {}
+    paths: dict[str, int] = {}
+    ids: dict[tuple[int, int], int] = {}
+    for v in volumes:
+        if v.name in seen:
+            raise ConfigError(
+                f"{v.where}.name: {v.name!r} is already used by volume[{seen[v.name]}]"
+            )
+        seen[v.name] = v.index
+        real = str(Path(v.path).resolve())
+        if real in paths:
+            raise ConfigError(f"{v.where}.path: {v.path} is already used by volume[{paths[real]}]")
+        paths[real] = v.index
+        key = (v.identity.serial, v.identity.volume_id)
+        if key in ids:
+            raise ConfigError(
+                f"{v.where}.identity.volume_id: serial {key[0]} volume {key[1]} "
+                f"is already used by volume[{ids[key]}]"
+            )
+        ids[key] = v.index
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    return parse(data, source=str(p), base=p.resolve().parent)
+
+
+def open_volume(v: VolumeConfig) -> FileVolume:
+    try:
+        return FileVolume(
+            v.name,
+            v.path,
+            size=v.size,
+            block_size=v.block_size,
+            write_cache=v.write_cache,
+            create=v.create,
+        )
+    except StoreConfigError as e:
+        raise ConfigError(f"{v.where}.{e.field}: {e}") from None
+
+
+def open_volumes(config: Config) -> dict[str, FileVolume]:
+    """Open every backing store, or none: on the first failure all opened ones are closed."""
+    opened: dict[str, FileVolume] = {}
+    try:
+        for v in config.volumes:
+            opened[v.name] = open_volume(v)
+    except ConfigError:
+        for vol in opened.values():
+            vol.close()
+        raise
+    return opened

@@ -7,13 +7,9 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from vscsi.config import DEFAULT_SOCKET, ConfigError, load
 from vscsi.control import ControlError, request
-
-console = Console()
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -43,12 +39,12 @@ def main() -> None:
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def up(config_path: str, verbose: int) -> None:
     """Serve the configured volumes until Ctrl-C or SIGTERM, then tear everything down."""
-    from vscsi.daemon import Daemon, DaemonError
-
     try:
         config = load(config_path)
     except ConfigError as e:
         fail(str(e), 2)
+    from vscsi.daemon import Daemon, DaemonError  # the kernel-facing stack, only when serving
+
     try:
         Daemon(config, verbose=verbose).run()
     except (ConfigError, DaemonError) as e:
@@ -75,11 +71,10 @@ def status(socket_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    table = Table(title=f"vscsi daemon pid {result['pid']}")
-    for col in ("volume", "state", "size", "bs", "serial", "ldev", "sd", "sg", "uio", "backing"):
-        table.add_column(col)
-    for v in result["volumes"]:
-        table.add_row(
+    click.echo(f"vscsi daemon pid {result['pid']} ({result['config']})")
+    head = ("VOLUME", "STATE", "SIZE", "BS", "SERIAL", "LDEV", "SD", "SG", "UIO", "BACKING")
+    rows = [
+        (
             v["name"],
             v["state"],
             human(v["size"]),
@@ -91,7 +86,17 @@ def status(socket_path: str, as_json: bool) -> None:
             v.get("uio") or "-",
             v["path"],
         )
-    console.print(table)
+        for v in result["volumes"]
+    ]
+    click.echo(columns([head, *rows]))
+
+
+def columns(rows: list[tuple[str, ...]]) -> str:
+    """Plain aligned columns, like the array CLIs print: easy to read and to grep."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def call(socket_path: str, cmd: str, **args: Any) -> Any:

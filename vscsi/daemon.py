@@ -1,0 +1,233 @@
+"""`vscsi up`: serve every configured volume through TCMU until told to stop.
+
+Start-up validates everything first (config, backing stores, the control socket) and creates
+configfs objects only then. A backstore left by a daemon that died (SIGKILL, crash) is
+re-attached rather than recreated, so the host keeps its /dev/sdX and the commands that were
+queued in the ring meanwhile are served. SIGTERM/SIGINT remove exactly what this daemon made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.logging import RichHandler
+
+from vscsi.config import Config, VolumeConfig, open_volumes
+from vscsi.control import ControlError, ControlServer
+from vscsi.scsi.lun import Lun
+from vscsi.store.file import FileVolume
+from vscsi.tcmu import configfs
+from vscsi.tcmu.netlink import NetlinkListener
+from vscsi.tcmu.uio import UioDevice, UioError
+
+log = logging.getLogger("vscsi")
+
+
+class DaemonError(Exception):
+    """The daemon cannot start or serve; the message is one line for the operator."""
+
+
+@dataclass
+class Served:
+    """One volume and everything that serves it."""
+
+    cfg: VolumeConfig
+    volume: FileVolume
+    lun: Lun
+    backstore: configfs.Backstore | None = None
+    export: configfs.LoopExport | None = None
+    device: UioDevice | None = None
+    thread: threading.Thread | None = None
+    sd: str | None = None
+    sg: str | None = None
+    state: str = "starting"
+    reattached: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        ident = self.cfg.identity
+        return {
+            "name": self.cfg.name,
+            "path": self.cfg.path,
+            "state": self.state,
+            "size": self.volume.size,
+            "block_size": self.volume.block_size,
+            "write_cache": self.volume.write_cache,
+            "export": self.cfg.export,
+            "vendor": ident.vendor,
+            "product": ident.product,
+            "serial": ident.serial,
+            "volume_id": ident.volume_id,
+            "port": ident.port,
+            "unit_serial": ident.unit_serial,
+            "uio": self.device.name if self.device else None,
+            "sd": self.sd,
+            "sg": self.sg,
+            "reattached": self.reattached,
+        }
+
+
+class Daemon:
+    """Owns the served volumes, the netlink listener and the control socket."""
+
+    def __init__(self, config: Config, verbose: int = 0) -> None:
+        self.config = config
+        self.verbose = verbose
+        self.served: dict[str, Served] = {}
+        self._stop = threading.Event()
+        self._netlink: NetlinkListener | None = None
+        self._control: ControlServer | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._setup_logging()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            self._announce()
+            while not self._stop.wait(0.5):
+                self._check_threads()
+        finally:
+            self.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        self._stop.set()
+
+    def _setup_logging(self) -> None:
+        level = logging.WARNING - 10 * min(self.verbose + 1, 2)
+        logging.basicConfig(
+            level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
+        )
+
+    def start(self) -> None:
+        volumes = open_volumes(self.config)  # every backing store, or none
+        for vc in self.config.volumes:
+            vol = volumes[vc.name]
+            self.served[vc.name] = Served(vc, vol, Lun(vol, vc.identity))
+        self._control = ControlServer(self.config.socket, {"status": self._status})
+        try:
+            self._control.start()
+        except (ControlError, OSError) as e:
+            self._control = None
+            raise DaemonError(str(e)) from None
+        try:
+            configfs.prepare_kernel()
+        except configfs.ConfigfsError as e:
+            raise DaemonError(str(e)) from None
+        self._netlink = NetlinkListener(self._on_added, self._on_removed, self._on_reconfig)
+        self._netlink.start()
+        for s in self.served.values():
+            self._serve(s)
+
+    def _serve(self, s: Served) -> None:
+        name = s.cfg.name
+        try:
+            existing = configfs.find_backstore(name)
+            if existing is not None:
+                configfs.check_backstore(existing, s.volume.size, s.volume.block_size)
+                s.backstore, s.reattached = existing, True
+            else:
+                s.backstore = configfs.create_backstore(name, s.volume.size, s.volume.block_size)
+            s.device = UioDevice.open(s.backstore.uio_name)
+            s.thread = threading.Thread(
+                target=s.device.serve, args=(s.lun, self._stop), name=f"ring-{name}", daemon=True
+            )
+            s.thread.start()
+            if s.cfg.export == "loop":
+                s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
+                s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
+            s.state = "serving"
+        except (configfs.ConfigfsError, UioError) as e:
+            s.state = "failed"
+            raise DaemonError(f"volume {name}: {e}") from None
+
+    def _announce(self) -> None:
+        for s in self.served.values():
+            how = "re-attached" if s.reattached else "serving"
+            where = f"{s.sd} {s.sg}" if s.sd else "(not exported)"
+            print(
+                f"{s.cfg.name}: {where} {how} on {s.device.name if s.device else '-'} "
+                f"({s.cfg.path}, {s.volume.size} bytes)",
+                flush=True,
+            )
+        print(
+            f"vscsi: serving {len(self.served)} volume(s); control socket "
+            f"{self.config.socket}; Ctrl-C to stop",
+            flush=True,
+        )
+
+    def _check_threads(self) -> None:
+        for s in self.served.values():
+            if s.state == "serving" and s.thread is not None and not s.thread.is_alive():
+                s.state = "failed"
+                log.error("volume %s: ring loop stopped; host I/O to it will time out", s.cfg.name)
+
+    def stop(self) -> None:
+        """Tear down in reverse: exports, ring threads, backstores, netlink, socket, files."""
+        self._stop.set()
+        for s in reversed(list(self.served.values())):
+            self._unserve(s)
+        if self._netlink is not None:
+            self._netlink.stop()
+        if self._control is not None:
+            self._control.close()
+        for s in self.served.values():
+            s.volume.close()
+
+    def _unserve(self, s: Served) -> None:
+        with contextlib.suppress(configfs.ConfigfsError):
+            if s.export is not None:
+                configfs.remove_export(s.export)
+        if s.thread is not None:
+            s.thread.join(10)
+        if s.device is not None:
+            s.device.close()
+        with contextlib.suppress(configfs.ConfigfsError):
+            if s.backstore is not None:
+                configfs.remove_backstore(s.backstore)
+        s.state = "stopped"
+
+    # -- netlink and control ----------------------------------------------------------------------
+
+    def _owner(self, device_name: str) -> Served | None:
+        for s in self.served.values():
+            if s.backstore is not None and s.backstore.uio_name == device_name:
+                return s
+        return None
+
+    def _on_added(self, name: str, minor: int, dev_id: int) -> int:
+        return 0 if self._ours(name) else -19  # -ENODEV: a subtype vscsi device we do not serve
+
+    def _on_removed(self, name: str, minor: int, dev_id: int) -> int:
+        return 0
+
+    def _on_reconfig(self, name: str, minor: int, dev_id: int, **changes: Any) -> int:
+        s = self._owner(name)
+        if s is None:
+            return -19
+        if "write_cache" in changes:
+            s.volume.write_cache = bool(changes["write_cache"])
+        if "size" in changes and changes["size"] != s.volume.size:
+            return -22  # -EINVAL: resizing a served volume is not supported
+        return 0
+
+    def _ours(self, name: str) -> bool:
+        cfgstring = name.rsplit("/", 1)[-1]
+        return cfgstring in self.served
+
+    def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "config": self.config.source,
+            "volumes": [s.describe() for s in self.served.values()],
+        }

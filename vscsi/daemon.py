@@ -81,6 +81,7 @@ class Daemon:
         self.verbose = verbose
         self.served: dict[str, Served] = {}
         self._stop = threading.Event()
+        self._rings_stop = threading.Event()  # set only once the exports are gone
         self._netlink: NetlinkListener | None = None
         self._control: ControlServer | None = None
 
@@ -105,6 +106,8 @@ class Daemon:
 
     def _setup_logging(self) -> None:
         level = logging.WARNING - 10 * min(self.verbose + 1, 2)
+        logging.getLogger("pyroute2").setLevel(logging.WARNING)
+        logging.getLogger("asyncio").setLevel(logging.WARNING)
         logging.basicConfig(
             level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
         )
@@ -140,7 +143,10 @@ class Daemon:
                 s.backstore = configfs.create_backstore(name, s.volume.size, s.volume.block_size)
             s.device = UioDevice.open(s.backstore.uio_name)
             s.thread = threading.Thread(
-                target=s.device.serve, args=(s.lun, self._stop), name=f"ring-{name}", daemon=True
+                target=s.device.serve,
+                args=(s.lun, self._rings_stop),
+                name=f"ring-{name}",
+                daemon=True,
             )
             s.thread.start()
             if s.cfg.export == "loop":
@@ -173,9 +179,16 @@ class Daemon:
                 log.error("volume %s: ring loop stopped; host I/O to it will time out", s.cfg.name)
 
     def stop(self) -> None:
-        """Tear down in reverse: exports, ring threads, backstores, netlink, socket, files."""
+        """Tear down in reverse: exports (the host may still flush through the rings), then
+        ring threads, backstores, netlink, socket, files."""
         self._stop.set()
-        for s in reversed(list(self.served.values())):
+        served = list(reversed(self.served.values()))
+        for s in served:
+            with contextlib.suppress(configfs.ConfigfsError):
+                if s.export is not None:
+                    configfs.remove_export(s.export)
+        self._rings_stop.set()
+        for s in served:
             self._unserve(s)
         if self._netlink is not None:
             self._netlink.stop()
@@ -185,9 +198,8 @@ class Daemon:
             s.volume.close()
 
     def _unserve(self, s: Served) -> None:
-        with contextlib.suppress(configfs.ConfigfsError):
-            if s.export is not None:
-                configfs.remove_export(s.export)
+        if s.device is not None:
+            s.device.wake()
         if s.thread is not None:
             s.thread.join(10)
         if s.device is not None:

@@ -1,0 +1,363 @@
+"""SBC-3 commands: capacity, READ/WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ..."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vscsi.scsi import cdb as C
+from vscsi.scsi import sense
+from vscsi.scsi.buffer import DataBuffer
+from vscsi.scsi.commands.primary import reply
+from vscsi.scsi.sense import SenseError
+from vscsi.store.base import WriteProtectedError
+
+if TYPE_CHECKING:
+    from vscsi.scsi.lun import Lun
+
+CHUNK = 1 << 20
+
+
+def check_range(lun: Lun, lba: int, nblocks: int, length_byte: int) -> None:
+    if lba + nblocks > lun.blocks:
+        raise sense.lba_out_of_range()
+    if nblocks > lun.max_transfer_blocks:
+        raise sense.invalid_cdb(length_byte)
+
+
+def check_writable(lun: Lun) -> None:
+    if lun.volume.read_only:
+        raise WriteProtectedError(lun.volume.name)
+
+
+def data_out(lun: Lun, buf: DataBuffer, nbytes: int, length_byte: int) -> list[memoryview]:
+    """The data-out views for `nbytes`; a shorter buffer than the CDB implies is refused
+    rather than half-written."""
+    if buf.length < nbytes:
+        raise sense.invalid_cdb(length_byte)
+    return buf.slices(0, nbytes)
+
+
+# -- READ / WRITE ---------------------------------------------------------------------------
+
+
+def _read(lun: Lun, buf: DataBuffer, lba: int, n: int, length_byte: int) -> int:
+    check_range(lun, lba, n, length_byte)
+    bs = lun.block_size
+    nbytes = min(n * bs, buf.length - buf.length % bs)
+    if nbytes:
+        lun.volume.readinto(lba * bs, buf.slices(0, nbytes))
+    return nbytes
+
+
+def _write(lun: Lun, buf: DataBuffer, lba: int, n: int, fua: bool, length_byte: int) -> int:
+    check_range(lun, lba, n, length_byte)
+    check_writable(lun)
+    if n:
+        bs = lun.block_size
+        views = data_out(lun, buf, n * bs, length_byte)
+        with lun.write_lock:
+            lun.volume.write(lba * bs, views, fua)
+    return 0
+
+
+def read6(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF
+    return _read(lun, buf, lba, cdb[4] or 256, 4)
+
+
+def write6(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF
+    return _write(lun, buf, lba, cdb[4] or 256, False, 4)
+
+
+def read10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    _, _, lba, n = C.RW10.unpack_from(cdb)
+    return _read(lun, buf, lba, n, 7)
+
+
+def write10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    _, flags, lba, n = C.RW10.unpack_from(cdb)
+    return _write(lun, buf, lba, n, bool(flags & 0x08), 7)
+
+
+def read12(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Rw12.parse(cdb)
+    return _read(lun, buf, p.lba, p.length, 6)
+
+
+def write12(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Rw12.parse(cdb)
+    return _write(lun, buf, p.lba, p.length, p.b1.fua, 6)
+
+
+def read16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    _, _, lba, n = C.RW16.unpack_from(cdb)
+    return _read(lun, buf, lba, n, 10)
+
+
+def write16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    _, flags, lba, n = C.RW16.unpack_from(cdb)
+    return _write(lun, buf, lba, n, bool(flags & 0x08), 10)
+
+
+# -- VERIFY / WRITE AND VERIFY ----------------------------------------------------------------
+
+
+def _medium(lun: Lun, lba: int, n: int) -> bytes:
+    bs = lun.block_size
+    out = bytearray(n * bs)
+    for start in range(0, len(out), CHUNK):
+        view = memoryview(out)[start : start + CHUNK]
+        lun.volume.readinto(lba * bs + start, [view])
+    return bytes(out)
+
+
+def _miscompare(offset: int) -> SenseError:
+    return SenseError(sense.MISCOMPARE, sense.MISCOMPARE_DURING_VERIFY, info=offset)
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # bisect on large slices: comparisons run at memcmp speed
+        mid = (lo + hi) // 2
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return next(i for i in range(lo, hi) if a[i] != b[i])
+
+
+def _verify(lun: Lun, buf: DataBuffer, lba: int, n: int, bytchk: int, length_byte: int) -> int:
+    check_range(lun, lba, n, length_byte)
+    if n == 0:
+        return 0
+    bs = lun.block_size
+    medium = _medium(lun, lba, n)
+    if bytchk == 0:
+        return 0
+    if bytchk == 1:
+        expected = b"".join(bytes(v) for v in data_out(lun, buf, n * bs, length_byte))
+    elif bytchk == 3:
+        expected = b"".join(bytes(v) for v in data_out(lun, buf, bs, length_byte)) * n
+    else:
+        raise sense.invalid_cdb(1, 2)
+    if medium != expected:
+        raise _miscompare(_first_difference(medium, expected))
+    return 0
+
+
+def verify10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Verify10.parse(cdb)
+    return _verify(lun, buf, p.lba, p.length, p.b1.bytchk, 7)
+
+
+def verify16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Verify16.parse(cdb)
+    return _verify(lun, buf, p.lba, p.length, p.b1.bytchk, 10)
+
+
+def _write_and_verify(lun: Lun, buf: DataBuffer, lba: int, n: int, bytchk: bool, lb: int) -> int:
+    _write(lun, buf, lba, n, True, lb)
+    if n and bytchk:
+        written = b"".join(bytes(v) for v in buf.slices(0, n * lun.block_size))
+        medium = _medium(lun, lba, n)
+        if medium != written:
+            raise _miscompare(_first_difference(medium, written))
+    return 0
+
+
+def write_verify10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Rw10.parse(cdb)
+    return _write_and_verify(lun, buf, p.lba, p.length, p.b1.b1_bit1, 7)
+
+
+def write_verify16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.Rw16.parse(cdb)
+    return _write_and_verify(lun, buf, p.lba, p.length, p.b1.b1_bit1, 10)
+
+
+# -- SYNCHRONIZE CACHE ---------------------------------------------------------------------
+
+
+def sync10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.SyncCache10.parse(cdb)
+    if p.lba + p.length > lun.blocks:
+        raise sense.lba_out_of_range()
+    lun.volume.flush()
+    return 0
+
+
+def sync16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.SyncCache16.parse(cdb)
+    if p.lba + p.length > lun.blocks:
+        raise sense.lba_out_of_range()
+    lun.volume.flush()
+    return 0
+
+
+# -- WRITE SAME / UNMAP ----------------------------------------------------------------------
+
+
+def _write_same(lun: Lun, buf: DataBuffer, lba: int, n: int, flags: Any, lb: int) -> int:
+    if flags.anchor:
+        raise sense.invalid_cdb(1, 4)  # ANC_SUP=0: no anchored state
+    if flags.pbdata or flags.lbdata:
+        raise sense.invalid_cdb(1, 2 if flags.pbdata else 1)
+    if n == 0:
+        n = lun.blocks - lba if lba < lun.blocks else 0
+    if lba + n > lun.blocks:
+        raise sense.lba_out_of_range()
+    if n > lun.vpd.max_unmap_blocks():
+        raise sense.invalid_cdb(lb)
+    check_writable(lun)
+    bs = lun.block_size
+    views = [] if flags.ndob else data_out(lun, buf, bs, lb)
+    block = b"".join(bytes(v) for v in views) or bytes(bs)
+    with lun.write_lock:
+        if flags.unmap and lun.volume.supports_unmap and not any(block):
+            _deallocate(lun, lba * bs, n * bs)
+        else:
+            _fill(lun, lba * bs, n * bs, block)
+    return 0
+
+
+def _fill(lun: Lun, offset: int, length: int, block: bytes) -> None:
+    chunk = block * max(CHUNK // len(block), 1)
+    done = 0
+    while done < length:
+        piece = memoryview(chunk)[: min(len(chunk), length - done)]
+        lun.volume.write(offset + done, [piece])
+        done += len(piece)
+
+
+def _deallocate(lun: Lun, offset: int, length: int) -> None:
+    """Unmap whole granules and zero the partial ones at the edges (we report LBPRZ=1)."""
+    gran = lun.vpd.unmap_granularity() * lun.block_size
+    start = -(-offset // gran) * gran
+    end = (offset + length) // gran * gran
+    if start >= end:
+        _fill(lun, offset, length, bytes(lun.block_size))
+        return
+    if start > offset:
+        _fill(lun, offset, start - offset, bytes(lun.block_size))
+    lun.volume.unmap(start, end - start)
+    if offset + length > end:
+        _fill(lun, end, offset + length - end, bytes(lun.block_size))
+
+
+def write_same10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.WriteSame10.parse(cdb)
+    if p.b1.ndob:
+        raise sense.invalid_cdb(1, 0)  # NDOB exists only in WRITE SAME(16)
+    return _write_same(lun, buf, p.lba, p.length, p.b1, 7)
+
+
+def write_same16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.WriteSame16.parse(cdb)
+    return _write_same(lun, buf, p.lba, p.length, p.b1, 10)
+
+
+def unmap(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    if not lun.volume.supports_unmap:
+        raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_COMMAND_OPERATION_CODE)
+    p = C.Unmap.parse(cdb)
+    if p.b1.anchor:
+        raise sense.invalid_cdb(1, 0)
+    if p.param_len == 0:
+        return 0
+    if p.param_len < 8 or buf.length < 8:
+        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+    data = buf.gather(min(p.param_len, buf.length))
+    head = C.UnmapHeader.parse(data)
+    count = min(head.desc_len, len(data) - 8) // 16
+    if count > 256:
+        raise sense.invalid_param(2)
+    extents = [C.UnmapDescriptor.parse(data[8 + 16 * i : 24 + 16 * i]) for i in range(count)]
+    total = 0
+    for i, d in enumerate(extents):
+        if d.lba + d.nblocks > lun.blocks:
+            raise sense.lba_out_of_range()
+        total += d.nblocks
+        if total > lun.vpd.max_unmap_blocks():
+            raise sense.invalid_param(8 + 16 * i + 8)
+    check_writable(lun)
+    bs = lun.block_size
+    with lun.write_lock:
+        for d in extents:
+            if d.nblocks:
+                _deallocate(lun, d.lba * bs, d.nblocks * bs)
+    return 0
+
+
+# -- COMPARE AND WRITE ----------------------------------------------------------------------
+
+
+def compare_and_write(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.CompareAndWrite.parse(cdb)
+    n = p.nblocks
+    if n == 0:
+        return 0
+    if n > 128:
+        raise sense.invalid_cdb(13)
+    check_range(lun, p.lba, n, 13)
+    check_writable(lun)
+    bs = lun.block_size
+    views = data_out(lun, buf, 2 * n * bs, 13)
+    data = b"".join(bytes(v) for v in views)
+    verify, new = data[: n * bs], data[n * bs :]
+    with lun.write_lock:  # atomic against every other write to the LUN
+        medium = _medium(lun, p.lba, n)
+        if medium != verify:
+            raise _miscompare(_first_difference(medium, verify))
+        lun.volume.write(p.lba * bs, [memoryview(new)], p.b1.fua)
+    return 0
+
+
+# -- capacity and provisioning -----------------------------------------------------------------
+
+
+def read_capacity10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.ReadCapacity10.parse(cdb)
+    if p.lba and not p.b8.pmi:
+        raise sense.invalid_cdb(2)
+    last = min(lun.blocks - 1, 0xFFFFFFFF)
+    return reply(buf, last.to_bytes(4, "big") + lun.block_size.to_bytes(4, "big"), 8)
+
+
+def read_capacity16(lun: Lun, p: Any, buf: DataBuffer) -> int:
+    data = bytearray(32)
+    data[0:8] = (lun.blocks - 1).to_bytes(8, "big")
+    data[8:12] = lun.block_size.to_bytes(4, "big")
+    if lun.volume.supports_unmap:
+        data[14] = 0xC0  # LBPME, LBPRZ
+    return reply(buf, bytes(data), p.alloc_len)
+
+
+def get_lba_status(lun: Lun, p: Any, buf: DataBuffer) -> int:
+    lba, alloc = p.lba, p.alloc_len
+    if lba >= lun.blocks:
+        raise sense.lba_out_of_range()
+    bs = lun.block_size
+    room = max((alloc - 8) // 16, 1)
+    descs = b""
+    pos = lba * bs
+    while pos < lun.volume.size and len(descs) // 16 < min(room, 64):
+        e = lun.volume.extent_at(pos)
+        end = min(e.offset + e.length, lun.volume.size)
+        first, last = pos // bs, -(-end // bs)
+        status = 0 if e.mapped else 1
+        descs += first.to_bytes(8, "big") + (last - first).to_bytes(4, "big")
+        descs += bytes([status, 0, 0, 0])
+        pos = last * bs
+    header = (len(descs) + 4).to_bytes(4, "big") + bytes(4)
+    return reply(buf, header + descs, alloc)
+
+
+def service_action_in(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    p = C.ServiceActionIn16.parse(cdb)
+    sa = p.b1.service_action
+    if sa == 0x10:
+        return read_capacity16(lun, p, buf)
+    if sa == 0x12:
+        return get_lba_status(lun, p, buf)
+    raise sense.invalid_cdb(1, 4)

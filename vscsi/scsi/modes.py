@@ -1,0 +1,99 @@
+"""Mode pages (SPC-4 §7.5, SBC-3 §6.4) with current, changeable, default and saved values.
+
+Only WCE (caching page) and D_SENSE (control page) are changeable: WCE switches the volume's
+write cache, D_SENSE switches the LUN to descriptor-format sense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vscsi.scsi import sense
+from vscsi.scsi.sense import SenseError
+from vscsi.store.base import Volume
+
+PC_CURRENT, PC_CHANGEABLE, PC_DEFAULT, PC_SAVED = range(4)
+ALL_PAGES = 0x3F
+
+
+@dataclass
+class ModeState:
+    """What MODE SELECT can change; the rest is fixed."""
+
+    d_sense: bool = False
+
+
+class ModePages:
+    def __init__(self, volume: Volume, state: ModeState) -> None:
+        self.volume = volume
+        self.state = state
+        self.default_wce = volume.write_cache
+
+    def error_recovery(self, pc: int) -> bytes:
+        if pc == PC_CHANGEABLE:
+            return bytes([0x01, 0x0A]) + bytes(10)
+        return bytes([0x01, 0x0A, 0xC0]) + bytes(9)  # AWRE, ARRE
+
+    def caching(self, pc: int) -> bytes:
+        page = bytearray(20)
+        page[0], page[1] = 0x08, 0x12
+        if pc == PC_CHANGEABLE:
+            page[2] = 0x04
+        else:
+            wce = self.volume.write_cache if pc == PC_CURRENT else self.default_wce
+            page[2] = 0x04 if wce else 0
+        return bytes(page)
+
+    def control(self, pc: int) -> bytes:
+        page = bytearray(12)
+        page[0], page[1] = 0x0A, 0x0A
+        if pc == PC_CHANGEABLE:
+            page[2] = 0x04
+            return bytes(page)
+        d_sense = self.state.d_sense if pc == PC_CURRENT else False
+        page[2] = 0x04 if d_sense else 0
+        page[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
+        page[4] = 0x08 if self.volume.read_only else 0  # SWP
+        page[8:10] = b"\xff\xff"  # BUSY TIMEOUT PERIOD: unlimited
+        return bytes(page)
+
+    def page(self, code: int, subpage: int, pc: int) -> bytes:
+        """Page `code` (or all of them) for MODE SENSE; unknown pages are an error."""
+        if pc == PC_SAVED:
+            raise SenseError(sense.ILLEGAL_REQUEST, sense.SAVING_PARAMETERS_NOT_SUPPORTED)
+        pages = {0x01: self.error_recovery, 0x08: self.caching, 0x0A: self.control}
+        if code == ALL_PAGES and subpage in (0x00, 0xFF):
+            return b"".join(pages[c](pc) for c in sorted(pages))
+        if code in pages and subpage in (0x00, 0xFF):
+            return pages[code](pc)
+        raise sense.invalid_cdb(2 if code not in pages else 3)
+
+    def select(self, data: bytes, offset: int) -> None:
+        """Apply the pages of a MODE SELECT parameter list (after header and descriptors)."""
+        pos = 0
+        while pos < len(data):
+            if pos + 2 > len(data):
+                raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+            code = data[pos] & 0x3F
+            if data[pos] & 0x40:  # SPF: no subpages are changeable
+                raise sense.invalid_param(offset + pos, 6)
+            length = data[pos + 1]
+            new = data[pos : pos + 2 + length]
+            self._apply(code, new, offset + pos)
+            pos += 2 + length
+
+    def _apply(self, code: int, new: bytes, at: int) -> None:
+        pages = {0x01: self.error_recovery, 0x08: self.caching, 0x0A: self.control}
+        if code not in pages:
+            raise sense.invalid_param(at)
+        current = pages[code](PC_CURRENT)
+        mask = pages[code](PC_CHANGEABLE)
+        if len(new) != len(current):
+            raise sense.invalid_param(at + 1)
+        for i in range(2, len(current)):
+            if (new[i] ^ current[i]) & ~mask[i] & 0xFF:
+                raise sense.invalid_param(at + i)
+        if code == 0x08:
+            self.volume.write_cache = bool(new[2] & 0x04)
+        elif code == 0x0A:
+            self.state.d_sense = bool(new[2] & 0x04)

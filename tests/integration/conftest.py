@@ -105,6 +105,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def loopdev(workdir: Path) -> Iterator[str]:
     """A real block device (loop over a tmpfs file) to serve as a backing store."""
+    run("modprobe", "loop")
     img = workdir / "loop-backing.img"
     with img.open("wb") as f:
         f.truncate(64 << 20)

@@ -79,6 +79,9 @@ CmdResponse = Struct(
     "sense" / Bytes(SENSE_BUFFERSIZE),
 )
 
+# Every CMD entry is at least this long, so the response always fits in place.
+CMD_ENTRY_MIN = CmdResponse.sizeof()
+
 TmrEntry = Struct(
     "hdr" / EntryHeader,
     "tmr_type" / Int8ul,

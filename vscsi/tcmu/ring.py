@@ -93,6 +93,8 @@ class Ring:
                 raise RingError(f"corrupt entry at {tail}: length {length}")
             op = len_op & abi.OP_MASK
             if op == abi.OP_CMD:
+                if length < abi.CMD_ENTRY_MIN:
+                    raise RingError(f"command entry at {tail} too short for a response: {length}")
                 self._command(ent, length)
             elif op == abi.OP_TMR:
                 self._tmr(ent, length)

@@ -43,16 +43,60 @@ def uio_for_device(hba: str, device: str) -> str:
     raise UioError(f"no uio device for backstore {hba}/{device}")
 
 
-class UioDevice:
-    """An opened, locked and mapped /dev/uioN."""
+class RingDevice:
+    """A ring in shared memory plus its doorbells: `fd` becomes readable when the other side
+    posted work (read 4 bytes to acknowledge), `notify()` tells it completions are ready."""
 
-    def __init__(self, name: str, fd: int, mem: mmap.mmap, tcmu_name: str) -> None:
+    def __init__(self, name: str, fd: int, mem: mmap.mmap) -> None:
         self.name = name
         self.fd = fd
         self.mem = mem
-        self.tcmu_name = tcmu_name
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ring: Ring | None = None
+
+    def notify(self) -> None:
+        os.write(self.fd, _FOUR)
+
+    def serve(self, handler: CommandHandler, stop: threading.Event) -> None:
+        """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks."""
+        ring = self.ring = Ring(self.mem, handler)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not stop.is_set():
+                if ring.process():
+                    self.notify()
+                for fd, _ev in poller.poll(1000):
+                    if fd == self.fd:
+                        os.read(self.fd, 4)  # acknowledge the doorbell
+        except RingError as e:
+            log.error("%s: %s; no longer serving this device", self.name, e)
+        except OSError as e:
+            log.error("%s: %s; no longer serving this device", self.name, e.strerror)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        self.wake()
+        with contextlib.suppress(BufferError, ValueError):
+            if self.ring is not None:
+                self.ring.mem.release()
+            self.mem.close()
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd = -1
+
+
+class UioDevice(RingDevice):
+    """An opened, locked and mapped /dev/uioN."""
+
+    def __init__(self, name: str, fd: int, mem: mmap.mmap, tcmu_name: str) -> None:
+        super().__init__(name, fd, mem)
+        self.tcmu_name = tcmu_name
 
     @classmethod
     def open(cls, name: str) -> UioDevice:
@@ -78,39 +122,3 @@ class UioDevice:
             os.close(fd)
             raise UioError(f"{name}: cannot map {size} bytes ({e.strerror})") from None
         return cls(name, fd, mem, tcmu_name)
-
-    def notify(self) -> None:
-        os.write(self.fd, _FOUR)
-
-    def serve(self, handler: CommandHandler, stop: threading.Event) -> None:
-        """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks."""
-        ring = self.ring = Ring(self.mem, handler)
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while not stop.is_set():
-                if ring.process():
-                    self.notify()
-                for fd, _ev in poller.poll(1000):
-                    if fd == self.fd:
-                        os.read(self.fd, 4)  # consume the interrupt count
-        except RingError as e:
-            log.error("%s: %s; no longer serving this device", self.name, e)
-        except OSError as e:
-            log.error("%s: %s; no longer serving this device", self.name, e.strerror)
-
-    def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def close(self) -> None:
-        self.wake()
-        with contextlib.suppress(BufferError, ValueError):
-            if self.ring is not None:
-                self.ring.mem.release()
-            self.mem.close()
-        for fd in (self.fd, self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fd = -1

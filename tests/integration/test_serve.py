@@ -225,12 +225,12 @@ def test_filesystem(daemon: Daemon, workdir: Path) -> None:
 
 def test_fio_verify(daemon: Daemon) -> None:
     sd = daemon.sd("vblk")
-    out = run(
+    # fio exits non-zero on any I/O error or verify mismatch; run() turns that into a failure
+    run(
         "fio", "--name=verify", f"--filename={sd}", "--ioengine=libaio", "--direct=1",
         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
-        "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--output-format=terse", timeout=300,
+        "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", timeout=300,
     )
-    assert "verify" in out.lower() or out
 
 
 def test_sigkill_restart_keeps_data(daemon: Daemon, workdir: Path) -> None:

@@ -120,5 +120,5 @@ def test_parse_size(text: object, n: int) -> None:
 
 
 def test_parse_requires_volumes() -> None:
-    with pytest.raises(ConfigError, match="^volume: at least one"):
+    with pytest.raises(ConfigError, match=r"^volume: at least one"):
         parse({"daemon": {}})

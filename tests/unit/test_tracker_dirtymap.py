@@ -1,0 +1,208 @@
+"""DirtyMap against the pure-Python reference, plus the edges the reference cannot show."""
+
+import threading
+from array import array
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vscsi.tracker import DirtyMap
+from vscsi.tracker.reference import ReferenceDirtyMap
+
+GRAIN = 512
+
+
+@st.composite
+def geometry(draw: st.DrawFn) -> int:
+    grains = draw(st.integers(1, 300))
+    return grains * GRAIN - draw(st.sampled_from([0, 0, 1, 100, GRAIN - 1]))
+
+
+def rng(size: int) -> st.SearchStrategy[tuple[int, int]]:
+    return st.tuples(st.integers(0, size + 2 * GRAIN), st.integers(0, size // 2 + GRAIN))
+
+
+def ops(size: int) -> st.SearchStrategy[tuple]:
+    r = rng(size)
+    return st.one_of(
+        st.tuples(st.sampled_from(["mark", "clear", "test"]), r),
+        st.tuples(st.just("mark_many"), st.lists(r, max_size=8)),
+        st.tuples(st.just("extents"), r),
+        st.tuples(st.sampled_from(["next_extent", "claim"]), r),
+        st.tuples(st.sampled_from(["or", "sub", "and", "eq"]), st.lists(r, max_size=5)),
+        st.tuples(st.sampled_from(["count", "dirty_bytes", "roundtrip", "copy"]), st.none()),
+    )
+
+
+def apply(m, other, op: str, arg):
+    """Runs one operation on a map (C or reference); returns what must agree."""
+    if op in ("mark", "clear", "test"):
+        return getattr(m, op)(*arg)
+    if op == "mark_many":
+        return m.mark_many(array("Q", [o for o, _ in arg]), array("Q", [n for _, n in arg]))
+    if op == "extents":
+        start, span = arg
+        return list(m.extents(start, start + span)), [list(a) for a in m.extents_array(start)]
+    if op == "next_extent":
+        return m.next_extent(arg[0])
+    if op == "claim":
+        return m.claim(arg[0], max(arg[1], GRAIN))
+    if op in ("or", "sub", "and", "eq"):
+        for o, n in arg:
+            other.mark(o, n)
+        if op == "or":
+            m |= other
+        elif op == "sub":
+            m -= other
+        elif op == "and":
+            m &= other
+        return m == other
+    if op == "roundtrip":
+        return type(m).from_bytes(m.to_bytes()) == m if isinstance(m, DirtyMap) else True
+    if op == "copy":
+        return m.copy() == m
+    return getattr(m, op)()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_matches_reference(data: st.DataObject) -> None:
+    size = data.draw(geometry())
+    c, r = DirtyMap(size, GRAIN), ReferenceDirtyMap(size, GRAIN)
+    c2, r2 = DirtyMap(size, GRAIN), ReferenceDirtyMap(size, GRAIN)
+    for op, arg in data.draw(st.lists(ops(size), min_size=1, max_size=60)):
+        assert apply(c, c2, op, arg) == apply(r, r2, op, arg), (op, arg)
+        assert c.count() == r.count()
+        assert list(c.extents()) == list(r.extents())
+    assert c.dirty_bytes() == r.dirty_bytes()
+
+
+def test_large_sparse_map_walks_only_dirty() -> None:
+    m = DirtyMap(1 << 44, 1 << 16)
+    assert m.mark((1 << 43) + 5, 1) == 1
+    assert m.mark((1 << 44) - 1, 100) == 1
+    assert list(m.extents()) == [(1 << 43, 1 << 16), ((1 << 44) - (1 << 16), 1 << 16)]
+    assert m.next_extent((1 << 43) + (1 << 16)) == ((1 << 44) - (1 << 16), 1 << 16)
+    assert m.claim(0, 1 << 30) == (1 << 43, 1 << 16)
+    assert m.count() == 1
+
+
+def test_ranges_are_clamped_and_negative_rejected() -> None:
+    m = DirtyMap(1000, 512)
+    assert m.mark(900, 10**6) == 1
+    assert m.mark(5000, 1) == 0
+    assert list(m.extents()) == [(512, 488)]
+    assert m.dirty_bytes() == 488
+    with pytest.raises(OverflowError):
+        m.mark(-1, 1)
+    with pytest.raises(OverflowError):
+        m.mark(0, 1 << 64)
+
+
+def test_geometry_checks() -> None:
+    for size, grain in [(0, 512), (1, 511), (1, 768), (1, 256)]:
+        with pytest.raises(ValueError):
+            DirtyMap(size, grain)
+    a, b = DirtyMap(1 << 20, 512), DirtyMap(1 << 20, 1024)
+    for op in ("__ior__", "__isub__", "__iand__"):
+        with pytest.raises(ValueError):
+            getattr(a, op)(b)
+    assert a != b
+    with pytest.raises(ValueError):
+        a.claim(0, 100)
+
+
+def test_mark_many_accepts_u64_buffers_only() -> None:
+    np = pytest.importorskip("numpy")
+    m = DirtyMap(1 << 30)
+    assert m.mark_many(np.array([0, 1 << 20], dtype=np.uint64), memoryview(array("Q", [1, 1])))
+    assert m.count() == 2
+    with pytest.raises(TypeError):
+        m.mark_many(array("I", [0]), array("I", [1]))
+    with pytest.raises(ValueError):
+        m.mark_many(array("Q", [0, 1]), array("Q", [1]))
+
+
+def test_grow_keeps_marks_and_adds_clean_space() -> None:
+    m = DirtyMap(1000, 512)
+    m.mark(0, 1000)
+    m.grow(5000)
+    assert m.size == 5000
+    assert list(m.extents()) == [(0, 1024)]
+    assert m.mark(4999, 1) == 1
+    with pytest.raises(ValueError):
+        m.grow(10)
+
+
+def test_memory_close_to_raw_bitmap() -> None:
+    m = DirtyMap(1 << 40, 65536)
+    assert m.nbytes <= 1.1 * (2 << 20)
+
+
+def test_extents_array_outlives_the_map() -> None:
+    m = DirtyMap(1 << 30)
+    m.mark(65536, 1)
+    offs, lens = m.extents_array()
+    del m
+    assert (list(offs), list(lens)) == ([65536], [65536])
+
+
+def test_no_bit_lost_while_claiming() -> None:
+    """Threads mark while another claims: what was claimed plus what is left is all marked."""
+    size, grain, per = 1 << 32, 4096, 20000
+    m = DirtyMap(size, grain)
+    marked: list[set[int]] = []
+    claimed: set[int] = set()
+    done = threading.Event()
+
+    def marker(seed: int) -> None:
+        import random
+
+        rnd = random.Random(seed)
+        mine = {rnd.randrange(size // grain) for _ in range(per)}
+        order = list(mine)
+        for i in range(0, len(order), 500):
+            chunk = order[i : i + 500]
+            m.mark_many(array("Q", [g * grain for g in chunk]), array("Q", [1] * len(chunk)))
+            for g in chunk[:20]:
+                m.mark(g * grain + 7, 1)
+        marked.append(mine)
+
+    def claimer() -> None:
+        pos = 0
+        while not done.is_set() or m.count():
+            got = m.claim(pos, 64 * grain)
+            if got is None:
+                pos = 0
+                continue
+            claimed.update(range(got[0] // grain, (got[0] + got[1]) // grain))
+            pos = got[0] + got[1]
+
+    threads = [threading.Thread(target=marker, args=(s,)) for s in range(3)]
+    c = threading.Thread(target=claimer)
+    c.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    c.join()
+    left = {o // grain for o, _ in m.extents()}
+    assert claimed | left == set().union(*marked)
+    assert m.count() == len(left) == 0
+
+
+@given(st.binary(max_size=200), st.integers(0, 10**6), st.integers(0, 255))
+@settings(max_examples=200, deadline=None)
+def test_from_bytes_rejects_garbage(junk: bytes, pos: int, flip: int) -> None:
+    good = DirtyMap(100_000, 512)
+    good.mark(1000, 5000)
+    image = bytearray(good.to_bytes())
+    for data in (junk, bytes(image[: pos % len(image)])):
+        with pytest.raises(ValueError):
+            DirtyMap.from_bytes(data)
+    if flip:
+        image[pos % len(image)] ^= flip
+        with pytest.raises(ValueError):
+            DirtyMap.from_bytes(bytes(image))

@@ -1,0 +1,172 @@
+"""WriteIntentLog: durability, lazy clearing, torn pages, and SIGKILL at random moments."""
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vscsi.tracker import InvalidLogError, WriteIntentLog
+from vscsi.tracker.wil import _BITS_PER_PAGE, PAGE
+
+MiB = 1 << 20
+
+
+def test_begin_on_durable_region_does_no_io(tmp_path: Path) -> None:
+    with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB) as log:
+        log.begin(0, 4096)
+        flushes = log.flushes
+        log.begin(4096, 4096)
+        log.end(0, 4096)
+        log.end(4096, 4096)
+        log.begin(MiB - 1, 1)
+        assert log.flushes == flushes
+        log.begin(MiB - 1, 2)  # reaches the next region
+        assert log.flushes == flushes + 1
+
+
+def test_concurrent_begins_share_flushes(tmp_path: Path) -> None:
+    with WriteIntentLog(str(tmp_path / "wil"), 1024 * MiB, region=MiB) as log:
+        barrier = threading.Barrier(8)
+
+        def work(k: int) -> None:
+            barrier.wait()
+            for i in range(50):
+                log.begin((k * 100 + i) * MiB // 1, 512)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert log.dirty_regions() == 400
+        assert log.flushes <= 400
+
+
+def test_idle_regions_clear_lazily_but_not_in_flight_or_held(tmp_path: Path) -> None:
+    path = str(tmp_path / "wil")
+    with WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600) as log:
+        log.begin(0, 4096)
+        log.begin(5 * MiB, 4096)
+        log.end(0, 4096)
+        assert log.flush_idle() == 0  # not idle long enough
+        later = time.monotonic() + 7200
+        log.hold()
+        assert log.flush_idle(later) == 0
+        log.release()
+        assert log.flush_idle(later) == 1  # region 5 is still in flight
+        assert log.dirty_regions() == 1
+        assert not log.mark_clean()
+        log.end(5 * MiB, 4096)
+        assert log.mark_clean()
+        assert log.dirty_regions() == 0
+
+
+def test_close_keeps_regions_that_are_not_idle(tmp_path: Path) -> None:
+    path = str(tmp_path / "wil")
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600)
+    log.begin(3 * MiB, 10)
+    log.end(3 * MiB, 10)
+    log.close()
+    again = WriteIntentLog.open_existing(path, 64 * MiB, region=MiB)
+    assert list(again.recover().extents()) == [(3 * MiB, MiB)]
+    again.flush_idle(time.monotonic() + 7200)  # recovered marks wait for mark_clean
+    assert again.dirty_regions() == 1
+    again.close()
+
+
+def test_torn_page_counts_as_all_dirty(tmp_path: Path) -> None:
+    path = tmp_path / "wil"
+    nregions = _BITS_PER_PAGE + 1000
+    size = nregions * 512
+    with WriteIntentLog(str(path), size, region=512, grain=512, offset=PAGE) as log:
+        log.begin(7 * 512, 1)
+    raw = bytearray(path.read_bytes())
+    raw[PAGE * 3 + 100] ^= 0xFF  # second bitmap page, after the header page at `offset`
+    path.write_bytes(bytes(raw))
+    with WriteIntentLog.open_existing(str(path), size, region=512, grain=512, offset=PAGE) as log:
+        got = list(log.recover().extents())
+    assert got == [(7 * 512, 512), (_BITS_PER_PAGE * 512, 1000 * 512)]
+
+
+def test_lost_or_foreign_log_is_invalid(tmp_path: Path) -> None:
+    path = str(tmp_path / "wil")
+    with pytest.raises(InvalidLogError):
+        WriteIntentLog.open_existing(path, 64 * MiB)
+    WriteIntentLog(path, 64 * MiB).close()
+    with pytest.raises(InvalidLogError):
+        WriteIntentLog.open_existing(path, 128 * MiB)
+    log = WriteIntentLog(path, 32 * MiB)
+    assert not log.valid
+    with pytest.raises(InvalidLogError):
+        log.recover()
+    log.close()
+
+
+def _writer(path: str, size: int, region: int, out: int, seed: int) -> None:
+    """The child: 4 threads write forever, reporting each begun and each ending range."""
+    log = WriteIntentLog(path, size, region=region, idle_delay=0.005)
+    log.mark_clean()
+
+    def work(k: int) -> None:
+        rnd = random.Random(seed * 10 + k)
+        while True:
+            off = rnd.randrange(size)
+            length = rnd.choice([512, 4096, 65536, 3 * region])
+            log.begin(off, length)
+            os.write(out, f"b {k} {off} {length}\n".encode())
+            time.sleep(rnd.random() / 2000)
+            os.write(out, f"e {k}\n".encode())
+            log.end(off, length)
+
+    for k in range(4):
+        threading.Thread(target=work, args=(k,), daemon=True).start()
+    time.sleep(60)
+
+
+def _in_flight(report: bytes) -> list[tuple[int, int]]:
+    current: dict[str, tuple[int, int]] = {}
+    for line in report.decode().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] == "b":
+            current[parts[1]] = (int(parts[2]), int(parts[3]))
+        elif len(parts) == 2 and parts[0] == "e":
+            current.pop(parts[1], None)
+    return list(current.values())
+
+
+def test_sigkill_never_loses_an_in_flight_write(tmp_path: Path) -> None:
+    path, size, region = str(tmp_path / "wil"), 64 * MiB, MiB
+    rnd = random.Random(1234)
+    checked = 0
+    deadline = time.monotonic() + 20
+    for i in range(300):
+        if time.monotonic() > deadline:
+            break
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            try:
+                _writer(path, size, region, w, i)
+            finally:
+                os._exit(1)
+        os.close(w)
+        time.sleep(rnd.random() * 0.03)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with os.fdopen(r, "rb") as pipe:
+            report = pipe.read()
+        if not Path(path).exists():
+            continue
+        with WriteIntentLog.open_existing(path, size, region=region) as log:
+            dirty = log.recover()
+        for off, length in _in_flight(report):
+            end = min(off + length, size)
+            for grain in range(off // dirty.grain, (end - 1) // dirty.grain + 1):
+                assert dirty.test(grain * dirty.grain, 1), (i, off, length)
+            checked += 1
+    assert checked >= 50

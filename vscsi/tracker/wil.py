@@ -1,0 +1,315 @@
+"""`WriteIntentLog`: a crash-safe record of the regions that may have writes in flight.
+
+A mirrored write marks its regions durable *before* it is issued (`begin`), and they are
+cleared lazily once idle after it completed everywhere (`end`). After a crash, `recover()`
+returns every region that may differ between members, so a minimerge copies only those.
+
+On-disk format (at `offset` in a file or device), little endian, 4096-byte pages:
+
+- header page: magic ``VSCSIWIL``, u32 version, u32 page size, u64 volume size, u64 region,
+  u64 grain, u64 generation, u32 CRC-32 of the preceding bytes;
+- bitmap pages: u32 CRC-32 of the rest of the page, u32 page number, then 4088 bytes of
+  bitmap (one bit per region; 32704 regions per page).
+
+A page whose checksum fails (a torn write) counts as all dirty. Pages are written in place,
+each write carrying the newest in-memory state, serialised, then fdatasync'd (group commit:
+concurrent `begin` callers share one flush). Every page remembers the flush generation that will
+carry its latest change, so `begin` on regions already durable does no I/O at all.
+
+Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
+are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
+differently shaped log is formatted afresh with `valid` False; `recover()` then raises
+`InvalidLogError` and the caller must fall back to a full merge (`open_existing` raises at once).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+from vscsi.tracker.dirtymap import DirtyMap
+
+PAGE = 4096
+_MAGIC = b"VSCSIWIL"
+_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQQ")
+_PAGE_HEAD = struct.Struct("<II")
+_BITS_PER_PAGE = (PAGE - _PAGE_HEAD.size) * 8
+
+
+class InvalidLogError(ValueError):
+    """The log is missing, unreadable or of another geometry: fall back to a full merge."""
+
+
+class WriteIntentLog:
+    """Regions (of `region` bytes) of a `size`-byte volume with writes that may be in flight."""
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        region: int = 4 << 20,
+        grain: int = 65536,
+        *,
+        offset: int = 0,
+        idle_delay: float = 1.0,
+        before_clear: Callable[[], None] | None = None,
+    ) -> None:
+        if size <= 0:
+            raise ValueError(f"volume size must be positive, not {size}")
+        if region < grain or region % grain:
+            raise ValueError(f"region {region} must be a multiple of grain {grain}")
+        self.path, self.size, self.region, self.grain = path, size, region, grain
+        self.offset = offset
+        self.idle_delay = idle_delay
+        self.before_clear = before_clear
+        self.nregions = max(-(-size // region), 1)
+        self.npages = -(-self.nregions // _BITS_PER_PAGE)
+        self._bits = bytearray(self.npages * (PAGE - _PAGE_HEAD.size))
+        self._page_gen = [0] * self.npages
+        self._inflight: dict[int, int] = {}
+        self._idle_since: dict[int, float] = {}
+        self._dirty_pages: set[int] = set()
+        self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._next_gen = 1
+        self._durable_gen = 0
+        self._held = False
+        self._cleaner: threading.Thread | None = None
+        self.flushes = 0
+        self.generation = 0
+        self.valid = False
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._load()
+            self.valid = True
+        except InvalidLogError:
+            self._format()
+
+    @classmethod
+    def open_existing(
+        cls, path: str, size: int, region: int = 4 << 20, grain: int = 65536, **kw: object
+    ) -> WriteIntentLog:
+        """Open a log that must already exist with this geometry, or raise InvalidLogError."""
+        if not os.path.exists(path):
+            raise InvalidLogError(f"{path}: no write-intent log")
+        log = cls(path, size, region, grain, **kw)  # type: ignore[arg-type]
+        if not log.valid:
+            log.close()
+            raise InvalidLogError(f"{path}: write-intent log invalid or of another geometry")
+        return log
+
+    # -- on disk ------------------------------------------------------------------------------
+
+    def _header(self, generation: int) -> bytes:
+        head = _HEADER.pack(_MAGIC, _VERSION, PAGE, self.size, self.region, self.grain, generation)
+        return (head + struct.pack("<I", zlib.crc32(head))).ljust(PAGE, b"\0")
+
+    def _load(self) -> None:
+        raw = os.pread(self._fd, PAGE, self.offset)
+        if len(raw) < _HEADER.size + 4:
+            raise InvalidLogError(f"{self.path}: no header")
+        head = raw[: _HEADER.size]
+        (crc,) = struct.unpack_from("<I", raw, _HEADER.size)
+        magic, version, page, size, region, grain, gen = _HEADER.unpack(head)
+        if magic != _MAGIC or version != _VERSION or zlib.crc32(head) != crc:
+            raise InvalidLogError(f"{self.path}: bad header")
+        if (page, size, region, grain) != (PAGE, self.size, self.region, self.grain):
+            raise InvalidLogError(f"{self.path}: geometry differs")
+        self.generation = gen + 1
+        os.pwrite(self._fd, self._header(self.generation), self.offset)
+        span = PAGE - _PAGE_HEAD.size
+        for p in range(self.npages):
+            data = os.pread(self._fd, PAGE, self.offset + PAGE * (1 + p))
+            crc_p, num = _PAGE_HEAD.unpack_from(data.ljust(PAGE, b"\0"))
+            body = data[_PAGE_HEAD.size :]
+            if len(data) != PAGE or num != p or zlib.crc32(body) != crc_p:
+                self._bits[p * span : (p + 1) * span] = b"\xff" * span
+            else:
+                self._bits[p * span : (p + 1) * span] = body
+        os.fdatasync(self._fd)
+
+    def _format(self) -> None:
+        self.generation = 1
+        os.pwrite(self._fd, self._header(self.generation), self.offset)
+        for p in range(self.npages):
+            os.pwrite(self._fd, self._page(p), self.offset + PAGE * (1 + p))
+        os.fdatasync(self._fd)
+
+    def _page(self, p: int) -> bytes:
+        span = PAGE - _PAGE_HEAD.size
+        body = bytes(self._bits[p * span : (p + 1) * span])
+        return _PAGE_HEAD.pack(zlib.crc32(body), p) + body
+
+    def _flush(self, need: int) -> None:
+        """Write every changed page (its newest state) unless a flush already covered `need`."""
+        with self._io_lock:
+            with self._lock:
+                if self._durable_gen >= need:
+                    return
+                gen = self._next_gen
+                self._next_gen += 1
+                pages = [(p, self._page(p)) for p in sorted(self._dirty_pages)]
+                self._dirty_pages.clear()
+            for p, data in pages:
+                os.pwrite(self._fd, data, self.offset + PAGE * (1 + p))
+            os.fdatasync(self._fd)
+            self.flushes += 1
+            with self._lock:
+                self._durable_gen = max(self._durable_gen, gen)
+
+    # -- the write path -------------------------------------------------------------------------
+
+    def _regions(self, offset: int, length: int) -> range:
+        if length <= 0 or offset >= self.size:
+            return range(0)
+        end = min(offset + length, self.size)
+        return range(offset // self.region, (end - 1) // self.region + 1)
+
+    def _changed(self, page: int) -> None:
+        """The page differs from disk: the next flush to start must carry it."""
+        self._dirty_pages.add(page)
+        self._page_gen[page] = self._next_gen
+
+    def begin(self, offset: int, length: int) -> None:
+        """Mark the regions of a write about to be issued; returns once the mark is durable."""
+        need = 0
+        with self._lock:
+            for r in self._regions(offset, length):
+                self._inflight[r] = self._inflight.get(r, 0) + 1
+                byte, bit = divmod(r, 8)
+                page = r // _BITS_PER_PAGE
+                if not self._bits[byte] >> bit & 1:
+                    self._bits[byte] |= 1 << bit
+                    self._changed(page)
+                need = max(need, self._page_gen[page])
+            if self._cleaner is None:
+                self._start_cleaner()
+            if need <= self._durable_gen:
+                return
+        self._flush(need)
+
+    def end(self, offset: int, length: int) -> None:
+        """The write completed on every member; its regions may be cleared once idle."""
+        now = time.monotonic()
+        with self._lock:
+            for r in self._regions(offset, length):
+                n = self._inflight.get(r, 0) - 1
+                if n <= 0:
+                    self._inflight.pop(r, None)
+                    self._idle_since[r] = now
+                else:
+                    self._inflight[r] = n
+
+    # -- clearing -------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """A member is missing: keep every mark (the log is now its minicopy record)."""
+        with self._lock:
+            self._held = True
+
+    def release(self) -> None:
+        with self._lock:
+            self._held = False
+
+    def _start_cleaner(self) -> None:
+        self._cleaner = threading.Thread(target=self._clean_loop, name="wil-cleaner", daemon=True)
+        self._cleaner.start()
+
+    def _clean_loop(self) -> None:
+        while not self._stop.wait(max(self.idle_delay / 2, 0.01)):
+            self.flush_idle()
+
+    def flush_idle(self, now: float | None = None) -> int:
+        """Clear regions idle for `idle_delay`; returns how many were cleared."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._held:
+                return 0
+            idle = {
+                r: t
+                for r, t in self._idle_since.items()
+                if now - t >= self.idle_delay and r not in self._inflight
+            }
+        if not idle:
+            return 0
+        if self.before_clear is not None:
+            self.before_clear()  # e.g. flush the members: the data must be durable first
+        with self._lock:
+            if self._held:
+                return 0
+            # a write that began and ended meanwhile moved its region's idle time: keep it
+            cleared = [r for r, t in idle.items() if self._idle_since.get(r) == t]
+            for r in cleared:
+                del self._idle_since[r]
+                byte, bit = divmod(r, 8)
+                self._bits[byte] &= ~(1 << bit) & 0xFF
+                self._changed(r // _BITS_PER_PAGE)
+            need = self._next_gen
+        self._flush(need)
+        return len(cleared)
+
+    def mark_clean(self) -> bool:
+        """Clear everything (clean dismount, or a finished merge) unless a write is in flight."""
+        with self._lock:
+            if self._inflight or self._held:
+                return False
+            self._bits[:] = bytes(len(self._bits))
+            self._idle_since.clear()
+            for page in range(self.npages):
+                self._changed(page)
+            need = self._next_gen
+        self._flush(need)
+        return True
+
+    # -- recovery ----------------------------------------------------------------------------------
+
+    def recover(self) -> DirtyMap:
+        """Every region that may hold a write that reached one member but not another.
+
+        Raises InvalidLogError if the log was lost or invalid when opened (full merge needed).
+        """
+        if not self.valid:
+            raise InvalidLogError(f"{self.path}: the write-intent log was lost or invalid")
+        m = DirtyMap(self.size, self.grain)
+        for r in self._marked():
+            m.mark(r * self.region, self.region)
+        return m
+
+    def _marked(self) -> list[int]:
+        """Marked region numbers (a torn last page may set bits past the volume: dropped)."""
+        with self._lock:
+            bits = bytes(self._bits)
+        found = [
+            i * 8 + bit
+            for i, byte in enumerate(bits)
+            if byte
+            for bit in range(8)
+            if byte >> bit & 1
+        ]
+        return [r for r in found if r < self.nregions]
+
+    def dirty_regions(self) -> int:
+        return len(self._marked())
+
+    def close(self) -> None:
+        """Stop the cleaner and close; only regions already idle are cleared on the way."""
+        if self._fd < 0:
+            return
+        self._stop.set()
+        if self._cleaner is not None:
+            self._cleaner.join()
+        self.flush_idle()
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> WriteIntentLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

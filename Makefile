@@ -44,7 +44,7 @@ demo: deps
 	scripts/vm-run 'bash scripts/demo.sh'
 
 bench: deps
-	VSCSI_VM_CPUS=2 scripts/vm-run 'bash scripts/bench.sh'
+	VSCSI_VM_MEM=3G scripts/vm-run 'bash scripts/bench.sh'
 
 bench-tracker: venv
 	$(VPY) bench/bench_tracker.py

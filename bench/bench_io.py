@@ -22,7 +22,7 @@ import rtslib_fb
 
 from vscsi.tcmu import configfs
 
-SIZE = 512 << 20
+SIZE = 256 << 20
 RUNTIME = int(os.environ.get("VSCSI_BENCH_RUNTIME", "8"))
 VSCSI = str(Path(sys.executable).with_name("vscsi"))
 JOBS: list[tuple[str, str, str, int]] = [
@@ -36,14 +36,18 @@ JOBS: list[tuple[str, str, str, int]] = [
 
 
 def fio(dev: str, rw: str, bs: str, qd: int) -> float:
-    """IOPS of one fio job (sequential jobs also report IOPS; MiB/s = IOPS for 1M)."""
+    """IOPS of one fio job (sequential jobs also report IOPS; MiB/s = IOPS for 1M); NaN when
+    the backend fails the job (the table shows it rather than hiding the backend)."""
     cmd = [
         "fio", "--name=b", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
         f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={SIZE}",
         f"--runtime={RUNTIME}", "--time_based", "--output-format=json", "--randrepeat=0",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    job = json.loads(out)["jobs"][0]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"fio {rw} {bs} failed on {dev}: {p.stderr.strip()[:300]}", file=sys.stderr)
+        return float("nan")
+    job = json.loads(p.stdout)["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     return float(side["iops"])
 
@@ -58,7 +62,7 @@ def loop_export(so: rtslib_fb.StorageObject) -> Iterator[str]:
     tpg = rtslib_fb.TPG(target, 1)
     rtslib_fb.LUN(tpg, 0, so)
     try:
-        yield configfs.wait_for_disk(target.wwn, timeout=60)[0]
+        yield configfs.find_disk(configfs.LoopExport(target.wwn, target), timeout=60)[0]
     finally:
         target.delete()
 
@@ -78,7 +82,9 @@ def fileio_backend(work: Path) -> Iterator[str]:
 @contextmanager
 def tcmu_runner_backend(work: Path) -> Iterator[str]:
     img = work / "bench.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(SIZE)], check=True)
+    # preallocated: the qcow handler cannot allocate clusters on tmpfs (no fallocate mode)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full",
+                    str(img), str(SIZE)], check=True)
     log = (work / "tcmu-runner.log").open("w")
     runner = subprocess.Popen(["tcmu-runner"], stdout=log, stderr=subprocess.STDOUT)
     time.sleep(2)
@@ -90,6 +96,8 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
         so.delete()
         runner.send_signal(signal.SIGTERM)
         runner.wait(30)
+        print(subprocess.run(["tail", "-5", "/var/log/tcmu-runner.log"], capture_output=True,
+                             text=True).stdout, file=sys.stderr)
         img.unlink(missing_ok=True)
 
 
@@ -146,11 +154,16 @@ def main() -> None:
     }
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        for name, backend in backends.items():
-            print(f"== {name}", flush=True)
-            with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                results[name] = run_jobs(dev)
-            print(json.dumps(results[name]), flush=True)
+        # a tmpfs of its own: the VM's /tmp sits on a small /run and would fill up
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G", "tmpfs", tmp], check=True)
+        try:
+            for name, backend in backends.items():
+                print(f"== {name}", file=sys.stderr, flush=True)
+                with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
+                    results[name] = run_jobs(dev)
+                print(json.dumps(results[name]), file=sys.stderr, flush=True)
+        finally:
+            subprocess.run(["umount", tmp], check=False)
     print()
     print(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)")
     print(table(results))

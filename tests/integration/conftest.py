@@ -124,3 +124,22 @@ def our_configfs_objects() -> list[str]:
     if loop.exists():
         found += [str(p) for p in loop.glob("naa.*")]
     return found
+
+
+@pytest.fixture(scope="session")
+def baddev(workdir: Path) -> Iterator[str]:
+    """A block device with 64 unreadable, unwritable sectors at LBA 4096 (device-mapper
+    `error` target between two linear pieces of a loop device)."""
+    run("modprobe", "loop")
+    run("modprobe", "dm_mod")
+    img = workdir / "bad-backing.img"
+    with img.open("wb") as f:
+        f.truncate(16 << 20)
+    loop = run("losetup", "--find", "--show", str(img)).strip()
+    sectors = (16 << 20) // 512
+    table = (f"0 4096 linear {loop} 0\n4096 64 error\n"
+             f"4160 {sectors - 4160} linear {loop} 4160\n")
+    run("dmsetup", "create", "vscsi-bad", input=table)
+    yield "/dev/mapper/vscsi-bad"
+    run("dmsetup", "remove", "vscsi-bad", check=False)
+    run("losetup", "-d", loop, check=False)

@@ -20,7 +20,7 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def daemon(workdir: Path, loopdev: str) -> Iterator[Daemon]:
+def daemon(workdir: Path, loopdev: str, baddev: str) -> Iterator[Daemon]:
     d = Daemon(
         workdir,
         f"""
@@ -52,6 +52,13 @@ path = "{loopdev}"
 [volume.identity]
 serial = 410001
 volume_id = 0x102
+
+[[volume]]
+name = "vbad"
+path = "{baddev}"
+[volume.identity]
+serial = 410001
+volume_id = 0x103
 """,
     )
     d.start()
@@ -63,7 +70,7 @@ volume_id = 0x102
 
 def test_status_lists_devices(daemon: Daemon) -> None:
     vols = daemon.status()
-    assert set(vols) == {"v512", "v4k", "vblk"}
+    assert set(vols) == {"v512", "v4k", "vblk", "vbad"}
     for v in vols.values():
         assert str(v["sd"]).startswith("/dev/sd") and str(v["sg"]).startswith("/dev/sg")
     out = run("lsscsi", "-g")
@@ -255,3 +262,20 @@ def test_config_errors_create_nothing(workdir: Path) -> None:
     rc, out = run_rc(VSCSI, "up", "-c", str(bad.config))
     assert rc == 2 and out.strip().count("\n") == 0 and "volume[0].path" in out, out
     assert our_configfs_objects() == before
+
+
+def test_device_errors_become_medium_errors(daemon: Daemon) -> None:
+    """dm-error under the volume: the command fails with sense, the daemon keeps serving."""
+    sg, sd = daemon.sg("vbad"), daemon.sd("vbad")
+    lba = (4100).to_bytes(4, "big").hex(" ").split()
+    rc, out = run_rc("sg_raw", "-R", "-r", "512", sg, "28", "00", *lba, "00", "00", "01", "00")
+    assert rc != 0 and "Medium Error" in out and "Unrecovered read error" in out, out
+    rc, out = run_rc("sg_raw", "-R", "-s", "512", "-i", "/dev/zero", sg, "2a", "00", *lba,
+                     "00", "00", "01", "00")
+    assert rc != 0 and "Medium Error" in out and "Write error" in out, out
+    rc, out = run_rc("dd", f"if={sd}", "of=/dev/null", "bs=4k", "skip=512", "count=4",
+                     "iflag=direct")
+    assert rc != 0 and "No data available" in out, out  # the block layer's BLK_STS_MEDIUM
+    run("sg_turs", sg)  # still served
+    run("dd", f"if={sd}", "of=/dev/null", "bs=4k", "count=16", "iflag=direct")
+    assert daemon.status()["vbad"]["state"] == "serving"

@@ -14,9 +14,9 @@ class DataBuffer:
 
     __slots__ = ("length", "views")
 
-    def __init__(self, views: Sequence[memoryview] = ()) -> None:
+    def __init__(self, views: Sequence[memoryview] = (), length: int | None = None) -> None:
         self.views = list(views)
-        self.length = sum(len(v) for v in self.views)
+        self.length = sum(len(v) for v in self.views) if length is None else length
 
     @classmethod
     def of_size(cls, n: int) -> DataBuffer:
@@ -28,6 +28,8 @@ class DataBuffer:
 
     def slices(self, offset: int, length: int) -> list[memoryview]:
         """Views covering bytes [offset, offset+length) of the buffer."""
+        if offset == 0 and length == self.length:
+            return self.views  # the whole buffer: the common READ/WRITE case
         out: list[memoryview] = []
         pos = 0
         end = offset + length

@@ -138,7 +138,8 @@ class Lun:
     # -- execution -------------------------------------------------------------------------------
 
     def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
-        cdb = bytes(cdb)
+        if not isinstance(cdb, bytes):
+            cdb = bytes(cdb)
         self.commands += 1
         try:
             return Result(GOOD, b"", self._dispatch(cdb, buf))

@@ -64,6 +64,7 @@ class Ring:
         self.read_len = bool(flags & abi.FLAG_CAP_READ_LEN)
         self.commands = 0
         self.bad_entries = 0
+        self._iov_total = 0
 
     @property
     def tail(self) -> int:
@@ -127,7 +128,7 @@ class Ring:
             self._respond(ent, Result(CHECK_CONDITION, _BAD_ENTRY_SENSE), 0)
             self.bad_entries += 1
             return
-        buf = DataBuffer(views)
+        buf = DataBuffer(views, self._iov_total)
         result = self.handler.execute(cdb, buf)
         self.commands += 1
         self._respond(ent, result, buf.length)
@@ -136,13 +137,16 @@ class Ring:
         mem = self.mem
         end = len(mem)
         views = []
+        total = 0
         pos = ent + abi.CMD_IOV_OFFSET
         for _ in range(count):
             base, ln = abi.IOVEC.unpack_from(mem, pos)
             if base < self.data_off or base + ln > end:
                 return None
             views.append(mem[base : base + ln])
+            total += ln
             pos += 16
+        self._iov_total = total
         return views
 
     def _respond(self, ent: int, result: Result, buf_len: int) -> None:

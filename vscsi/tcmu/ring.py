@@ -74,6 +74,9 @@ class Ring:
     def head(self) -> int:
         return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0]
 
+    def pending(self) -> bool:
+        return self.head != self.tail
+
     def process(self) -> int:
         """Serve every entry between cmd_tail and cmd_head; returns how many were consumed.
 

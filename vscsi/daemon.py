@@ -212,10 +212,8 @@ class Daemon:
     # -- netlink and control ----------------------------------------------------------------------
 
     def _owner(self, device_name: str) -> Served | None:
-        for s in self.served.values():
-            if s.backstore is not None and s.backstore.uio_name == device_name:
-                return s
-        return None
+        """The volume of a TCMU device name `tcm-user/<hba>/<dev>/vscsi/<volume>`."""
+        return self.served.get(device_name.rsplit("/", 1)[-1])
 
     def _on_added(self, name: str, minor: int, dev_id: int) -> int:
         return 0 if self._ours(name) else -19  # -ENODEV: a subtype vscsi device we do not serve
@@ -234,8 +232,7 @@ class Daemon:
         return 0
 
     def _ours(self, name: str) -> bool:
-        cfgstring = name.rsplit("/", 1)[-1]
-        return cfgstring in self.served
+        return self._owner(name) is not None
 
     def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {

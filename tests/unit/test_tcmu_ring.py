@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from construct import Container
@@ -12,7 +13,7 @@ from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
 from vscsi.tcmu.loopback import LoopbackDevice, LoopbackKernel
-from vscsi.tcmu.ring import Ring, RingError
+from vscsi.tcmu.ring import Command, Ring, RingError
 
 
 class Disk:
@@ -192,3 +193,155 @@ def test_fast_decoders_agree_with_declarations() -> None:
         )
     )
     assert len(built) == abi.CMD_IOV_OFFSET + 16
+
+
+def test_out_of_order_completion_borrows_the_tail_slot() -> None:
+    """Each completion goes into the CMD slot at cmd_tail with the finished command's id."""
+    k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Disk()
+    ring = Ring(k.mem, disk)
+    ids = [k.submit(rw(0x2A, i, 1), bytes([i + 1]) * 512) for i in range(3)]
+    first_slot = 128 + abi.U32.unpack_from(k.mem, abi.MAILBOX_TAIL_OFFSET)[0]
+    cmds = ring.fetch()
+    assert [c.cmd_id for c in cmds] == ids and ring.outstanding()
+    ring.complete(cmds[2], ring.run(cmds[2]))
+    assert abi.HEADER.unpack_from(k.mem, first_slot)[1] == ids[2]
+    (c,) = k.reap()
+    assert c.cmd_id == ids[2] and c.status == GOOD
+    for cmd in (cmds[0], cmds[1]):
+        ring.complete(cmd, ring.run(cmd))
+    assert sorted(c.cmd_id for c in k.reap()) == sorted(ids[:2])
+    assert not ring.outstanding() and not k.pending
+    assert disk.data[0:1536:512] == b"\x01\x02\x03"
+
+
+def test_out_of_order_completions_from_a_thread_pool() -> None:
+    k = LoopbackKernel(cmdr_size=4096, data_size=64 * 4096, flags=abi.FLAG_CAP_OOOC)
+    disk = Disk()
+    ring = Ring(k.mem, disk)
+    rng = random.Random(7)
+    expected: dict[int, bytes] = {}
+    for round_ in range(20):
+        batch = {}
+        for i in range(rng.randint(1, 12)):
+            lba = round_ * 16 + i
+            data = rng.randbytes(512)
+            cmd_id = k.submit(rw(0x2A, lba, 1), data)
+            if cmd_id is None:
+                break
+            batch[cmd_id] = data
+            expected[lba] = data
+        cmds = ring.fetch()
+        rng.shuffle(cmds)
+
+        def finish(cmd: Command, delay: float) -> None:
+            threading.Event().wait(delay)
+            ring.complete(cmd, ring.run(cmd))
+            k.reap()
+
+        with ThreadPoolExecutor(4) as pool:
+            for cmd in cmds:
+                pool.submit(finish, cmd, rng.random() / 1000)
+        assert all(k.completions[c].status == GOOD for c in batch)
+        assert not ring.outstanding() and not k.pending
+    assert k.pads > 0
+    for lba, data in expected.items():
+        assert disk.data[lba * 512 : (lba + 1) * 512] == data
+
+
+def test_thread_pool_serving_through_doorbells() -> None:
+    k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Disk()
+    dev = LoopbackDevice(k)
+    stop = threading.Event()
+    t = threading.Thread(target=dev.serve, args=(disk, stop, 4))
+    t.start()
+    try:
+        with ThreadPoolExecutor(8) as initiators:
+            writes = [
+                initiators.submit(dev.execute, rw(0x2A, i, 1), bytes([i]) * 512) for i in range(64)
+            ]
+            assert all(f.result().status == GOOD for f in writes)
+        c = dev.execute(rw(0x28, 5, 2), data_in_len=1024)
+        assert c.data == bytes([5]) * 512 + bytes([6]) * 512
+    finally:
+        stop.set()
+        dev.wake()
+        t.join(5)
+        dev.close()
+    assert not t.is_alive()
+
+
+def test_restart_after_partial_completion_resumes_from_cmd_tail() -> None:
+    """Killed after answering one of three: the new Ring serves exactly the other two."""
+    k, disk = LoopbackKernel(), Disk()
+    ring = Ring(k.mem, disk)
+    for i in range(3):
+        k.submit(rw(0x2A, i, 1), bytes([0x10 + i]) * 512)
+    cmds = ring.fetch()
+    ring.complete(cmds[0], ring.run(cmds[0]))  # then SIGKILL: cmds[1:] never answered
+    assert len(k.reap()) == 1
+    resumed = Ring(k.mem, disk)
+    assert resumed.process() == 2
+    assert len(k.reap()) == 2 and not k.pending
+    assert disk.seen.count(rw(0x2A, 0, 1)) == 1
+    assert disk.data[0:1536:512] == b"\x10\x11\x12"
+
+
+def test_bad_cdb_offset_and_unknown_opcode_do_not_stop_the_ring() -> None:
+    k, disk = LoopbackKernel(), Disk()
+    ring = Ring(k.mem, disk)
+    k.submit(rw(0x28, 0, 1), data_in_len=512)
+    ent = 128 + k.last_cleaned
+    abi.CMD_COUNTS.pack_into(k.mem, ent + 8, 1, 0, 0, len(k.mem) + 4096)  # cdb outside the map
+    k.submit_tmr(abi.TMR_ABORT_TASK, [])
+    tmr = 128 + (k.head - 32)
+    k.mem[tmr] = (k.mem[tmr] & ~abi.OP_MASK) | 5  # an opcode the ABI does not define
+    good = k.submit(rw(0x28, 0, 1), data_in_len=512)
+    assert ring.process() == 3
+    done = {c.cmd_id: c for c in k.reap()}
+    assert done[good].status == GOOD
+    assert [c.sense[2] for c in done.values() if c.status] == [0x04]
+    assert ring.bad_entries == 1
+
+
+def test_entry_crossing_the_ring_end_stops_the_ring() -> None:
+    k = LoopbackKernel(cmdr_size=1024)
+    ring = Ring(k.mem, Disk())
+    k.submit(rw(0x28, 0, 1), data_in_len=512)
+    abi.U32.pack_into(k.mem, 128, 2048 | abi.OP_CMD)
+    with pytest.raises(RingError, match="corrupt"):
+        ring.process()
+
+
+def test_handler_exception_still_answers_the_command() -> None:
+    class Broken(Disk):
+        def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
+            raise ValueError("bug")
+
+    k = LoopbackKernel()
+    ring = Ring(k.mem, Broken())
+    k.submit(rw(0x28, 0, 1), data_in_len=512)
+    ring.process()
+    (c,) = k.reap()
+    assert c.status == CHECK_CONDITION and c.sense[2] == 0x04
+
+
+def test_offsets_agree_with_declarations() -> None:
+    """The constants the hot path and the loopback use are those of the construct layouts."""
+    assert abi.Mailbox.sizeof() == abi.MAILBOX_TAIL_OFFSET + 4
+    assert abi.EntryHeader.sizeof() == abi.HEADER.size
+    assert abi.Iovec.sizeof() == abi.IOVEC.size
+    assert 8 + abi.RESPONSE.size + abi.SENSE_BUFFERSIZE == abi.CMD_ENTRY_MIN
+    tmr = abi.TmrEntry.build(
+        Container(
+            hdr=Container(len_op=40 | abi.OP_TMR, cmd_id=0, kflags=0, uflags=0),
+            tmr_type=abi.TMR_ABORT_TASK,
+            cmd_cnt=2,
+            cmd_ids=[7, 9],
+        )
+    )
+    assert len(tmr) == abi.TMR_IDS_OFFSET + 4
+    assert tmr[abi.TMR_IDS_OFFSET :] == b"\x07\x00\x09\x00"
+    k = LoopbackKernel()
+    k.submit_tmr(abi.TMR_LUN_RESET, [3, 4, 5])
+    parsed = abi.TmrEntry.parse(bytes(k.mem[128 : 128 + 48]))
+    assert (parsed.tmr_type, list(parsed.cmd_ids)) == (abi.TMR_LUN_RESET, [3, 4, 5])

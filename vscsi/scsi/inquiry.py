@@ -12,7 +12,10 @@ from vscsi.store.base import Volume
 
 SPC4 = 0x06
 LIO_OUI = 0x001405  # IEEE company id used by Linux-IO targets; ours live under it
+MAX_COMPARE_AND_WRITE = 128  # blocks (VPD 0xB0); COMPARE AND WRITE refuses more
 VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)  # SAM-5, SPC-4, SBC-3
+MAX_UNMAP_DESCRIPTORS = 256
+VENDOR_PAGES = range(0xC0, 0x100)
 
 
 def _ascii(text: str, n: int) -> bytes:
@@ -20,6 +23,7 @@ def _ascii(text: str, n: int) -> bytes:
 
 
 def standard(ident: Identity) -> bytes:
+    """Standard INQUIRY data (SPC-4 §6.6.2); fixed for the life of the LUN."""
     data = bytearray(96)
     data[0] = 0x00  # peripheral qualifier 0, direct access block device
     data[2] = SPC4
@@ -67,6 +71,8 @@ class VpdPages:
         self.volume = volume
         self.max_transfer_blocks = max_transfer_blocks
         self.vendor = dict(vendor_pages or {})
+        if any(code not in VENDOR_PAGES for code in self.vendor):
+            raise ValueError("vendor VPD pages must be in 0xC0..0xFF")
         self.pages: dict[int, Callable[[], bytes]] = {
             0x00: self.supported,
             0x80: self.unit_serial,
@@ -78,6 +84,7 @@ class VpdPages:
         }
 
     def get(self, code: int) -> bytes | None:
+        """The full page (header included), or None when we do not serve it."""
         page = self.pages.get(code)
         return page() if page else None
 
@@ -95,23 +102,32 @@ class VpdPages:
         return _page(0x83, body)
 
     def unmap_granularity(self) -> int:
+        """OPTIMAL UNMAP GRANULARITY and physical block: 4 KiB (page / hole-punch unit)."""
         return max(4096 // self.volume.block_size, 1)
 
     def max_unmap_blocks(self) -> int:
+        """MAXIMUM UNMAP LBA COUNT: 1 GiB per command bounds the time one UNMAP takes."""
+        return (1 << 30) // self.volume.block_size
+
+    def max_unmap_descriptors(self) -> int:
+        return MAX_UNMAP_DESCRIPTORS
+
+    def max_write_same_blocks(self) -> int:
+        """MAXIMUM WRITE SAME LENGTH: 1 GiB, written in 1 MiB chunks."""
         return (1 << 30) // self.volume.block_size
 
     def block_limits(self) -> bytes:
         b = bytearray(0x3C)
         bs = self.volume.block_size
-        b[1] = 128  # MAXIMUM COMPARE AND WRITE LENGTH (blocks)
+        b[1] = MAX_COMPARE_AND_WRITE  # MAXIMUM COMPARE AND WRITE LENGTH (blocks)
         b[2:4] = max(4096 // bs, 1).to_bytes(2, "big")  # optimal transfer length granularity
         b[4:8] = self.max_transfer_blocks.to_bytes(4, "big")
         b[8:12] = min(self.max_transfer_blocks, (1 << 20) // bs).to_bytes(4, "big")
         if self.volume.supports_unmap:
             b[16:20] = self.max_unmap_blocks().to_bytes(4, "big")
-            b[20:24] = (256).to_bytes(4, "big")  # MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
+            b[20:24] = self.max_unmap_descriptors().to_bytes(4, "big")
             b[24:28] = self.unmap_granularity().to_bytes(4, "big")
-        b[32:40] = self.max_unmap_blocks().to_bytes(8, "big")  # MAXIMUM WRITE SAME LENGTH
+        b[32:40] = self.max_write_same_blocks().to_bytes(8, "big")
         return _page(0xB0, bytes(b))
 
     def block_characteristics(self) -> bytes:

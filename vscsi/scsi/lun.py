@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from vscsi.scsi import cdb as C
 from vscsi.scsi import sense
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[["Lun", bytes, DataBuffer], int]
 
+# Where each opcode is handled. Opcodes with service actions (0x9E, 0xA3) pick the action in
+# their handler. The kernel answers REPORT LUNS, PERSISTENT RESERVE IN/OUT and RESERVE/RELEASE.
 HANDLERS: dict[int, Handler] = {
     0x00: primary.test_unit_ready,
     0x03: primary.request_sense,
@@ -55,7 +58,7 @@ HANDLERS: dict[int, Handler] = {
     0x91: block.sync16,
     0x93: block.write_same16,
     0x9E: block.service_action_in,
-    0xA3: primary.maintenance_in,
+    0xA3: primary.report_opcodes,
     0xA8: block.read12,
     0xAA: block.write12,
 }
@@ -64,25 +67,58 @@ HANDLERS: dict[int, Handler] = {
 UA_EXEMPT = frozenset({0x12, 0x03, 0xA0})
 
 
-def _reserved_masks() -> list[tuple[int, int] | None]:
-    """Per opcode: (CDB length, bits that must be zero) from the usage data in cdb.py."""
-    table: list[tuple[int, int] | None] = [None] * 256
-    for c in C.COMMANDS:
-        if c.service_action is not None:
-            continue  # checked by the service-action handler against its own usage data
-        usage = bytearray(c.usage)
-        usage[0] = 0xFF
-        table[c.opcode] = (c.size, ~int.from_bytes(usage, "big") & ((1 << (8 * c.size)) - 1))
+def _mask(c: C.Cdb) -> int:
+    """Bits of the CDB that must be zero: everything outside the usage data but the opcode."""
+    usage = bytearray(c.usage)
+    usage[0] = 0xFF
+    return ~int.from_bytes(usage, "big") & ((1 << (8 * c.size)) - 1)
+
+
+class _Entry(NamedTuple):
+    handler: Handler
+    size: int  # CDB length; 0 when the service action decides (checked per action)
+    mask: int
+
+
+def _dispatch_table() -> list[_Entry | None]:
+    """Opcode-indexed list: one index operation per command on the hot path."""
+    table: list[_Entry | None] = [None] * 256
+    for op, handler in HANDLERS.items():
+        c = C.lookup(op)
+        if c is None or c.service_action is not None:
+            table[op] = _Entry(handler, 0, 0)
+        else:
+            table[op] = _Entry(handler, c.size, _mask(c))
     return table
 
 
-_RESERVED = _reserved_masks()
+_DISPATCH = _dispatch_table()
 
 
-def _field_pointer(cdb: bytes, size: int, bad: int) -> SenseError:
-    raw = bad.to_bytes(size, "big")
-    byte = next(i for i, b in enumerate(raw) if b)
-    return sense.invalid_cdb(byte, raw[byte].bit_length() - 1)
+def _check_fields(cdb: bytes, size: int, mask: int) -> None:
+    """Reserved or unsupported bits set → 05/24/00 pointing at the first such byte and bit."""
+    if len(cdb) < size:
+        raise sense.invalid_cdb(len(cdb))
+    bad = int.from_bytes(cdb[:size], "big") & mask
+    if bad:
+        raw = bad.to_bytes(size, "big")
+        byte = next(i for i, b in enumerate(raw) if b)
+        raise sense.invalid_cdb(byte, raw[byte].bit_length() - 1)
+
+
+_SERVICE_ACTIONS = {
+    (c.opcode, c.service_action): (c.size, _mask(c))
+    for c in C.COMMANDS
+    if c.service_action is not None
+}
+
+
+def _check_service_action(cdb: bytes) -> None:
+    """An unknown service action is an invalid field (byte 1, bits 4-0), not an opcode."""
+    spec = _SERVICE_ACTIONS.get((cdb[0], cdb[1] & 0x1F if len(cdb) > 1 else -1))
+    if spec is None:
+        raise sense.invalid_cdb(1, 4)
+    _check_fields(cdb, *spec)
 
 
 class Lun:
@@ -107,8 +143,6 @@ class Lun:
         self.write_lock = threading.Lock()
         self._ua: deque[tuple[int, int]] = deque()
         self._ua_lock = threading.Lock()
-        self.commands = 0
-        self.errors = 0
 
     @property
     def blocks(self) -> int:
@@ -129,29 +163,24 @@ class Lun:
         """LUN reset (a TMR from the initiator): report it to the next command."""
         self.add_unit_attention(*sense.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
-    def check_ready(self) -> None:
-        """TEST UNIT READY asks the volume stack (pair states may make a volume not ready)."""
-        ready = getattr(self.volume, "check_ready", None)
-        if ready is not None:
-            ready()
-
     # -- execution -------------------------------------------------------------------------------
 
+    def supports(self, c: C.Cdb) -> bool:
+        """Whether this LUN implements `c` (UNMAP only over a volume that deallocates)."""
+        return c.opcode != 0x42 or self.volume.supports_unmap
+
     def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
-        if not isinstance(cdb, bytes):
+        """Run one command; every outcome, errors included, is a Result."""
+        if type(cdb) is not bytes:
             cdb = bytes(cdb)
-        self.commands += 1
         try:
             return Result(GOOD, b"", self._dispatch(cdb, buf))
         except SenseError as e:
             return self._fail(e)
         except MediumError as e:
-            key, code = (
-                (sense.MEDIUM_ERROR, sense.UNRECOVERED_READ_ERROR)
-                if e.op == "read"
-                else (sense.MEDIUM_ERROR, sense.WRITE_ERROR)
-            )
-            return self._fail(SenseError(key, code, info=e.offset // self.block_size))
+            code = sense.UNRECOVERED_READ_ERROR if e.op == "read" else sense.WRITE_ERROR
+            lba = e.offset // self.block_size
+            return self._fail(SenseError(sense.MEDIUM_ERROR, code, info=lba))
         except NotReadyError as e:
             return self._fail(SenseError(sense.NOT_READY, (e.asc, e.ascq)))
         except WriteProtectedError:
@@ -164,41 +193,18 @@ class Lun:
         if not cdb:
             raise sense.invalid_cdb(0)
         op = cdb[0]
-        handler = HANDLERS.get(op)
-        if handler is None:
-            raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_COMMAND_OPERATION_CODE)
-        if op not in UA_EXEMPT and self._ua:
+        if self._ua and op not in UA_EXEMPT:  # reported before the CDB is even looked at
             ua = self.pop_unit_attention()
             if ua is not None:
                 raise SenseError(sense.UNIT_ATTENTION, ua)
-        self._check_reserved(op, cdb)
-        return handler(self, cdb, buf)
-
-    def _check_reserved(self, op: int, cdb: bytes) -> None:
-        spec = _RESERVED[op]
-        if spec is None:
-            self._check_service_action(op, cdb)
-            return
-        size, mask = spec
-        if len(cdb) < size:
-            raise sense.invalid_cdb(len(cdb))
-        bad = int.from_bytes(cdb[:size], "big") & mask
-        if bad:
-            raise _field_pointer(cdb, size, bad)
-
-    def _check_service_action(self, op: int, cdb: bytes) -> None:
-        c = C.lookup(op, cdb[1] & 0x1F if len(cdb) > 1 else None)
-        if c is None:
-            raise sense.invalid_cdb(1, 4)
-        usage = bytearray(c.usage)
-        usage[0] = 0xFF
-        if len(cdb) < c.size:
-            raise sense.invalid_cdb(len(cdb))
-        mask = ~int.from_bytes(usage, "big") & ((1 << (8 * c.size)) - 1)
-        bad = int.from_bytes(cdb[: c.size], "big") & mask
-        if bad:
-            raise _field_pointer(cdb, c.size, bad)
+        entry = _DISPATCH[op]
+        if entry is None:
+            raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_COMMAND_OPERATION_CODE)
+        if entry.size:
+            _check_fields(cdb, entry.size, entry.mask)
+        else:
+            _check_service_action(cdb)
+        return entry.handler(self, cdb, buf)
 
     def _fail(self, e: SenseError) -> Result:
-        self.errors += 1
         return Result(CHECK_CONDITION, e.encode(self.mode_state.d_sense), 0)

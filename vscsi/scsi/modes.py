@@ -6,6 +6,7 @@ write cache, D_SENSE switches the LUN to descriptor-format sense.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vscsi.scsi import sense
@@ -61,39 +62,54 @@ class ModePages:
         """Page `code` (or all of them) for MODE SENSE; unknown pages are an error."""
         if pc == PC_SAVED:
             raise SenseError(sense.ILLEGAL_REQUEST, sense.SAVING_PARAMETERS_NOT_SUPPORTED)
-        pages = {0x01: self.error_recovery, 0x08: self.caching, 0x0A: self.control}
-        if code == ALL_PAGES and subpage in (0x00, 0xFF):
+        pages = self._pages()
+        if code != ALL_PAGES and code not in pages:
+            raise sense.invalid_cdb(2, 5)
+        if subpage not in (0x00, 0xFF):  # we have no subpages (e.g. 0x0A/0x05 is refused)
+            raise sense.invalid_cdb(3)
+        if code == ALL_PAGES:
             return b"".join(pages[c](pc) for c in sorted(pages))
-        if code in pages and subpage in (0x00, 0xFF):
-            return pages[code](pc)
-        raise sense.invalid_cdb(2 if code not in pages else 3)
+        return pages[code](pc)
+
+    def _pages(self) -> dict[int, Callable[[int], bytes]]:
+        return {0x01: self.error_recovery, 0x08: self.caching, 0x0A: self.control}
 
     def select(self, data: bytes, offset: int) -> None:
-        """Apply the pages of a MODE SELECT parameter list (after header and descriptors)."""
+        """Apply the pages of a MODE SELECT parameter list (after header and descriptors).
+
+        Every page is validated before any is applied, so a bad list changes nothing.
+        `offset` is where `data` starts in the parameter list, for field pointers.
+        """
+        accepted: list[tuple[int, bytes]] = []
         pos = 0
         while pos < len(data):
             if pos + 2 > len(data):
-                raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+                raise sense.parameter_list_length()
             code = data[pos] & 0x3F
-            if data[pos] & 0x40:  # SPF: no subpages are changeable
+            if data[pos] & 0x40:  # SPF: we have no subpages
                 raise sense.invalid_param(offset + pos, 6)
-            length = data[pos + 1]
-            new = data[pos : pos + 2 + length]
-            self._apply(code, new, offset + pos)
-            pos += 2 + length
+            end = pos + 2 + data[pos + 1]
+            if end > len(data):
+                raise sense.parameter_list_length()
+            self._validate(code, data[pos:end], offset + pos)
+            accepted.append((code, data[pos:end]))
+            pos = end
+        for code, page in accepted:
+            if code == 0x08:
+                self.volume.write_cache = bool(page[2] & 0x04)
+            elif code == 0x0A:
+                self.state.d_sense = bool(page[2] & 0x04)
 
-    def _apply(self, code: int, new: bytes, at: int) -> None:
-        pages = {0x01: self.error_recovery, 0x08: self.caching, 0x0A: self.control}
+    def _validate(self, code: int, new: bytes, at: int) -> None:
+        """Only bits in the changeable mask may differ from the current values (05/26/00)."""
+        pages = self._pages()
         if code not in pages:
-            raise sense.invalid_param(at)
+            raise sense.invalid_param(at, 5)
         current = pages[code](PC_CURRENT)
         mask = pages[code](PC_CHANGEABLE)
         if len(new) != len(current):
             raise sense.invalid_param(at + 1)
         for i in range(2, len(current)):
-            if (new[i] ^ current[i]) & ~mask[i] & 0xFF:
-                raise sense.invalid_param(at + i)
-        if code == 0x08:
-            self.volume.write_cache = bool(new[2] & 0x04)
-        elif code == 0x0A:
-            self.state.d_sense = bool(new[2] & 0x04)
+            bad = (new[i] ^ current[i]) & ~mask[i] & 0xFF
+            if bad:
+                raise sense.invalid_param(at + i, bad.bit_length() - 1)

@@ -16,7 +16,9 @@ ABORTED_COMMAND = 0xB
 MISCOMPARE = 0xE
 
 # (ASC, ASCQ) pairs, named as in SPC-4 Annex D.
+NO_ADDITIONAL_SENSE = (0x00, 0x00)
 LOGICAL_UNIT_NOT_READY_CAUSE_NOT_REPORTABLE = (0x04, 0x00)
+INVALID_FIELD_IN_COMMAND_IU = (0x0E, 0x03)
 WRITE_ERROR = (0x0C, 0x00)
 UNRECOVERED_READ_ERROR = (0x11, 0x00)
 PARAMETER_LIST_LENGTH_ERROR = (0x1A, 0x00)
@@ -34,7 +36,23 @@ INQUIRY_DATA_HAS_CHANGED = (0x3F, 0x03)
 INTERNAL_TARGET_FAILURE = (0x44, 0x00)
 MISCOMPARE_DURING_VERIFY = (0x1D, 0x00)
 
-MAX_SENSE = 96
+NAMES: dict[tuple[int, int], str] = {
+    v: k.replace("_", " ") for k, v in dict(globals()).items() if isinstance(v, tuple)
+}
+KEY_NAMES = {
+    NO_SENSE: "NO SENSE",
+    RECOVERED_ERROR: "RECOVERED ERROR",
+    NOT_READY: "NOT READY",
+    MEDIUM_ERROR: "MEDIUM ERROR",
+    HARDWARE_ERROR: "HARDWARE ERROR",
+    ILLEGAL_REQUEST: "ILLEGAL REQUEST",
+    UNIT_ATTENTION: "UNIT ATTENTION",
+    DATA_PROTECT: "DATA PROTECT",
+    ABORTED_COMMAND: "ABORTED COMMAND",
+    MISCOMPARE: "MISCOMPARE",
+}
+
+MAX_SENSE = 96  # the TCMU sense buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +81,8 @@ class SenseError(Exception):
         info: int | None = None,
         field: FieldPointer | None = None,
     ) -> None:
-        super().__init__(f"sense {key:X}/{asc_ascq[0]:02X}/{asc_ascq[1]:02X}")
+        name = NAMES.get(asc_ascq, "")
+        super().__init__(f"{KEY_NAMES.get(key, key)} {asc_ascq[0]:02X}/{asc_ascq[1]:02X} {name}")
         self.key = key
         self.asc, self.ascq = asc_ascq
         self.info = info
@@ -76,15 +95,22 @@ class SenseError(Exception):
 
 
 def invalid_cdb(byte: int, bit: int | None = None) -> SenseError:
+    """INVALID FIELD IN CDB pointing at `byte` (and `bit`, for fields not byte aligned)."""
     return SenseError(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, field=FieldPointer(byte, bit))
 
 
 def invalid_param(byte: int, bit: int | None = None) -> SenseError:
+    """INVALID FIELD IN PARAMETER LIST pointing into the data-out buffer."""
     return SenseError(
         ILLEGAL_REQUEST,
         INVALID_FIELD_IN_PARAMETER_LIST,
         field=FieldPointer(byte, bit, in_cdb=False),
     )
+
+
+def parameter_list_length() -> SenseError:
+    """The data-out is shorter than the parameter list length or a header needs."""
+    return SenseError(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
 
 
 def lba_out_of_range() -> SenseError:
@@ -113,9 +139,9 @@ def build_sense(
     sense[2] = key
     sense[7] = 10
     sense[12], sense[13] = asc, ascq
-    if info is not None:
+    if info is not None and info <= 0xFFFFFFFF:  # a larger value needs descriptor format
         sense[0] |= 0x80  # VALID: the INFORMATION field is meaningful
-        sense[3:7] = (info & 0xFFFFFFFF).to_bytes(4, "big")
+        sense[3:7] = info.to_bytes(4, "big")
     if field is not None:
         sense[15:18] = field.encode()
     return bytes(sense)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +102,17 @@ def create_backstore(volume: str, size: int, block_size: int) -> Backstore:
             PREFIX + volume,
             config=f"{SUBTYPE}/{volume}",
             size=size,
+            wwn=unit_serial(volume),
             control=f"hw_block_size={block_size}",
         )
     except (RTSLibError, OSError) as e:
         raise ConfigfsError(f"cannot create backstore {PREFIX}{volume}: {e}") from None
     return Backstore(volume, so)
+
+
+def unit_serial(volume: str) -> str:
+    """A T10 unit serial that stays the same for a volume across daemon restarts."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"vscsi:{volume}"))
 
 
 def remove_backstore(bs: Backstore) -> None:
@@ -165,3 +172,28 @@ def find_disk(export: LoopExport, timeout: float = 60) -> tuple[str, str]:
         if time.monotonic() > deadline:
             raise ConfigfsError(f"no SCSI disk appeared for {export.wwn} within {timeout:.0f}s")
         time.sleep(0.1)
+
+
+def remove_all_vscsi() -> list[str]:
+    """Remove every tcm_loop target and user backstore vscsi made (leftovers of killed runs);
+    returns what was removed. Targets go first: a backstore with a LUN cannot be deleted."""
+    root = _root()
+    ours = {
+        so.name for so in root.storage_objects if so.plugin == "user" and so.name.startswith(PREFIX)
+    }
+    removed = []
+    try:
+        for target in list(root.targets):
+            if target.fabric_module.name != "loopback":
+                continue
+            luns = [lun for tpg in target.tpgs for lun in tpg.luns]
+            if luns and all(lun.storage_object.name in ours for lun in luns):
+                target.delete()
+                removed.append(f"loopback/{target.wwn}")
+        for so in list(root.storage_objects):
+            if so.name in ours:
+                so.delete()
+                removed.append(f"user/{so.name}")
+    except (RTSLibError, OSError) as e:
+        raise ConfigfsError(f"cannot remove leftovers: {e}") from None
+    return removed

@@ -1,12 +1,20 @@
 """The kernel's TCM-USER generic netlink family: device added / removed / reconfigured.
 
-With SET_FEATURES(SUPP_KERN_CMD_REPLY=1) the kernel waits for our *_DONE reply to each event of
-a device, and fails the configfs operation with the status we give. That wait has no timeout
-(`wait_for_completion` in tcmu_wait_genl_cmd_reply), so we reply to every event of subtype
-`vscsi` without delay, stay subscribed until our own devices are gone, and switch the feature
-off again on a clean stop. After a SIGKILL it stays on; the next `vscsi up` subscribes before it
-touches configfs, and an administrator can always release a stuck waiter through the
-device's `action/reset_netlink`.
+When the kernel waits for our reply (target_core_user.c, Linux 6.1): `SET_FEATURES` with
+`SUPP_KERN_CMD_REPLY=1` sets one module-wide flag, `tcmu_kern_cmd_reply_supported`. A device
+copies it into its own `nl_reply_supported` when it is enabled (unless its control string said
+`nl_reply_supported=-1`). For such a device every ADDED / REMOVED / RECONFIG event is followed
+by `wait_for_completion()` — uninterruptible, no timeout — until a *_DONE reply carrying its
+DEVICE_ID arrives; the configfs write (enable, rmdir, dev_config, dev_size) blocks meanwhile and
+fails with the CMD_STATUS we send. REMOVED and RECONFIG do not wait when nobody is subscribed
+to the `config` group (-ESRCH); ADDED waits even then ("the listener may not be up yet").
+
+So a dead daemon can hang configfs: the flag outlives us. We therefore subscribe before touching
+configfs, reply to every event of subtype `vscsi` at once (another handler's devices are not
+ours to answer), and send `SUPP_KERN_CMD_REPLY=0` on a clean stop. After a SIGKILL the flag stays
+on until the next `vscsi up` subscribes; a stuck waiter is released by writing 1 to
+/sys/module/target_core_user/parameters/reset_netlink (it fails pending events with -EINTR),
+and block_netlink=1 there fails new events at once.
 """
 
 from __future__ import annotations

@@ -2,15 +2,27 @@
 
 `Ring` works on any writable buffer laid out like the uio map — the kernel's (through
 `vscsi.tcmu.uio`) or the in-process loopback's — so the same code runs under test everywhere.
-Commands are completed in ring order, in place: the kernel walks from its last cleaned entry
-up to `cmd_tail` and finds each command by the id in the entry header. The ring starts from
-the mailbox's current `cmd_tail`, so a daemon that re-opens a device after a crash serves the
-commands that were queued while it was gone.
+
+Completion protocol (target_core_user.c `tcmu_handle_completions`): on each notify the kernel
+walks from its last cleaned entry up to `cmd_tail`, skips PAD and TMR entries, and finds the
+command of every CMD entry by the `cmd_id` in its header. So a completion is always written into
+the CMD slot at `cmd_tail` — its `len_op` kept, its `cmd_id` set to the finished command — and
+`cmd_tail` then moves past that slot. Completing in ring order therefore answers each command in
+its own slot; with `TCMU_MAILBOX_FLAG_CAP_OOOC` commands may finish in any order (a thread pool)
+and a finished command borrows the oldest open slot, which is why every entry is parsed (CDB
+copied, iov views taken) before it is handed out.
+
+The ring starts from the mailbox's current `cmd_tail`, so a daemon that re-opens a device after
+a crash serves the commands that were queued meanwhile. That is exact for in-order completion.
+Out of order it is not: a slot lent to a later command no longer holds its own request, so a
+crash between the two completions loses that request and the kernel times the command out
+(`cmd_time_out`) — serve in order when surviving SIGKILL matters more than overlap.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Protocol
 
 from vscsi.scsi.buffer import DataBuffer
@@ -20,9 +32,11 @@ from vscsi.tcmu import abi
 log = logging.getLogger(__name__)
 
 # HARDWARE ERROR / INTERNAL TARGET FAILURE (04/44/00), fixed format, for entries we cannot use.
-_BAD_ENTRY_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
+BAD_ENTRY_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
 _CDB_SIZE = (6, 10, 10, 16, 16, 12, 16, 16)  # by group code (opcode >> 5)
 _MAILBOX_HEAD = 12
+_RESETS = (abi.TMR_LUN_RESET, abi.TMR_TARGET_WARM_RESET, abi.TMR_TARGET_COLD_RESET)
+_IOV_SIZE = abi.IOVEC.size
 
 
 class CommandHandler(Protocol):
@@ -37,6 +51,22 @@ class RingError(Exception):
     """The ring itself is unusable (bad mailbox, corrupt entry header): stop serving it."""
 
 
+class Command:
+    """One parsed CMD entry: everything needed to run and answer it once its slot is reused."""
+
+    __slots__ = ("bad", "buf", "cdb", "cmd_id")
+
+    def __init__(self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False) -> None:
+        self.cmd_id = cmd_id
+        self.cdb = cdb
+        self.buf = buf
+        self.bad = bad
+
+
+_EMPTY = DataBuffer()
+_BAD_RESULT = Result(CHECK_CONDITION, BAD_ENTRY_SENSE)
+
+
 def cdb_length(opcode: int, mem: memoryview, cdb_off: int) -> int:
     """The length of the CDB at `cdb_off` (variable-length CDBs carry their own)."""
     if opcode == 0x7F:
@@ -45,7 +75,11 @@ def cdb_length(opcode: int, mem: memoryview, cdb_off: int) -> int:
 
 
 class Ring:
-    """One device's command ring over its shared memory."""
+    """One device's command ring over its shared memory.
+
+    `process()` serves in order on the calling thread. For overlap, `fetch()` hands out parsed
+    commands and `complete()` (thread-safe) answers each as it finishes, in any order.
+    """
 
     def __init__(self, mem: memoryview | bytearray, handler: CommandHandler) -> None:
         self.mem = memoryview(mem).cast("B")
@@ -58,13 +92,20 @@ class Ring:
                 f"command ring {cmdr_off}+{cmdr_size} outside the {len(self.mem)}-byte map"
             )
         self.flags = flags
+        self.ooo = bool(flags & abi.FLAG_CAP_OOOC)
         self.cmdr_off = cmdr_off
         self.cmdr_size = cmdr_size
         self.data_off = cmdr_off + cmdr_size
         self.read_len = bool(flags & abi.FLAG_CAP_READ_LEN)
         self.commands = 0
         self.bad_entries = 0
-        self._iov_total = 0
+        self.entries = 0
+        self._tail = self.tail  # only we write cmd_tail: keep our own copy
+        if self._tail >= cmdr_size or self._tail % abi.ENTRY_ALIGN:
+            raise RingError(f"cmd_tail {self._tail} outside the {cmdr_size}-byte ring")
+        self._next = self._tail  # the first entry not parsed yet
+        self._lock = threading.Lock()
+        self._warned_op = False
 
     @property
     def tail(self) -> int:
@@ -75,99 +116,132 @@ class Ring:
         return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0]
 
     def pending(self) -> bool:
-        return self.head != self.tail
+        """Entries the kernel queued that we have not read yet."""
+        return self.head != self._next
+
+    def outstanding(self) -> bool:
+        """Commands handed out and not completed yet."""
+        return self._tail != self._next
 
     def process(self) -> int:
-        """Serve every entry between cmd_tail and cmd_head; returns how many were consumed.
+        """Serve every queued entry in order; returns how many entries were consumed.
 
         The caller notifies the kernel once afterwards when the count is non-zero.
         """
+        before = self.entries
+        for cmd in self.fetch():
+            self.complete(cmd, self.run(cmd))
+        return self.entries - before
+
+    def fetch(self) -> list[Command]:
+        """Parse every entry between the last one read and cmd_head.
+
+        PAD entries are consumed, TMRs applied; CMD entries come back as `Command`s (malformed
+        ones marked `bad`, to be answered with HARDWARE ERROR like any other).
+        """
         mem = self.mem
         size = self.cmdr_size
-        tail = self.tail
-        done = 0
+        pos = self._next
         head = self.head
-        while tail != head:
-            if head >= size or tail >= size:
-                raise RingError(f"ring pointers out of range: head {head} tail {tail} size {size}")
-            ent = self.cmdr_off + tail
-            len_op = abi.U32.unpack_from(mem, ent)[0]
+        out: list[Command] = []
+        while pos != head:
+            if head >= size:
+                raise RingError(f"cmd_head {head} outside the {size}-byte ring")
+            ent = self.cmdr_off + pos
+            len_op, cmd_id, _kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
             length = len_op & ~abi.OP_MASK
-            if length == 0 or length % abi.ENTRY_ALIGN or tail + length > size:
-                raise RingError(f"corrupt entry at {tail}: length {length}")
+            if length == 0 or length % abi.ENTRY_ALIGN or pos + length > size:
+                raise RingError(f"corrupt entry at {pos}: length {length}")
             op = len_op & abi.OP_MASK
             if op == abi.OP_CMD:
                 if length < abi.CMD_ENTRY_MIN:
-                    raise RingError(f"command entry at {tail} too short for a response: {length}")
-                self._command(ent, length)
+                    raise RingError(f"command entry at {pos} too short for a response: {length}")
+                out.append(self._parse(ent, length, cmd_id))
             elif op == abi.OP_TMR:
-                self._tmr(ent, length)
-            elif op != abi.OP_PAD:
-                log.warning("ring entry at %d has unknown opcode %d; skipped", tail, op)
-            tail = (tail + length) % size
-            abi.U32.pack_into(mem, abi.MAILBOX_TAIL_OFFSET, tail)
-            done += 1
-            if tail == head:
+                self._tmr(ent)
+            elif op != abi.OP_PAD and not self._warned_op:
+                self._warned_op = True
+                log.warning("ring entry at %d has unknown opcode %d; skipped", pos, op)
+            pos = (pos + length) % size
+            self.entries += 1
+            if pos == head:
                 head = self.head  # more may have arrived while we worked: batch them
-        return done
+        with self._lock:
+            self._next = pos
+            self._skip_to_command(self._tail)
+        return out
 
-    def _command(self, ent: int, length: int) -> None:
+    def run(self, cmd: Command) -> Result:
+        """Execute one command; a handler that raises still gets its command answered."""
+        if cmd.bad:
+            return _BAD_RESULT
+        try:
+            return self.handler.execute(cmd.cdb, cmd.buf)
+        except Exception:
+            log.exception("command %s failed", cmd.cdb[:1].hex())
+            return _BAD_RESULT
+
+    def complete(self, cmd: Command, result: Result) -> None:
+        """Answer `cmd` in the CMD slot at cmd_tail and move cmd_tail past it (thread-safe)."""
+        mem = self.mem
+        with self._lock:
+            tail = self._tail
+            if tail == self._next:
+                raise RingError(f"completion of command {cmd.cmd_id} with none outstanding")
+            ent = self.cmdr_off + tail
+            len_op, _id, kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
+            read_len = 0
+            if self.read_len and result.status == GOOD and 0 < result.data_len < cmd.buf.length:
+                read_len = result.data_len
+            uflags = abi.UFLAG_READ_LEN if read_len else 0
+            abi.HEADER.pack_into(mem, ent, len_op, cmd.cmd_id, kflags, uflags)
+            abi.RESPONSE.pack_into(mem, ent + 8, result.status, read_len)
+            if result.status != GOOD:
+                sense = result.sense[: abi.SENSE_BUFFERSIZE].ljust(abi.SENSE_BUFFERSIZE, b"\0")
+                mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE] = sense
+            self.commands += 1
+            self.bad_entries += cmd.bad
+            self._skip_to_command((tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size)
+
+    def _skip_to_command(self, tail: int) -> None:
+        """Publish `tail`, first moving it over read PAD/TMR slots: only CMD slots carry
+        completions (the kernel skips the others when it reaps)."""
+        mem = self.mem
+        base = self.cmdr_off
+        while tail != self._next:
+            len_op = abi.U32.unpack_from(mem, base + tail)[0]
+            if len_op & abi.OP_MASK == abi.OP_CMD:
+                break
+            tail = (tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size
+        self._tail = tail
+        abi.U32.pack_into(mem, abi.MAILBOX_TAIL_OFFSET, tail)
+
+    def _parse(self, ent: int, length: int, cmd_id: int) -> Command:
         mem = self.mem
         iov_cnt, bidi, dif, cdb_off = abi.CMD_COUNTS.unpack_from(mem, ent + 8)
-        iovs_end = ent + abi.CMD_IOV_OFFSET + 16 * (iov_cnt + bidi + dif)
+        iovs_end = ent + abi.CMD_IOV_OFFSET + _IOV_SIZE * (iov_cnt + bidi + dif)
         if iovs_end > ent + length or not self.cmdr_off <= cdb_off < self.data_off:
-            self._respond(ent, Result(CHECK_CONDITION, _BAD_ENTRY_SENSE), 0)
-            self.bad_entries += 1
-            return
-        opcode = mem[cdb_off]
-        n = cdb_length(opcode, mem, cdb_off)
+            return Command(cmd_id, b"", _EMPTY, bad=True)
+        n = cdb_length(mem[cdb_off], mem, cdb_off)
         if cdb_off + n > self.data_off:
-            self._respond(ent, Result(CHECK_CONDITION, _BAD_ENTRY_SENSE), 0)
-            self.bad_entries += 1
-            return
+            return Command(cmd_id, b"", _EMPTY, bad=True)
         cdb = bytes(mem[cdb_off : cdb_off + n])
-        views = self._iovs(ent, iov_cnt)
-        if views is None:
-            self._respond(ent, Result(CHECK_CONDITION, _BAD_ENTRY_SENSE), 0)
-            self.bad_entries += 1
-            return
-        buf = DataBuffer(views, self._iov_total)
-        result = self.handler.execute(cdb, buf)
-        self.commands += 1
-        self._respond(ent, result, buf.length)
-
-    def _iovs(self, ent: int, count: int) -> list[memoryview] | None:
-        mem = self.mem
-        end = len(mem)
         views = []
         total = 0
+        end = len(mem)
         pos = ent + abi.CMD_IOV_OFFSET
-        for _ in range(count):
+        for _ in range(iov_cnt):
             base, ln = abi.IOVEC.unpack_from(mem, pos)
             if base < self.data_off or base + ln > end:
-                return None
+                return Command(cmd_id, cdb, _EMPTY, bad=True)
             views.append(mem[base : base + ln])
             total += ln
-            pos += 16
-        self._iov_total = total
-        return views
+            pos += _IOV_SIZE
+        return Command(cmd_id, cdb, DataBuffer(views, total))
 
-    def _respond(self, ent: int, result: Result, buf_len: int) -> None:
-        mem = self.mem
-        read_len = 0
-        if self.read_len and result.status == GOOD and 0 < result.data_len < buf_len:
-            read_len = result.data_len
-            mem[ent + 7] |= abi.UFLAG_READ_LEN
-        abi.RESPONSE.pack_into(mem, ent + 8, result.status, read_len)
-        if result.status != GOOD:
-            sense = result.sense[: abi.SENSE_BUFFERSIZE]
-            mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE] = sense.ljust(
-                abi.SENSE_BUFFERSIZE, b"\0"
-            )
-
-    def _tmr(self, ent: int, length: int) -> None:
-        """Task management: every command before this entry is already complete (we serve in
-        order), so an abort finds nothing to abort; a LUN or target reset resets the LUN."""
-        tmr_type = self.mem[ent + 8]
-        if tmr_type in (abi.TMR_LUN_RESET, abi.TMR_TARGET_WARM_RESET, abi.TMR_TARGET_COLD_RESET):
+    def _tmr(self, ent: int) -> None:
+        """Task management. An abort needs nothing from us — the kernel still waits for the
+        aborted commands' completions, which they get — while a LUN or target reset resets
+        the LUN's state (reservations, unit attentions)."""
+        if self.mem[ent + 8] in _RESETS:
             self.handler.reset()

@@ -11,9 +11,12 @@ import os
 import select
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vscsi.tcmu.ring import CommandHandler, Ring, RingError
+import pyudev
+
+from vscsi.tcmu.ring import Command, CommandHandler, Ring, RingError
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +29,40 @@ class UioError(Exception):
     """The uio device is missing, unusable or already served by someone else."""
 
 
+def _uio_names() -> list[tuple[str, str]]:
+    """(uioN, name) of every uio device: from udev, or straight from sysfs without it."""
+    try:
+        devices = list(pyudev.Context().list_devices(subsystem="uio"))
+        return [(d.sys_name, _udev_name(d)) for d in devices]
+    except (ImportError, OSError):
+        out = []
+        for dev in sorted(SYSFS_UIO.glob("uio*")):
+            with contextlib.suppress(OSError):
+                out.append((dev.name, (dev / "name").read_text().strip()))
+        return out
+
+
+def _udev_name(dev: pyudev.Device) -> str:
+    try:
+        return dev.attributes.asstring("name").strip()
+    except (KeyError, UnicodeDecodeError):
+        return ""
+
+
 def find_uio(tcmu_name: str) -> str:
     """The uioN whose `name` is `tcm-user/<hba>/<device>/<subtype>/<cfgstring>`."""
-    for dev in sorted(SYSFS_UIO.glob("uio*")):
-        with contextlib.suppress(OSError):
-            if (dev / "name").read_text().strip() == tcmu_name:
-                return dev.name
-    raise UioError(f"no uio device named {tcmu_name}")
+    for uio, name in _uio_names():
+        if name == tcmu_name:
+            return uio
+    raise UioError(f"no uio device named {tcmu_name} (is target_core_user loaded?)")
 
 
 def uio_for_device(hba: str, device: str) -> str:
     """The uioN of backstore `device` in `hba` (e.g. user_1), whatever its cfgstring."""
     prefix = f"tcm-user/{hba.removeprefix('user_')}/{device}/"
-    for dev in sorted(SYSFS_UIO.glob("uio*")):
-        with contextlib.suppress(OSError):
-            if (dev / "name").read_text().startswith(prefix):
-                return dev.name
+    for uio, name in _uio_names():
+        if name.startswith(prefix) or name == prefix[:-1]:
+            return uio
     raise UioError(f"no uio device for backstore {hba}/{device}")
 
 
@@ -59,25 +80,59 @@ class RingDevice:
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
 
-    def serve(self, handler: CommandHandler, stop: threading.Event) -> None:
-        """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks."""
-        ring = self.ring = Ring(self.mem, handler)
+    def serve(self, handler: CommandHandler, stop: threading.Event, workers: int = 0) -> None:
+        """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks.
+
+        With `workers` and a kernel that takes out-of-order completions, commands run on a
+        thread pool of that size; otherwise in order on this thread, one notify per batch.
+        """
+        try:
+            ring = self.ring = Ring(self.mem, handler)
+        except RingError as e:
+            log.error("%s: %s; not serving this device", self.name, e)
+            return
+        pool = ThreadPoolExecutor(workers, f"{self.name}-io") if workers and ring.ooo else None
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
             while not stop.is_set():
-                if ring.process():
-                    self.notify()
-                    if self._spin(ring):
-                        continue
+                if self._batch(ring, pool) and self._spin(ring):
+                    continue
                 for fd, _ev in poller.poll(1000):
                     if fd == self.fd:
                         os.read(self.fd, 4)  # acknowledge the doorbell
+                    else:
+                        os.read(self._wake_r, 64)
         except RingError as e:
             log.error("%s: %s; no longer serving this device", self.name, e)
         except OSError as e:
             log.error("%s: %s; no longer serving this device", self.name, e.strerror)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _batch(self, ring: Ring, pool: ThreadPoolExecutor | None) -> bool:
+        """Serve what is queued; True if anything was."""
+        if pool is None:
+            if ring.process():
+                self.notify()
+                return True
+            return False
+        before = ring.entries
+        commands = ring.fetch()
+        for cmd in commands:
+            pool.submit(self._run, ring, cmd)
+        if not commands and ring.entries != before:
+            self.notify()  # only PAD/TMR entries: their ring space is free once reaped
+        return ring.entries != before
+
+    def _run(self, ring: Ring, cmd: Command) -> None:
+        try:
+            ring.complete(cmd, ring.run(cmd))
+            self.notify()
+        except (RingError, OSError) as e:
+            log.error("%s: %s; completion lost", self.name, e)
 
     def _spin(self, ring: Ring) -> bool:
         """After a batch, watch the ring briefly before sleeping: at queue depth the next
@@ -119,6 +174,10 @@ class UioDevice(RingDevice):
             size = int((sysfs / "maps/map0/size").read_text(), 0)
             fd = os.open(f"/dev/{name}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
+            if e.errno == errno.EBUSY:  # target_core_user allows one opener at a time
+                raise UioError(
+                    f"{name} ({tcmu_name}) is already served by another process"
+                ) from None
             raise UioError(f"{name}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

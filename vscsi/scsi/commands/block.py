@@ -8,13 +8,14 @@ from vscsi.scsi import cdb as C
 from vscsi.scsi import sense
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.commands.primary import reply
+from vscsi.scsi.inquiry import MAX_COMPARE_AND_WRITE
 from vscsi.scsi.sense import SenseError
 from vscsi.store.base import WriteProtectedError
 
 if TYPE_CHECKING:
     from vscsi.scsi.lun import Lun
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # WRITE SAME pattern and VERIFY reads move in pieces of this size
 
 
 def check_range(lun: Lun, lba: int, nblocks: int, length_byte: int) -> None:
@@ -29,11 +30,14 @@ def check_writable(lun: Lun) -> None:
         raise WriteProtectedError(lun.volume.name)
 
 
-def data_out(lun: Lun, buf: DataBuffer, nbytes: int, length_byte: int) -> list[memoryview]:
-    """The data-out views for `nbytes`; a shorter buffer than the CDB implies is refused
-    rather than half-written."""
+def data_out(buf: DataBuffer, nbytes: int) -> list[memoryview]:
+    """The data-out views for `nbytes`.
+
+    Less data than the CDB implies is refused, never half-written: the mismatch lies in the
+    transport's command IU, not in the CDB (05/0E/03, as LIO answers such a WRITE).
+    """
     if buf.length < nbytes:
-        raise sense.invalid_cdb(length_byte)
+        raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_FIELD_IN_COMMAND_IU)
     return buf.slices(0, nbytes)
 
 
@@ -54,20 +58,26 @@ def _write(lun: Lun, buf: DataBuffer, lba: int, n: int, fua: bool, length_byte: 
     check_writable(lun)
     if n:
         bs = lun.block_size
-        views = data_out(lun, buf, n * bs, length_byte)
+        views = data_out(buf, n * bs)
         with lun.write_lock:
             lun.volume.write(lba * bs, views, fua)
     return 0
 
 
+def _rw6(cdb: bytes) -> tuple[int, int]:
+    """(LBA, blocks) of READ/WRITE(6): a TRANSFER LENGTH of 0 means 256 blocks."""
+    p = C.Rw6.parse(cdb)
+    return p.b1.lba_hi << 16 | p.lba_lo, p.length or 256
+
+
 def read6(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF
-    return _read(lun, buf, lba, cdb[4] or 256, 4)
+    lba, n = _rw6(cdb)
+    return _read(lun, buf, lba, n, 4)
 
 
 def write6(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    lba = int.from_bytes(cdb[1:4], "big") & 0x1FFFFF
-    return _write(lun, buf, lba, cdb[4] or 256, False, 4)
+    lba, n = _rw6(cdb)
+    return _write(lun, buf, lba, n, False, 4)
 
 
 def read10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
@@ -136,9 +146,9 @@ def _verify(lun: Lun, buf: DataBuffer, lba: int, n: int, bytchk: int, length_byt
     if bytchk == 0:
         return 0
     if bytchk == 1:
-        expected = b"".join(bytes(v) for v in data_out(lun, buf, n * bs, length_byte))
+        expected = b"".join(bytes(v) for v in data_out(buf, n * bs))
     elif bytchk == 3:
-        expected = b"".join(bytes(v) for v in data_out(lun, buf, bs, length_byte)) * n
+        expected = b"".join(bytes(v) for v in data_out(buf, bs)) * n
     else:
         raise sense.invalid_cdb(1, 2)
     if medium != expected:
@@ -199,20 +209,18 @@ def sync16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
 
 
 def _write_same(lun: Lun, buf: DataBuffer, lba: int, n: int, flags: Any, lb: int) -> int:
-    if flags.anchor:
-        raise sense.invalid_cdb(1, 4)  # ANC_SUP=0: no anchored state
-    if flags.pbdata or flags.lbdata:
-        raise sense.invalid_cdb(1, 2 if flags.pbdata else 1)
-    if n == 0:
-        n = lun.blocks - lba if lba < lun.blocks else 0
+    """ANCHOR, PBDATA and LBDATA are outside the usage data, so the LUN has refused them."""
+    if lba >= lun.blocks:
+        raise sense.lba_out_of_range()
+    if n == 0:  # SBC-3 with WSNZ=0: through the last LBA
+        n = lun.blocks - lba
     if lba + n > lun.blocks:
         raise sense.lba_out_of_range()
-    if n > lun.vpd.max_unmap_blocks():
+    if n > lun.vpd.max_write_same_blocks():
         raise sense.invalid_cdb(lb)
     check_writable(lun)
     bs = lun.block_size
-    views = [] if flags.ndob else data_out(lun, buf, bs, lb)
-    block = b"".join(bytes(v) for v in views) or bytes(bs)
+    block = bytes(bs) if flags.ndob else b"".join(bytes(v) for v in data_out(buf, bs))
     with lun.write_lock:
         if flags.unmap and lun.volume.supports_unmap and not any(block):
             _deallocate(lun, lba * bs, n * bs)
@@ -247,8 +255,6 @@ def _deallocate(lun: Lun, offset: int, length: int) -> None:
 
 def write_same10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
     p = C.WriteSame10.parse(cdb)
-    if p.b1.ndob:
-        raise sense.invalid_cdb(1, 0)  # NDOB exists only in WRITE SAME(16)
     return _write_same(lun, buf, p.lba, p.length, p.b1, 7)
 
 
@@ -258,19 +264,18 @@ def write_same16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
 
 
 def unmap(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    if not lun.volume.supports_unmap:
+    """UNMAP (SBC-3 §5.28): every descriptor is validated before any block is deallocated."""
+    if not lun.volume.supports_unmap:  # LBPU=0: the command does not exist here
         raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_COMMAND_OPERATION_CODE)
     p = C.Unmap.parse(cdb)
-    if p.b1.anchor:
-        raise sense.invalid_cdb(1, 0)
     if p.param_len == 0:
         return 0
-    if p.param_len < 8 or buf.length < 8:
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
-    data = buf.gather(min(p.param_len, buf.length))
+    if p.param_len < 8 or buf.length < p.param_len:
+        raise sense.parameter_list_length()
+    data = buf.gather(p.param_len)
     head = C.UnmapHeader.parse(data)
-    count = min(head.desc_len, len(data) - 8) // 16
-    if count > 256:
+    count = min(head.desc_len, len(data) - 8) // 16  # a partial last descriptor is ignored
+    if count > lun.vpd.max_unmap_descriptors():
         raise sense.invalid_param(2)
     extents = [C.UnmapDescriptor.parse(data[8 + 16 * i : 24 + 16 * i]) for i in range(count)]
     total = 0
@@ -293,16 +298,17 @@ def unmap(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
 
 
 def compare_and_write(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    """Compare the first half of the data-out with the medium; if equal write the second."""
     p = C.CompareAndWrite.parse(cdb)
     n = p.nblocks
-    if n == 0:
-        return 0
-    if n > 128:
+    if n > MAX_COMPARE_AND_WRITE:
         raise sense.invalid_cdb(13)
     check_range(lun, p.lba, n, 13)
+    if n == 0:  # SBC-3: not an error, nothing compared or written
+        return 0
     check_writable(lun)
     bs = lun.block_size
-    views = data_out(lun, buf, 2 * n * bs, 13)
+    views = data_out(buf, 2 * n * bs)
     data = b"".join(bytes(v) for v in views)
     verify, new = data[: n * bs], data[n * bs :]
     with lun.write_lock:  # atomic against every other write to the LUN
@@ -325,9 +331,14 @@ def read_capacity10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
 
 
 def read_capacity16(lun: Lun, p: Any, buf: DataBuffer) -> int:
+    if p.lba and not p.b14 & 0x01:  # PMI=0 requires LBA 0
+        raise sense.invalid_cdb(2)
     data = bytearray(32)
     data[0:8] = (lun.blocks - 1).to_bytes(8, "big")
     data[8:12] = lun.block_size.to_bytes(4, "big")
+    # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: the 4 KiB allocation unit of the backstores,
+    # so initiators align I/O and UNMAP to what really gets deallocated
+    data[13] = lun.vpd.unmap_granularity().bit_length() - 1
     if lun.volume.supports_unmap:
         data[14] = 0xC0  # LBPME, LBPRZ
     return reply(buf, bytes(data), p.alloc_len)
@@ -344,7 +355,7 @@ def get_lba_status(lun: Lun, p: Any, buf: DataBuffer) -> int:
     while pos < lun.volume.size and len(descs) // 16 < min(room, 64):
         e = lun.volume.extent_at(pos)
         end = min(e.offset + e.length, lun.volume.size)
-        first, last = pos // bs, -(-end // bs)
+        first, last = pos // bs, max(-(-end // bs), pos // bs + 1)
         status = 0 if e.mapped else 1
         descs += first.to_bytes(8, "big") + (last - first).to_bytes(4, "big")
         descs += bytes([status, 0, 0, 0])
@@ -354,10 +365,9 @@ def get_lba_status(lun: Lun, p: Any, buf: DataBuffer) -> int:
 
 
 def service_action_in(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    """SERVICE ACTION IN(16): the LUN has already refused service actions not in cdb.py."""
     p = C.ServiceActionIn16.parse(cdb)
-    sa = p.b1.service_action
-    if sa == 0x10:
-        return read_capacity16(lun, p, buf)
-    if sa == 0x12:
-        return get_lba_status(lun, p, buf)
-    raise sense.invalid_cdb(1, 4)
+    return _SERVICE_ACTIONS_IN[p.b1.service_action](lun, p, buf)
+
+
+_SERVICE_ACTIONS_IN = {0x10: read_capacity16, 0x12: get_lba_status}

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from vscsi.scsi import cdb as C
 from vscsi.scsi import sense
 from vscsi.scsi.buffer import DataBuffer
-from vscsi.scsi.sense import SenseError
 
 if TYPE_CHECKING:
     from vscsi.scsi.lun import Lun
@@ -19,7 +18,7 @@ def reply(buf: DataBuffer, data: bytes, alloc_len: int) -> int:
 
 
 def test_unit_ready(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    lun.check_ready()
+    """Always ready: the medium is fixed; volume states surface as NotReadyError on I/O."""
     return 0
 
 
@@ -30,14 +29,13 @@ def request_sense(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
     if ua is not None:
         data = sense.build_sense(sense.UNIT_ATTENTION, ua, descriptor=descriptor)
     else:
-        data = sense.build_sense(sense.NO_SENSE, (0, 0), descriptor=descriptor)
+        data = sense.build_sense(sense.NO_SENSE, sense.NO_ADDITIONAL_SENSE, descriptor=descriptor)
     return reply(buf, data, p.alloc_len)
 
 
 def inquiry(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    """Standard data or a VPD page; CMDDT is outside the usage data, so the LUN refused it."""
     p = C.Inquiry.parse(cdb)
-    if p.b1.cmddt:
-        raise sense.invalid_cdb(1, 1)
     if not p.b1.evpd:
         if p.page_code:
             raise sense.invalid_cdb(2)
@@ -79,17 +77,21 @@ def mode_sense10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
     return reply(buf, header + desc + pages, p.alloc_len)
 
 
-def _param_list(buf: DataBuffer, length: int) -> bytes:
-    if buf.length < length:
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+def _param_list(buf: DataBuffer, length: int, header_len: int) -> bytes:
+    """The parameter list; less data-out than PARAMETER LIST LENGTH, or no room for the
+    mode parameter header, is a PARAMETER LIST LENGTH ERROR."""
+    if buf.length < length or length < header_len:
+        raise sense.parameter_list_length()
     return buf.gather(length)
 
 
 def _select(lun: Lun, data: bytes, header_len: int, desc_len: int, sp: bool) -> None:
+    """Apply a MODE SELECT list. SP=1 asks us to save pages, which we cannot (no page is
+    saveable: PS=0), so it is refused with INVALID FIELD IN CDB on the SP bit (SPC-4 §6.9)."""
     if sp:
-        raise sense.invalid_cdb(1, 0)  # saving parameters is not supported
+        raise sense.invalid_cdb(1, 0)
     if header_len + desc_len > len(data):
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+        raise sense.parameter_list_length()
     if desc_len not in (0, 8, 16):
         raise sense.invalid_param(header_len - 1)
     if desc_len:
@@ -103,9 +105,7 @@ def mode_select6(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
     p = C.ModeSelect6.parse(cdb)
     if p.param_len == 0:
         return 0
-    data = _param_list(buf, p.param_len)
-    if len(data) < 4:
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+    data = _param_list(buf, p.param_len, 4)
     _select(lun, data, 4, data[3], p.b1.sp)
     return 0
 
@@ -114,9 +114,7 @@ def mode_select10(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
     p = C.ModeSelect10.parse(cdb)
     if p.param_len == 0:
         return 0
-    data = _param_list(buf, p.param_len)
-    if len(data) < 8:
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.PARAMETER_LIST_LENGTH_ERROR)
+    data = _param_list(buf, p.param_len, 8)
     _select(lun, data, 8, int.from_bytes(data[6:8], "big"), p.b1.sp)
     return 0
 
@@ -141,10 +139,11 @@ def _descriptor(c: C.Cdb, rctd: bool) -> bytes:
 
 
 def report_opcodes(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
+    """REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN 0xA3/0x0C, SPC-4 §6.35)."""
     p = C.ReportOpcodes.parse(cdb)
     rctd, options = p.b2.rctd, p.b2.options
     if options == 0:
-        body = b"".join(_descriptor(c, rctd) for c in C.COMMANDS)
+        body = b"".join(_descriptor(c, rctd) for c in C.COMMANDS if lun.supports(c))
         return reply(buf, len(body).to_bytes(4, "big") + body, p.alloc_len)
     if options == 1:
         if p.req_opcode in C.SERVICE_ACTION_OPCODES:
@@ -156,15 +155,9 @@ def report_opcodes(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
         c = C.lookup(p.req_opcode, p.req_sa)
     else:
         raise sense.invalid_cdb(2, 2)
-    if c is None:
+    if c is None or not lun.supports(c):
         data = bytes([0, 0x01, 0, 0])  # SUPPORT 001b: not supported
     else:
         data = bytes([0, 0x03 | (0x80 if rctd else 0)]) + c.size.to_bytes(2, "big") + c.usage
         data += _TIMEOUTS if rctd else b""
     return reply(buf, data, p.alloc_len)
-
-
-def maintenance_in(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    if cdb[1] & 0x1F != 0x0C:
-        raise sense.invalid_cdb(1, 4)
-    return report_opcodes(lun, cdb, buf)

@@ -4,9 +4,14 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define MAXLV 12 /* 64^11 words of level 0 exceed any 64-bit volume at 512-byte grains */
 #define NONE UINT64_MAX
+/* dm_mark_many batches through a private bitmap from this many writes per level-0 word, and
+ * from BATCH_MIN writes so that the mmap it costs is amortised. */
+#define BATCH_DENSITY 2
+#define BATCH_MIN 4096
 
 /* Level-0 words are only read with relaxed loads; the summary protocol needs the sequentially
  * consistent order between "marker sets child, reads parent" and "clearer clears parent, reads
@@ -29,6 +34,10 @@ struct dm {
 
 static inline unsigned ctz64(uint64_t w) { return (unsigned)__builtin_ctzll(w); }
 static inline unsigned pop64(uint64_t w) { return (unsigned)__builtin_popcountll(w); }
+
+/* pop64 for words that usually hold at most one bit: without -mpopcnt the builtin is a libgcc
+ * call, which the hot paths cannot afford. */
+static inline unsigned pop64_sparse(uint64_t w) { return (w & (w - 1)) ? pop64(w) : w != 0; }
 
 /* Bits [lo, 64) of a word, lo < 64. */
 static inline uint64_t from_bit(uint64_t lo) { return ~0ULL << lo; }
@@ -163,12 +172,12 @@ uint64_t dm_nbytes(const dm_t *m)
 
 /* ---- summary maintenance ------------------------------------------------------------------ */
 
-/* A bit of level-0 word idx was just set: make the word reachable from the top. Whoever turns a
+/* A bit of level-(k-1) word idx was just set: make the word reachable from the top. Whoever turns a
  * summary word from zero to non-zero owns the walk further up; a bit already set means its owner
  * did (or is doing) the rest, or a clearer will see our child on its re-check and restore it. */
-static inline void summary_set(dm_t *m, uint64_t idx)
+static inline void summary_raise(dm_t *m, unsigned k, uint64_t idx)
 {
-    for (unsigned k = 1; k < m->nlv; k++) {
+    for (; k < m->nlv; k++) {
         uint64_t *w = &m->lv[k][idx >> 6];
         uint64_t bit = 1ULL << (idx & 63);
         if (LOAD_SC(w) & bit)
@@ -178,6 +187,9 @@ static inline void summary_set(dm_t *m, uint64_t idx)
         idx >>= 6;
     }
 }
+
+/* Level-0 word idx went non-zero. */
+static inline void summary_set(dm_t *m, uint64_t idx) { summary_raise(m, 1, idx); }
 
 /* Level-0 word idx was seen zero by a clearer (mutex held): drop its summary bits, re-checking
  * the child after each drop so that a concurrent marker's bit is never hidden. */
@@ -227,7 +239,7 @@ static uint64_t set_range(dm_t *m, uint64_t b, uint64_t e)
         uint64_t *w = &m->lv[0][wi];
         if ((LOAD(w) & mask) != mask) {
             uint64_t old = OR_SC(w, mask);
-            newly += pop64(mask & ~old);
+            newly += pop64_sparse(mask & ~old);
             summary_set(m, wi);
         }
         b = (wi + 1) << 6;
@@ -260,26 +272,121 @@ uint64_t dm_mark(dm_t *m, uint64_t off, uint64_t len)
 
 #define PREFETCH_AHEAD 16
 
+/* Bounds of range i of a batch as grains [*b, *e); 0 if it lies wholly past the volume. */
+static inline int batch_range(const dm_t *m, const uint64_t *offs, const uint64_t *lens,
+                              size_t i, uint64_t *b, uint64_t *e)
+{
+    return touched(m, offs[i], lens[i], b, e);
+}
+
+static inline void prefetch_ahead(const dm_t *m, const uint64_t *words, const uint64_t *offs,
+                                  size_t i, size_t n)
+{
+    if (i + PREFETCH_AHEAD < n && offs[i + PREFETCH_AHEAD] < m->size)
+        __builtin_prefetch(&words[offs[i + PREFETCH_AHEAD] >> (m->shift + 6)], 1, 3);
+}
+
+/* One atomic per write: the path for batches that are sparse against the map. */
+static uint64_t mark_each(dm_t *m, const uint64_t *offs, const uint64_t *lens, size_t n)
+{
+    uint64_t newly = 0, b, e;
+    for (size_t i = 0; i < n; i++) {
+        prefetch_ahead(m, m->lv[0], offs, i, n);
+        if (batch_range(m, offs, lens, i, &b, &e))
+            newly += (e - b == 1) ? set_bit(m, b) : set_range(m, b, e);
+    }
+    return newly;
+}
+
+/* A private copy-sized bitmap, zeroed by the kernel; the batch density guarantees that a linear
+ * scan of it costs less than the marking did. */
+static uint64_t *scratch_new(uint64_t nwords)
+{
+    void *p = mmap(NULL, nwords * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void scratch_range(uint64_t *s, uint64_t b, uint64_t e)
+{
+    while (b < e) {
+        uint64_t wi = b >> 6;
+        uint64_t hi = (e - (wi << 6)) >= 64 ? 64 : e - (wi << 6);
+        s[wi] |= from_bit(b & 63) & below_bit(hi);
+        b = (wi + 1) << 6;
+    }
+}
+
+/* ORs mask into level-0 word wi; returns the word's previous value. A CAS rather than a
+ * fetch-or because x86 can only return the old value of an OR through one. */
+static inline uint64_t or_word(dm_t *m, uint64_t wi, uint64_t mask)
+{
+    uint64_t *w = &m->lv[0][wi];
+    uint64_t old = LOAD(w);
+    while ((old & mask) != mask &&
+           !__atomic_compare_exchange_n(w, &old, old | mask, 1, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_RELAXED))
+        ;
+    return old;
+}
+
+/* Level-1 word j's children in mask were just set: the same protocol as summary_set, for
+ * up to 64 children at once. */
+static void summary_set_many(dm_t *m, uint64_t j, uint64_t mask)
+{
+    if (m->nlv < 2)
+        return;
+    uint64_t *w = &m->lv[1][j];
+    if ((LOAD_SC(w) & mask) == mask)
+        return;
+    if (OR_SC(w, mask) == 0 && m->nlv > 2)
+        summary_raise(m, 2, j); /* level-1 word j went non-zero: level 2 up */
+}
+
+/* ORs the scratch into the map, one atomic per touched word, in address order. */
+static uint64_t scratch_merge(dm_t *m, const uint64_t *s)
+{
+    uint64_t newly = 0, sum = 0, nwords = m->nwords[0];
+    for (uint64_t wi = 0; wi < nwords; wi++) {
+        if (s[wi]) {
+            uint64_t old = or_word(m, wi, s[wi]);
+            newly += pop64_sparse(s[wi] & ~old);
+            sum |= 1ULL << (wi & 63);
+        }
+        if ((wi & 63) == 63 || wi + 1 == nwords) {
+            if (sum)
+                summary_set_many(m, wi >> 6, sum);
+            sum = 0;
+        }
+    }
+    return newly;
+}
+
+/* Plain stores into a private bitmap, then one atomic per touched word: for batches dense
+ * enough that several writes share a word, which is where atomics dominate. */
+static uint64_t mark_batched(dm_t *m, uint64_t *s, const uint64_t *offs, const uint64_t *lens,
+                             size_t n)
+{
+    uint64_t b, e;
+    for (size_t i = 0; i < n; i++) {
+        prefetch_ahead(m, s, offs, i, n);
+        if (!batch_range(m, offs, lens, i, &b, &e))
+            continue;
+        if (e - b == 1)
+            s[b >> 6] |= 1ULL << (b & 63);
+        else
+            scratch_range(s, b, e);
+    }
+    uint64_t newly = scratch_merge(m, s);
+    munmap(s, m->nwords[0] * sizeof(uint64_t));
+    return newly;
+}
+
 uint64_t dm_mark_many(dm_t *m, const uint64_t *offs, const uint64_t *lens, size_t n)
 {
-    const unsigned sh = m->shift, wsh = m->shift + 6;
-    const uint64_t size = m->size;
-    const uint64_t *l0 = m->lv[0];
-    uint64_t newly = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (i + PREFETCH_AHEAD < n) {
-            uint64_t pf = offs[i + PREFETCH_AHEAD];
-            if (pf < size)
-                __builtin_prefetch(&l0[pf >> wsh], 1, 3);
-        }
-        uint64_t off = offs[i], len = lens[i];
-        if (len == 0 || off >= size)
-            continue;
-        if (len > size - off)
-            len = size - off;
-        uint64_t b = off >> sh, e = ((off + len - 1) >> sh) + 1;
-        newly += (e - b == 1) ? set_bit(m, b) : set_range(m, b, e);
-    }
+    int dense = n >= BATCH_MIN && n / BATCH_DENSITY >= m->nwords[0];
+    uint64_t *s = dense ? scratch_new(m->nwords[0]) : NULL;
+    uint64_t newly = s ? mark_batched(m, s, offs, lens, n) : mark_each(m, offs, lens, n);
     if (newly)
         __atomic_fetch_add(&m->count, newly, __ATOMIC_RELAXED);
     return newly;

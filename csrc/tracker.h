@@ -3,9 +3,11 @@
  * bit N says "word N of the level below may be non-zero"), after QEMU's HBitmap. Work on a
  * sparse map is proportional to what is dirty, not to the volume size.
  *
- * Concurrency: dm_mark/dm_mark_many are lock-free (atomic OR on 64-bit words). Everything that
- * clears bits (clear, claim, the set algebra) takes the map's mutex and repairs the summary with
- * a re-check, so a racing marker never leaves a set bit invisible. Readers are lock-free and see
+ * Concurrency: dm_mark/dm_mark_many are lock-free (atomic OR on 64-bit words; a batch dense
+ * against the map is first gathered with plain stores in a private bitmap, then ORed in with one
+ * atomic per word it touched). Everything that clears bits (clear, claim, the set algebra) takes
+ * the map's mutex and repairs the summary with a re-check, so a racing marker never leaves a set
+ * bit invisible. Readers are lock-free and see
  * a point-in-time-ish snapshot. dm_grow must not run concurrently with anything else.
  *
  * Byte ranges are clamped to the volume: a range past the end covers only what lies inside.

@@ -1,5 +1,6 @@
 """DirtyMap against the pure-Python reference, plus the edges the reference cannot show."""
 
+import random
 import threading
 from array import array
 
@@ -27,7 +28,6 @@ def ops(size: int) -> st.SearchStrategy[tuple]:
     r = rng(size)
     return st.one_of(
         st.tuples(st.sampled_from(["mark", "clear", "test"]), r),
-        # long batches take mark_many's private-bitmap path
         st.tuples(st.just("mark_many"), st.lists(r, max_size=24)),
         st.tuples(st.just("extents"), r),
         st.tuples(st.sampled_from(["next_extent", "claim"]), r),
@@ -77,6 +77,23 @@ def test_matches_reference(data: st.DataObject) -> None:
         assert c.count() == r.count()
         assert list(c.extents()) == list(r.extents())
     assert c.dirty_bytes() == r.dirty_bytes()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_dense_batches_match_reference(data: st.DataObject) -> None:
+    """Batches long enough for mark_many's private bitmap, against the reference."""
+    size = data.draw(geometry())
+    rnd = random.Random(data.draw(st.integers(0, 2**32)))
+    span, most = size + 2 * GRAIN, size // 2 + GRAIN
+    ranges = [(rnd.randrange(span), rnd.randrange(most) >> rnd.randrange(20)) for _ in range(4100)]
+    c, r = DirtyMap(size, GRAIN), ReferenceDirtyMap(size, GRAIN)
+    c.mark(*ranges[0])
+    r.mark(*ranges[0])
+    offs, lens = array("Q", [o for o, _ in ranges]), array("Q", [n for _, n in ranges])
+    assert c.mark_many(offs, lens) == r.mark_many(offs, lens)
+    assert list(c.extents()) == list(r.extents())
+    assert c.count() == r.count()
 
 
 def test_large_sparse_map_walks_only_dirty() -> None:
@@ -149,11 +166,33 @@ def test_extents_array_outlives_the_map() -> None:
     assert (list(offs), list(lens)) == ([65536], [65536])
 
 
-@pytest.mark.parametrize("size", [1 << 32, 1 << 25], ids=["per-write", "batched"])
-def test_no_bit_lost_while_claiming(size: int) -> None:
+def test_dense_batch_matches_single_marks_on_a_deep_map() -> None:
+    """A batch dense enough for the private bitmap, on a map with four levels: the same bits,
+    and every one reachable through the summary (extents and claim walk it)."""
+    rnd = random.Random(7)
+    size = GRAIN * 64**3 * 2 - 100
+    ranges = [(rnd.randrange(size + GRAIN), rnd.randrange(4 * GRAIN)) for _ in range(20000)]
+    batched, single = DirtyMap(size, GRAIN), DirtyMap(size, GRAIN)
+    newly = batched.mark_many(
+        array("Q", [o for o, _ in ranges]), array("Q", [n for _, n in ranges])
+    )
+    assert newly == sum(single.mark(o, n) for o, n in ranges) == batched.count()
+    assert batched == single
+    assert list(batched.extents()) == list(single.extents())
+    claimed = []
+    while (got := batched.claim(0, size)) is not None:
+        claimed.append(got)
+    assert batched.count() == 0
+    assert sum(n for _, n in claimed) == single.dirty_bytes()
+
+
+@pytest.mark.parametrize(
+    ("size", "batch"), [(1 << 32, 500), (1 << 25, 5000)], ids=["per-write", "batched"]
+)
+def test_no_bit_lost_while_claiming(size: int, batch: int) -> None:
     """Threads mark while another claims: what was claimed plus what is left is all marked.
 
-    On the small map each 500-write batch is dense enough for mark_many's private bitmap.
+    On the small map each 5000-write batch is dense enough for mark_many's private bitmap.
     """
     grain, per = 4096, 20000
     m = DirtyMap(size, grain)
@@ -162,13 +201,12 @@ def test_no_bit_lost_while_claiming(size: int) -> None:
     done = threading.Event()
 
     def marker(seed: int) -> None:
-        import random
 
         rnd = random.Random(seed)
         mine = {rnd.randrange(size // grain) for _ in range(per)}
         order = list(mine)
-        for i in range(0, len(order), 500):
-            chunk = order[i : i + 500]
+        for i in range(0, len(order), batch):
+            chunk = order[i : i + batch]
             m.mark_many(array("Q", [g * grain for g in chunk]), array("Q", [1] * len(chunk)))
             for g in chunk[:20]:
                 m.mark(g * grain + 7, 1)

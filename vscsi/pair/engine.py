@@ -1,0 +1,718 @@
+"""Local pairs (ShadowImage-style): the volume the host sees, the copier, and the manager.
+
+The P-VOL mirrors to its S-VOLs only through the `Replica` protocol, so a remote link
+(TrueCopy) can replace `LocalReplica` later without touching the state machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Protocol
+
+from vscsi.pair.locks import RegionLocks, WriteGate
+from vscsi.pair.persist import PairRecord, PairStore
+from vscsi.pair.states import Access, Event, PairError, Role, Status, access, next_status
+from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
+from vscsi.scsi.identity import Identity
+from vscsi.store.base import Extent, NotReadyError, Volume, VolumeError, WriteProtectedError
+from vscsi.tracker import DirtyMap, InvalidLogError, WriteIntentLog
+
+log = logging.getLogger(__name__)
+
+GRAIN = 65536
+WIL_REGION = 1 << 20  # fixed, so a restart with another copy chunk still reads the log
+MUS = 3
+# NOT READY causes (SPC-4 additional sense codes), see docs/pairs.md:
+RESTORE_IN_PROGRESS = (0x04, 0x07)  # LOGICAL UNIT NOT READY, OPERATION IN PROGRESS
+SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED
+
+ChangeHook = Callable[[str], None]
+
+
+class Replica(Protocol):
+    """How the P-VOL side reaches an S-VOL: local now, a remote link later."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None: ...
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class LocalReplica:
+    """An S-VOL in this process: its backstore, below the host-facing wrapper."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.volume.readinto(offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        self.volume.write(offset, bufs, fua)
+
+    def flush(self) -> None:
+        self.volume.flush()
+
+
+class Pair:
+    """One pair at run time: its durable record, the S-VOL replica, and the copier thread."""
+
+    def __init__(
+        self, rec: PairRecord, manager: PairManager, replica: Replica, p: PairVolume, s: PairVolume
+    ) -> None:
+        self.rec = rec
+        self.manager = manager
+        self.replica = replica
+        self.p, self.s = p, s
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.inflight: tuple[int, int] | None = None  # the chunk the copier claimed
+        self.copied = 0  # bytes copied by this process, for tests and rate display
+
+    @property
+    def name(self) -> str:
+        return self.rec.name
+
+    @property
+    def status(self) -> Status:
+        return self.rec.status
+
+    # -- state changes -----------------------------------------------------------------------
+
+    def apply(self, event: Event, **changes: Any) -> None:
+        """Move to the next status, bump the generation, persist, and tell the host side."""
+        with self.lock:
+            self.rec.status = next_status(self.name, self.rec.status, event)
+            for key, value in changes.items():
+                setattr(self.rec, key, value)
+            self.rec.generation += 1
+            self.save()
+        log.info("pair %s: %s -> %s", self.name, event.value, self.rec.status.value)
+        self.manager.changed(self.rec.pvol, self.rec.svol)
+
+    def save(self) -> None:
+        self.manager.store.save(self.snapshot())
+
+    def snapshot(self) -> PairRecord:
+        """The record with the chunk being copied still counted as to copy."""
+        with self.lock:
+            return replace(self.rec, pending=self.remaining())
+
+    def remaining(self) -> DirtyMap | None:
+        """Grains still to copy, the claimed chunk in flight included."""
+        with self.lock:
+            if self.rec.pending is None:
+                return None
+            left = self.rec.pending.copy()
+            if self.inflight is not None:
+                left.mark(*self.inflight)
+            return left
+
+    def checkpoint(self) -> None:
+        """Snapshot first, then make the copied data durable, then write the snapshot: the
+        record never claims a copy that is not on disk."""
+        rec = self.snapshot()
+        self.replica.flush()
+        self.p.base.flush()
+        self.manager.store.save(rec)
+
+    def progress(self) -> int:
+        """Percent copied while copying; otherwise percent identical (as CCI shows a split)."""
+        rec = self.rec
+        left = self.remaining()
+        if left is not None:
+            total = rec.copy_total
+            return (
+                100 if not total else max(0, min(100, 100 * (total - left.dirty_bytes()) // total))
+            )
+        changed = DirtyMap(self.p.size, GRAIN)
+        for m in (rec.pdiff, rec.sdiff):
+            if m is not None:
+                changed |= m
+        return 100 - 100 * changed.dirty_bytes() // self.p.size
+
+    # -- host writes -------------------------------------------------------------------------
+
+    def primary_written(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        """A host write landed on the P-VOL: mirror it (COPY/PAIR) or track it (PSUS/PSUE).
+
+        An S-VOL failure suspends the pair (PSUE) and the write still succeeds for the host.
+        """
+        length = sum(len(b) for b in bufs)
+        with self.lock:
+            status = self.rec.status
+            if status not in (Status.COPY, Status.PAIR):
+                assert self.rec.pdiff is not None
+                self.rec.pdiff.mark(offset, length)
+                return
+        try:
+            self.replica.write(offset, bufs, fua)
+        except Exception as e:  # any S-side failure, local or (later) remote link
+            self.suspend(offset, length, e)
+
+    def secondary_written(self, offset: int, length: int) -> None:
+        with self.lock:
+            assert self.rec.sdiff is not None
+            self.rec.sdiff.mark(offset, length)
+
+    def suspend(self, offset: int, length: int, error: BaseException) -> None:
+        """SECONDARY_ERROR: keep the failed range and whatever was left to copy as P changes."""
+        log.warning("pair %s: S-VOL error, suspending: %s", self.name, error)
+        with self.lock:
+            pdiff = self.rec.pdiff or DirtyMap(self.p.size, GRAIN)
+            pdiff.mark(offset, length)
+            if self.rec.status not in (Status.COPY, Status.PAIR, Status.RCPY):
+                return
+            left = self.remaining()
+            if left is not None:
+                pdiff |= left
+            self._stop.set()
+            sdiff = self.rec.sdiff or DirtyMap(self.p.size, GRAIN)
+            self.apply(Event.SECONDARY_ERROR, pdiff=pdiff, sdiff=sdiff, pending=None, fence=0)
+
+    # -- the copier ----------------------------------------------------------------------------
+
+    def start_copier(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._copy_loop, name=f"pair-copy-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop_copier(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the copier to finish; True when it did."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+            return not t.is_alive()
+        return True
+
+    def _copy_loop(self) -> None:
+        if self.copy_pending():
+            self._finish()
+
+    def copy_pending(self) -> bool:
+        """Claim the next grains still to copy, copy them under their region lock (a racing
+        host write waits, then lands after: the host's data wins), checkpoint every so often.
+        True when nothing is left; False when stopped or suspended."""
+        rec, m = self.rec, self.manager
+        since_checkpoint = 0
+        while not self._stop.is_set():
+            with self.lock:
+                assert rec.pending is not None
+                ext = self.inflight = rec.pending.claim(rec.fence, m.chunk)
+            if ext is None:
+                if rec.fence == 0:
+                    return True
+                rec.fence = 0  # a second pass picks up anything marked behind the fence
+                continue
+            offset, length = ext
+            if not self._copy_chunk(offset, length):
+                return False
+            with self.lock:
+                self.inflight = None
+                rec.fence = offset + length
+            self.copied += length
+            since_checkpoint += length
+            if since_checkpoint >= m.checkpoint_bytes:
+                self.checkpoint()
+                since_checkpoint = 0
+        return False
+
+    def _copy_chunk(self, offset: int, length: int) -> bool:
+        buf = memoryview(bytearray(length))
+        with self.p.regions.hold(offset, length):
+            try:
+                if self.rec.status is Status.RCPY:
+                    self.replica.readinto(offset, [buf])
+                    self.p.base.write(offset, [buf])
+                    self.manager.restored(self, offset, length)
+                else:
+                    self.p.base.readinto(offset, [buf])
+                    self.replica.write(offset, [buf])
+            except Exception as e:
+                self.suspend(offset, length, e)
+                return False
+        return True
+
+    def _finish(self) -> None:
+        self.replica.flush()
+        self.p.base.flush()
+        size = self.p.size
+        if self.rec.status is Status.RCPY:
+            clean = {"pdiff": DirtyMap(size, GRAIN), "sdiff": DirtyMap(size, GRAIN)}
+            self.apply(Event.RESTORE_DONE, pending=None, fence=0, **clean)
+        else:
+            self.apply(Event.COPY_DONE, pending=None, fence=0, pdiff=None, sdiff=None)
+
+
+class PairVolume:
+    """The host's view of a managed volume in any role: simplex passes through, a P-VOL
+    mirrors or tracks, an S-VOL enforces the access its pair status allows and tracks its own
+    changes when split read/write. Stack it as the LUN's volume."""
+
+    def __init__(self, base: Volume, manager: PairManager) -> None:
+        self.base = base
+        self.manager = manager
+        self.gate = WriteGate()
+        self.regions = RegionLocks(manager.chunk)
+        self.wil = WriteIntentLog(
+            manager.store.wil_path(base.name),
+            base.size,
+            region=WIL_REGION,
+            grain=GRAIN,
+            idle_delay=manager.wil_idle,
+            before_clear=lambda: manager.checkpoint_volume(base.name),
+        )
+
+    # -- Volume attributes -----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def block_size(self) -> int:
+        return self.base.block_size
+
+    @property
+    def write_cache(self) -> bool:
+        return self.base.write_cache
+
+    @write_cache.setter
+    def write_cache(self, value: bool) -> None:
+        self.base.write_cache = value
+
+    @property
+    def size(self) -> int:
+        return self.base.size
+
+    @property
+    def supports_unmap(self) -> bool:
+        return self.base.supports_unmap and not self.manager.pairs_of(self.name)
+
+    @property
+    def read_only(self) -> bool:
+        return self.base.read_only or self.access() is Access.READ_ONLY
+
+    def access(self) -> Access:
+        return self.manager.access(self.name)
+
+    # -- I/O ------------------------------------------------------------------------------------
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        if self.access() is Access.NO_ACCESS:
+            raise NotReadyError(f"{self.name}: S-VOL of a suspended pair", *SUSPENDED_BY_ERROR)
+        self.base.readinto(offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        with self.gate.shared():
+            self._check_writable()
+            primaries, secondary = self.manager.roles(self.name)
+            if not primaries and secondary is None:
+                self.base.write(offset, bufs, fua)
+                return
+            length = sum(len(b) for b in bufs)
+            with self._tracked(offset, length):
+                self.base.write(offset, bufs, fua)  # a P-VOL error fails the command here
+                for pair in primaries:
+                    pair.primary_written(offset, bufs, fua)
+                if secondary is not None:
+                    secondary.secondary_written(offset, length)
+
+    @contextmanager
+    def _tracked(self, offset: int, length: int) -> Iterator[None]:
+        """Region lock against the copier, and a durable write intent against a crash."""
+        with self.regions.hold(offset, length):
+            self.wil.begin(offset, length)
+            try:
+                yield
+            finally:
+                self.wil.end(offset, length)
+
+    def _check_writable(self) -> None:
+        acc = self.access()
+        if acc is Access.READ_ONLY:
+            raise WriteProtectedError(self.name)
+        if acc is Access.NO_WRITES:
+            raise NotReadyError(f"{self.name}: restore from S-VOL running", *RESTORE_IN_PROGRESS)
+        if acc is Access.NO_ACCESS:
+            raise NotReadyError(f"{self.name}: S-VOL of a suspended pair", *SUSPENDED_BY_ERROR)
+
+    def flush(self) -> None:
+        self.base.flush()
+        primaries, _ = self.manager.roles(self.name)
+        for pair in primaries:
+            if pair.status in (Status.COPY, Status.PAIR):
+                try:
+                    pair.replica.flush()
+                except Exception as e:
+                    pair.suspend(0, 0, e)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Only simplex volumes deallocate (`supports_unmap` is False while paired)."""
+        with self.gate.shared():
+            if self.manager.pairs_of(self.name):
+                raise WriteProtectedError(f"{self.name}: unmap while paired")
+            self.base.unmap(offset, length)
+
+    def extent_at(self, offset: int) -> Extent:
+        return self.base.extent_at(offset)
+
+    def close(self) -> None:
+        self.wil.close()
+        self.base.close()
+
+
+class PairManager:
+    """Owns every pair of a set of volumes: the operations, durable state, and host views.
+
+    `volumes` are the backstores by name, `identities` their identities; `on_change(volume)`
+    runs after every state change of a pair the volume is in (the daemon raises UNIT ATTENTION
+    3F/03 INQUIRY DATA HAS CHANGED on its LUN).
+    """
+
+    def __init__(
+        self,
+        state_dir: str,
+        volumes: Mapping[str, Volume],
+        identities: Mapping[str, Identity],
+        *,
+        on_change: ChangeHook | None = None,
+        replica_factory: Callable[[Volume], Replica] = LocalReplica,
+        chunk: int = 1 << 20,
+        checkpoint_bytes: int = 64 << 20,
+        wil_idle: float = 1.0,
+    ) -> None:
+        self.store = PairStore(state_dir)
+        self.identities = dict(identities)
+        self.on_change = on_change
+        self.replica_factory = replica_factory
+        self.chunk = chunk
+        self.checkpoint_bytes = checkpoint_bytes
+        self.wil_idle = wil_idle
+        self.lock = threading.RLock()  # serialises operator commands
+        self.pairs: dict[str, Pair] = {}
+        self.volumes = {name: PairVolume(v, self) for name, v in volumes.items()}
+        for rec in self.store.load_all():
+            self._adopt(rec)
+        for pv in self.volumes.values():
+            self._recover(pv)
+        for pair in self.pairs.values():
+            if pair.status in (Status.COPY, Status.RCPY):
+                pair.start_copier()
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def volume(self, name: str) -> PairVolume:
+        """The volume to put under the LUN of `name` (every managed volume is wrapped)."""
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise PairError(f"no volume {name!r}: configure it first") from None
+
+    def pair(self, name: str) -> Pair:
+        try:
+            return self.pairs[name]
+        except KeyError:
+            raise PairError(f"no pair {name!r}: see pair display") from None
+
+    def pairs_of(self, volume: str) -> list[Pair]:
+        return [p for p in self.pairs.values() if volume in (p.rec.pvol, p.rec.svol)]
+
+    def roles(self, volume: str) -> tuple[list[Pair], Pair | None]:
+        """(pairs where `volume` is the P-VOL, the pair where it is the S-VOL or None)."""
+        prim = [p for p in self.pairs.values() if p.rec.pvol == volume]
+        sec = next((p for p in self.pairs.values() if p.rec.svol == volume), None)
+        return prim, sec
+
+    def access(self, volume: str) -> Access:
+        prim, sec = self.roles(volume)
+        if sec is not None:
+            return access(Role.SVOL, sec.status, sec.rec.split_read_only)
+        if any(p.status is Status.RCPY for p in prim):
+            return Access.NO_WRITES
+        return Access.READ_WRITE
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def create(self, name: str, pvol: str, svol: str, mu: int) -> None:
+        """SMPL -> COPY: full background copy P -> S, then PAIR."""
+        with self.lock:
+            p, s = self.volume(pvol), self.volume(svol)
+            self._check_create(name, p, s, mu)
+            pending = DirtyMap(p.size, GRAIN)
+            pending.mark(0, p.size)
+            rec = PairRecord(name, pvol, svol, mu, Status.SMPL, generation=0)
+            rec.copy_total = p.size
+            with p.gate.exclusive(), s.gate.exclusive():
+                pair = self._adopt(rec)
+                self.store.set_note(svol, None)
+                pair.apply(Event.CREATE, pending=pending)
+            pair.start_copier()
+
+    def _check_create(self, name: str, p: PairVolume, s: PairVolume, mu: int) -> None:
+        if name in self.pairs:
+            raise PairError(f"pair {name!r} already exists: pick another name or delete it")
+        if p is s:
+            raise PairError(f"cannot pair {p.name!r} with itself")
+        if not 0 <= mu < MUS:
+            raise PairError(f"MU#{mu} does not exist: local pairs use MU#0..{MUS - 1}")
+        prim, sec = self.roles(p.name)
+        if sec is not None:
+            raise PairError(f"{p.name!r} is an S-VOL of pair {sec.name!r}: cascades unsupported")
+        if any(x.status is Status.RCPY for x in prim):
+            raise PairError(f"{p.name!r} is being restored: wait for the restore to end")
+        if any(x.rec.mu == mu for x in prim):
+            raise PairError(f"MU#{mu} of {p.name!r} is in use: pick a free MU")
+        if self.pairs_of(s.name):
+            raise PairError(f"{s.name!r} is not simplex: delete its pair first")
+        if s.size < p.size or s.block_size != p.block_size:
+            raise PairError(
+                f"S-VOL {s.name!r} ({s.size} bytes, {s.block_size}-byte blocks) cannot hold "
+                f"P-VOL {p.name!r} ({p.size} bytes, {p.block_size}-byte blocks)"
+            )
+        if s.base.read_only:
+            raise PairError(f"S-VOL {s.name!r} is a read-only backstore")
+
+    def split(self, name: str, read_only: bool = False) -> None:
+        """PAIR -> PSUS at one instant: writes are quiesced while the status flips."""
+        with self.lock:
+            pair = self.pair(name)
+            next_status(name, pair.status, Event.SPLIT)
+            size = pair.p.size
+            with self._quiesced(pair):
+                pair.replica.flush()
+                pair.apply(
+                    Event.SPLIT,
+                    split_read_only=read_only,
+                    pdiff=DirtyMap(size, GRAIN),
+                    sdiff=DirtyMap(size, GRAIN),
+                )
+
+    def resync(self, name: str) -> None:
+        """PSUS/PSUE -> COPY -> PAIR, copying P -> S only the union of both change maps."""
+        self._start_copy(name, Event.RESYNC)
+
+    def restore(self, name: str) -> None:
+        """PSUS -> RCPY -> PSUS, copying S -> P only the union of both change maps."""
+        self._start_copy(name, Event.RESTORE)
+
+    def _start_copy(self, name: str, event: Event) -> None:
+        with self.lock:
+            pair = self.pair(name)
+            next_status(name, pair.status, event)
+            others = [o for o in self.roles(pair.rec.pvol)[0] if o is not pair]
+            for other in others:
+                if other.status is Status.RCPY or (
+                    event is Event.RESTORE and other.status in (Status.COPY, Status.PAIR)
+                ):
+                    raise PairError(
+                        f"cannot {event.value} pair {name!r}: pair {other.name!r} of the same "
+                        f"P-VOL is {other.status.value}; split it or wait for its copy"
+                    )
+            with self._quiesced(pair):
+                rec = pair.rec
+                pending = rec.pdiff.copy() if rec.pdiff else DirtyMap(pair.p.size, GRAIN)
+                if rec.sdiff is not None:
+                    pending |= rec.sdiff
+                keep = {"pdiff": None, "sdiff": None} if event is Event.RESYNC else {}
+                pair.apply(
+                    event, pending=pending, fence=0, copy_total=pending.dirty_bytes(), **keep
+                )
+            pair.start_copier()
+
+    def delete(self, name: str) -> None:
+        """Any status -> both SMPL; a copy in progress is abandoned (its target undefined)."""
+        with self.lock:
+            pair = self.pair(name)
+            next_status(name, pair.status, Event.DELETE)
+            pair.stop_copier()
+            with self._quiesced(pair):
+                target = {Status.COPY: pair.rec.svol, Status.RCPY: pair.rec.pvol}.get(pair.status)
+                if target is not None:
+                    self.store.set_note(target, {"content": "undefined (copy abandoned)"})
+                del self.pairs[name]
+                self.store.remove(name)
+                pair.rec.generation += 1
+            self.changed(pair.rec.pvol, pair.rec.svol)
+
+    def restored(self, pair: Pair, offset: int, length: int) -> None:
+        """A restore rewrote P-VOL grains: the P-VOL's other (split) pairs now differ there."""
+        for other in self.roles(pair.rec.pvol)[0]:
+            if other is not pair and other.rec.pdiff is not None:
+                other.rec.pdiff.mark(offset, length)
+
+    def wait(self, name: str, timeout: float | None = None) -> bool:
+        """Wait for the pair's copy (COPY/RCPY) to end; True when none is running."""
+        return self.pair(name).wait(timeout)
+
+    @contextmanager
+    def _quiesced(self, pair: Pair) -> Iterator[None]:
+        with pair.p.gate.exclusive(), pair.s.gate.exclusive():
+            yield
+
+    # -- display and host view ---------------------------------------------------------------
+
+    def display(self, name: str | None = None) -> list[dict[str, Any]]:
+        """pairdisplay as dicts (for --json): one per pair, both sides."""
+        pairs = [self.pair(name)] if name is not None else list(self.pairs.values())
+        return [self._describe(p) for p in pairs]
+
+    def _describe(self, pair: Pair) -> dict[str, Any]:
+        rec = pair.rec
+        return {
+            "pair": rec.name,
+            "mu": rec.mu,
+            "status": rec.status.value,
+            "progress": pair.progress(),
+            "generation": rec.generation,
+            "split_read_only": rec.split_read_only,
+            "pvol": self._side(rec.pvol, Role.PVOL, rec.pdiff),
+            "svol": self._side(rec.svol, Role.SVOL, rec.sdiff),
+        }
+
+    def _side(self, volume: str, role: Role, diff: DirtyMap | None) -> dict[str, Any]:
+        ident = self.identities.get(volume, Identity())
+        return {
+            "volume": volume,
+            "role": role.value,
+            "access": self.access(volume).value,
+            "changed_bytes": diff.dirty_bytes() if diff is not None else 0,
+            **self._identity(ident),
+        }
+
+    @staticmethod
+    def _identity(ident: Identity) -> dict[str, Any]:
+        return {
+            "serial": ident.serial,
+            "volume_id": ident.volume_id,
+            "port": ident.port,
+            "vendor": ident.vendor,
+            "product": ident.product,
+        }
+
+    def display_volume(self, volume: str) -> dict[str, Any]:
+        """One volume's role and pairs (SMPL volumes included, with any note such as content
+        left undefined by a deleted copy)."""
+        self.volume(volume)
+        prim, sec = self.roles(volume)
+        role = Role.SVOL if sec else Role.PVOL if prim else Role.SMPL
+        return {
+            "volume": volume,
+            "role": role.value,
+            "access": self.access(volume).value,
+            "pairs": [self._describe(p) for p in ([sec] if sec else prim)],
+            **self._identity(self.identities.get(volume, Identity())),
+            **self.store.notes().get(volume, {}),
+        }
+
+    def vpd_page(self, volume: str) -> bytes:
+        """Vendor VPD page 0xC0 of `volume` (whole page, header included)."""
+        ident = self.identities.get(volume, Identity())
+        prim, sec = self.roles(volume)
+        slots: dict[int, SlotInfo] = {}
+        for pair in [sec] if sec else prim:
+            rec = pair.rec
+            partner = rec.svol if rec.pvol == volume else rec.pvol
+            pid = self.identities.get(partner, Identity())
+            slots[rec.mu] = SlotInfo(
+                Role.SVOL if sec else Role.PVOL,
+                rec.status,
+                pair.progress(),
+                pid.serial,
+                pid.volume_id,
+                rec.generation,
+                rec.split_read_only,
+            )
+        return build_page(ident.serial, ident.volume_id, ident.port, slots)
+
+    def vendor_pages(self, volume: str) -> dict[int, Callable[[], bytes]]:
+        """For `Lun(..., vendor_pages=manager.vendor_pages(name))`."""
+        return {PAGE_CODE: lambda: self.vpd_page(volume)}
+
+    # -- durability ----------------------------------------------------------------------------
+
+    def changed(self, *volumes: str) -> None:
+        if self.on_change is None:
+            return
+        for v in volumes:
+            try:
+                self.on_change(v)
+            except Exception:
+                log.exception("on_change hook failed for %s", v)
+
+    def checkpoint_volume(self, volume: str) -> None:
+        """Before the write-intent log forgets a region: persist the maps of its pairs."""
+        for pair in self.pairs_of(volume):
+            try:
+                pair.checkpoint()
+            except (OSError, VolumeError) as e:
+                log.warning("pair %s: checkpoint failed: %s", pair.name, e)
+                raise
+
+    def _adopt(self, rec: PairRecord) -> Pair:
+        p, s = self.volume(rec.pvol), self.volume(rec.svol)
+        pair = Pair(rec, self, self.replica_factory(s.base), p, s)
+        self.pairs[rec.name] = pair
+        return pair
+
+    def _recover(self, pv: PairVolume) -> None:
+        """After a crash: regions with writes that may have been in flight count as changed
+        (or still to copy) in every pair of the volume — the safe direction."""
+        try:
+            regions = pv.wil.recover()
+        except InvalidLogError:  # lost: if paired, every region may differ
+            regions = DirtyMap(pv.size, GRAIN)
+            if self.pairs_of(pv.name):
+                regions.mark(0, pv.size)
+        if regions.count():
+            prim, sec = self.roles(pv.name)
+            for pair in prim:
+                self._recover_primary(pair, regions)
+            if sec is not None and sec.rec.sdiff is not None:
+                sec.rec.sdiff |= regions
+                sec.save()
+        pv.wil.mark_clean()
+
+    def _recover_primary(self, pair: Pair, regions: DirtyMap) -> None:
+        rec = pair.rec
+        if rec.status is Status.PAIR:  # in flight on P, maybe not on S: copy them now
+            rec.pending, rec.fence = regions.copy(), 0
+            pair.copy_pending()
+            rec.pending = None
+        elif rec.status is Status.COPY and rec.pending is not None:
+            rec.pending |= regions
+            rec.fence = 0
+        elif rec.pdiff is not None:
+            rec.pdiff |= regions
+        pair.save()
+
+    def close(self) -> None:
+        """Stop copiers at a checkpoint (a later start resumes them), close every volume."""
+        with self.lock:
+            for pair in self.pairs.values():
+                pair.stop_copier()
+                if pair.status in (Status.COPY, Status.RCPY):
+                    pair.checkpoint()
+            for pv in self.volumes.values():
+                pv.close()

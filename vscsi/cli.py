@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -72,11 +73,12 @@ def status(socket_path: str, as_json: bool) -> None:
         click.echo(json.dumps(result, indent=2))
         return
     click.echo(f"vscsi daemon pid {result['pid']} ({result['config']})")
-    head = ("VOLUME", "STATE", "SIZE", "BS", "SERIAL", "LDEV", "SD", "SG", "UIO", "BACKING")
+    head = ("VOLUME", "STATE", "ROLE", "SIZE", "BS", "SERIAL", "LDEV", "SD", "SG", "UIO", "BACKING")
     rows = [
         (
             v["name"],
             v["state"],
+            v.get("role", "-"),
             human(v["size"]),
             str(v["block_size"]),
             str(v["serial"]),
@@ -112,3 +114,137 @@ def human(n: int) -> str:
             return f"{n:g}{unit}" if unit == "B" else f"{n:.4g}{unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+COPYING = ("COPY", "RCPY")
+
+
+@main.group()
+def pair() -> None:
+    """Local pairs (ShadowImage-style): create, split, resync, restore, delete, display."""
+
+
+wait_option = click.option(
+    "--wait", "wait_s", type=float, default=None, metavar="SECONDS",
+    help="Wait (at most SECONDS) until the copy this starts has ended.",
+)  # fmt: skip
+
+
+@pair.command("create")
+@click.argument("pvol")
+@click.argument("svol")
+@click.option("--mu", type=click.IntRange(0, 2), required=True, help="Mirror unit MU#0-2.")
+@click.option("--name", help="The pair's name (default PVOL-SVOL).")
+@wait_option
+@socket_option
+def pair_create(
+    pvol: str, svol: str, mu: int, name: str | None, wait_s: float | None, socket_path: str
+) -> None:
+    """Pair PVOL with SVOL: full copy P -> S (COPY), then PAIR."""
+    name = name or f"{pvol}-{svol}"
+    call(socket_path, "pair_create", name=name, pvol=pvol, svol=svol, mu=mu)
+    click.echo(f"pair {name}: COPY (MU#{mu} {pvol} -> {svol})")
+    finish(socket_path, name, wait_s)
+
+
+@pair.command("split")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="Keep the S-VOL read only while split.")
+@socket_option
+def pair_split(name: str, read_only: bool, socket_path: str) -> None:
+    """PAIR -> PSUS: the S-VOL keeps every write acknowledged before this instant, none after."""
+    call(socket_path, "pair_split", name=name, read_only=read_only)
+    click.echo(f"pair {name}: PSUS{' (S-VOL read only)' if read_only else ''}")
+
+
+@pair.command("resync")
+@click.argument("name")
+@wait_option
+@socket_option
+def pair_resync(name: str, wait_s: float | None, socket_path: str) -> None:
+    """PSUS/PSUE -> COPY -> PAIR, copying only what changed on either side."""
+    call(socket_path, "pair_resync", name=name)
+    click.echo(f"pair {name}: COPY (resync)")
+    finish(socket_path, name, wait_s)
+
+
+@pair.command("restore")
+@click.argument("name")
+@wait_option
+@socket_option
+def pair_restore(name: str, wait_s: float | None, socket_path: str) -> None:
+    """PSUS -> RCPY -> PSUS: copy the S-VOL back onto the P-VOL where they differ."""
+    call(socket_path, "pair_restore", name=name)
+    click.echo(f"pair {name}: RCPY (restore from S-VOL)")
+    finish(socket_path, name, wait_s)
+
+
+@pair.command("delete")
+@click.argument("name")
+@socket_option
+def pair_delete(name: str, socket_path: str) -> None:
+    """Any status -> both SMPL (a copy in progress is abandoned)."""
+    call(socket_path, "pair_delete", name=name)
+    click.echo(f"pair {name}: deleted, both volumes SMPL")
+
+
+@pair.command("wait")
+@click.argument("name")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@socket_option
+def pair_wait(name: str, timeout: float | None, socket_path: str) -> None:
+    """Wait until the pair's copy (COPY/RCPY) has ended, like CCI's pairevtwait."""
+    finish(socket_path, name, timeout if timeout is not None else float("inf"))
+
+
+def finish(socket_path: str, name: str, wait_s: float | None) -> None:
+    """Poll until the pair leaves COPY/RCPY; exit 1 if it is still copying at the deadline."""
+    if wait_s is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        (p,) = call(socket_path, "pair_display", name=name)["pairs"]
+        if p["status"] not in COPYING:
+            click.echo(f"pair {name}: {p['status']}")
+            return
+        if time.monotonic() >= deadline:
+            fail(f"pair {name}: still {p['status']} ({p['progress']}%) after {wait_s:g}s")
+        time.sleep(0.2)
+
+
+@pair.command("display")
+@click.argument("name", required=False)
+@json_option
+@socket_option
+def pair_display(name: str | None, as_json: bool, socket_path: str) -> None:
+    """Pairs and their status, both sides, like CCI's pairdisplay (NAME: a pair or a volume)."""
+    result = call(socket_path, "pair_display", **({"name": name} if name else {}))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(pairdisplay(result))
+
+
+main.add_command(pair_display, "pairdisplay")
+
+
+def pairdisplay(result: dict[str, Any]) -> str:
+    """One line per side of each pair, then simplex volumes that carry a note."""
+    head = ("PAIR", "MU", "VOLUME(L/R)", "PORT", "SERIAL", "LDEV", "P/S", "STATUS", "%",
+            "CHANGED", "P-LDEV", "ACCESS")  # fmt: skip
+    rows = [head]
+    for p in result["pairs"]:
+        for side, other, lr in (("pvol", "svol", "L"), ("svol", "pvol", "R")):
+            v, o = p[side], p[other]
+            status = p["status"] + ("(RO)" if side == "svol" and p["split_read_only"] else "")
+            rows.append((p["pair"], str(p["mu"]), f"{v['volume']}({lr})", v["port"],
+                         str(v["serial"]), f"{v['volume_id']:04X}", v["role"], status,
+                         str(p["progress"]), human(v["changed_bytes"]),
+                         f"{o['volume_id']:04X}", v["access"]))  # fmt: skip
+    lines = [columns(rows)] if len(rows) > 1 else ["no pairs"]
+    for v in result["volumes"]:
+        if v["role"] == "SMPL" and v.get("content"):
+            lines.append(f"{v['volume']}: SMPL, content {v['content']}")
+    return "\n".join(lines)

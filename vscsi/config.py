@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from vscsi.scsi.identity import Identity
 from vscsi.store.file import FileVolume, StoreConfigError
 
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
+DEFAULT_STATE_DIR = "/var/lib/vscsi"
 EXPORTS = ("loop", "none")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -52,8 +53,9 @@ class Config:
 
     volumes: list[VolumeConfig]
     socket: str = DEFAULT_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR
+    copy_rate: int = 0  # bytes/s for pair copies; 0 = as fast as the devices go
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_size(value: object, where: str) -> int:
@@ -116,6 +118,7 @@ def _identity(table: dict[str, Any], where: str, index: int) -> Identity:
     )
 
 
+_DAEMON_KEYS = {"socket", "state_dir", "copy_rate"}
 _VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
 
 
@@ -160,18 +163,31 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     """Validate a decoded TOML document."""
     base = base or Path.cwd()
     for key in data:
-        if key not in ("volume", "daemon", "pair", "shadow_set"):
+        if key not in ("volume", "daemon"):
             raise ConfigError(f"{key}: unknown table (known: daemon, volume)")
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon: expected a table")
+    for key in daemon:
+        if key not in _DAEMON_KEYS:
+            raise ConfigError(
+                f"daemon.{key}: unknown key (known: {', '.join(sorted(_DAEMON_KEYS))})"
+            )
     socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
+    state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
+    rate = daemon.get("copy_rate")
     tables = data.get("volume", [])
     if not isinstance(tables, list) or not tables:
         raise ConfigError("volume: at least one [[volume]] table is required")
     volumes = [_volume(t, i, base) for i, t in enumerate(tables)]
     _check_unique(volumes)
-    return Config(volumes=volumes, socket=socket, source=source)
+    return Config(
+        volumes=volumes,
+        socket=socket,
+        state_dir=str(base / state_dir),
+        copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
+        source=source,
+    )
 
 
 def _check_unique(volumes: list[VolumeConfig]) -> None:

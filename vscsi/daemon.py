@@ -9,19 +9,25 @@ queued in the ring meanwhile are served. SIGTERM/SIGINT remove exactly what this
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from rich.logging import RichHandler
 
 from vscsi.config import Config, VolumeConfig, open_volumes
 from vscsi.control import ControlError, ControlServer
+from vscsi.pair.engine import PairManager
+from vscsi.pair.states import PairError
+from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
-from vscsi.store.file import FileVolume
+from vscsi.store.base import Volume
 from vscsi.tcmu import configfs
 from vscsi.tcmu.netlink import NetlinkListener
 from vscsi.tcmu.uio import UioDevice, UioError
@@ -38,7 +44,7 @@ class Served:
     """One volume and everything that serves it."""
 
     cfg: VolumeConfig
-    volume: FileVolume
+    volume: Volume
     lun: Lun
     backstore: configfs.Backstore | None = None
     export: configfs.LoopExport | None = None
@@ -72,6 +78,14 @@ class Served:
             "reattached": self.reattached,
         }
 
+    def inquiry_changed(self) -> None:
+        """The pair state changed: INQUIRY DATA HAS CHANGED for the host's next command, and a
+        change uevent so udev rules re-read the page (the by-vscsi link follows the role)."""
+        self.lun.add_unit_attention(*sense.INQUIRY_DATA_HAS_CHANGED)
+        if self.sd:
+            with contextlib.suppress(OSError):
+                Path(f"/sys/class/block/{Path(self.sd).name}/uevent").write_text("change")
+
 
 class Daemon:
     """Owns the served volumes, the netlink listener and the control socket."""
@@ -84,6 +98,8 @@ class Daemon:
         self._rings_stop = threading.Event()  # set only once the exports are gone
         self._netlink: NetlinkListener | None = None
         self._control: ControlServer | None = None
+        self.pairs: PairManager | None = None
+        self._state_lock: IO[str] | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -112,12 +128,40 @@ class Daemon:
             level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
         )
 
-    def start(self) -> None:
+    def open(self) -> None:
+        """Backing stores, pair state and LUNs: everything below the kernel."""
         volumes = open_volumes(self.config)  # every backing store, or none
+        try:
+            self._lock_state_dir()
+            self.pairs = PairManager(
+                self.config.state_dir,
+                volumes,
+                {vc.name: vc.identity for vc in self.config.volumes},
+                on_change=self._pair_changed,
+                copy_rate=self.config.copy_rate,
+            )
+        except (PairError, OSError, ValueError) as e:
+            for vol in volumes.values():
+                vol.close()
+            raise DaemonError(f"pair state in {self.config.state_dir}: {e}") from None
         for vc in self.config.volumes:
-            vol = volumes[vc.name]
-            self.served[vc.name] = Served(vc, vol, Lun(vol, vc.identity))
-        self._control = ControlServer(self.config.socket, {"status": self._status})
+            vol = self.pairs.volume(vc.name)
+            lun = Lun(vol, vc.identity, vendor_pages=self.pairs.vendor_pages(vc.name))
+            self.served[vc.name] = Served(vc, vol, lun)
+
+    def _lock_state_dir(self) -> None:
+        """One daemon per state directory: two would both recover and copy the same pairs."""
+        os.makedirs(self.config.state_dir, exist_ok=True)
+        self._state_lock = open(os.path.join(self.config.state_dir, "lock"), "a")  # noqa: SIM115
+        try:
+            fcntl.flock(self._state_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._state_lock.close()
+            raise PairError("in use by another vscsi daemon (stop it first)") from None
+
+    def start(self) -> None:
+        self.open()
+        self._control = ControlServer(self.config.socket, self.handlers())
         try:
             self._control.start()
         except (ControlError, OSError) as e:
@@ -194,8 +238,10 @@ class Daemon:
             self._netlink.stop()
         if self._control is not None:
             self._control.close()
-        for s in self.served.values():
-            s.volume.close()
+        if self.pairs is not None:
+            self.pairs.close()  # copiers stop at a checkpoint; every volume is closed
+        if self._state_lock is not None:
+            self._state_lock.close()
 
     def _unserve(self, s: Served) -> None:
         if s.device is not None:
@@ -235,8 +281,61 @@ class Daemon:
         return self._owner(name) is not None
 
     def _status(self, _req: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "config": self.config.source,
-            "volumes": [s.describe() for s in self.served.values()],
+        volumes = []
+        for s in self.served.values():
+            d = s.describe()
+            if self.pairs is not None:
+                d["role"] = self.pairs.display_volume(s.cfg.name)["role"]
+            volumes.append(d)
+        return {"pid": os.getpid(), "config": self.config.source, "volumes": volumes}
+
+    # -- pairs ------------------------------------------------------------------------------------
+
+    def _pair_changed(self, volume: str) -> None:
+        s = self.served.get(volume)
+        if s is not None:
+            s.inquiry_changed()
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        pair_ops: dict[str, Callable[[PairManager, dict[str, Any]], Any]] = {
+            "pair_create": lambda m, r: m.create(r["name"], r["pvol"], r["svol"], int(r["mu"])),
+            "pair_split": lambda m, r: m.split(r["name"], bool(r.get("read_only"))),
+            "pair_resync": lambda m, r: m.resync(r["name"]),
+            "pair_restore": lambda m, r: m.restore(r["name"]),
+            "pair_delete": lambda m, r: m.delete(r["name"]),
+            "pair_display": self._pair_display,
         }
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {"status": self._status}
+        for cmd, op in pair_ops.items():
+            handlers[cmd] = self._pair_handler(op)
+        return handlers
+
+    def _pair_handler(
+        self, op: Callable[[PairManager, dict[str, Any]], Any]
+    ) -> Callable[[dict[str, Any]], Any]:
+        def handle(req: dict[str, Any]) -> Any:
+            if self.pairs is None:
+                raise ControlError("the daemon is still starting")
+            try:
+                return op(self.pairs, req)
+            except KeyError as e:
+                raise ControlError(f"request needs {e.args[0]!r}") from None
+            except PairError as e:
+                raise ControlError(str(e)) from None
+
+        return handle
+
+    @staticmethod
+    def _pair_display(m: PairManager, req: dict[str, Any]) -> dict[str, Any]:
+        """Pairs by pair name, or every pair of a volume; with no name, every pair and every
+        volume (a simplex volume may carry a note, e.g. content undefined after a delete)."""
+        name = req.get("name")
+        if name is None:
+            volumes = [m.display_volume(v) for v in m.volumes]
+            return {"pairs": m.display(), "volumes": volumes}
+        if name in m.pairs:
+            return {"pairs": m.display(name), "volumes": []}
+        if name not in m.volumes:
+            raise PairError(f"no pair or volume {name!r}: see 'vscsi pair display'")
+        vol = m.display_volume(name)
+        return {"pairs": vol["pairs"], "volumes": [vol]}

@@ -55,6 +55,9 @@ class MemVolume:
             if offset <= b < offset + length:
                 raise MediumError(op, b, self.block_size, 5)
 
+    def check_ready(self) -> None:
+        pass
+
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         total = sum(len(b) for b in bufs)
         if self.bad_read:

@@ -45,6 +45,7 @@ write_cache = false
     assert a.path == str(tmp_path / "a.img")
     assert a.identity.volume_id == 0x10 and a.identity.vendor == "HITACHI"
     assert a.write_cache is True and a.export == "loop"
+    assert cfg.state_dir == "/var/lib/vscsi" and cfg.copy_rate == 0
     assert b.size == 8 << 20 and b.block_size == 4096 and b.write_cache is False
     vols = open_volumes(cfg)
     assert vols["a"].size == 1 << 20 and vols["b"].size == 8 << 20
@@ -73,6 +74,10 @@ write_cache = false
          '[[volume]]\nname = "b"\npath = "y"\n[volume.identity]\nvolume_id = 1',
          "volume[1].identity.volume_id"),
         ("[disk]\n", "disk"),
+        ("[[pair]]\n", "pair"),
+        ('[daemon]\ncopy_rate = "fast"\n[[volume]]\nname = "a"\npath = "x"', "daemon.copy_rate"),
+        ('[daemon]\nstate_dir = 1\n[[volume]]\nname = "a"\npath = "x"', "daemon.state_dir"),
+        ('[daemon]\nsockets = "x"\n[[volume]]\nname = "a"\npath = "x"', "daemon.sockets"),
         ("", "volume"),
     ],
 )
@@ -122,3 +127,9 @@ def test_parse_size(text: object, n: int) -> None:
 def test_parse_requires_volumes() -> None:
     with pytest.raises(ConfigError, match=r"^volume: at least one"):
         parse({"daemon": {}})
+
+
+def test_daemon_state_dir_is_relative_to_the_config_and_copy_rate_a_size(tmp_path: Path) -> None:
+    body = '[daemon]\nstate_dir = "st"\ncopy_rate = "16MiB"\n[[volume]]\nname = "a"\npath = "x"'
+    cfg = load(write(tmp_path, body))
+    assert cfg.state_dir == str(tmp_path / "st") and cfg.copy_rate == 16 << 20

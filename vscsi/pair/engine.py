@@ -7,7 +7,9 @@ The P-VOL mirrors to its S-VOLs only through the `Replica` protocol, so a remote
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -29,6 +31,8 @@ MUS = 3
 # NOT READY causes (SPC-4 additional sense codes), see docs/pairs.md:
 RESTORE_IN_PROGRESS = (0x04, 0x07)  # LOGICAL UNIT NOT READY, OPERATION IN PROGRESS
 SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED
+
+PAIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 ChangeHook = Callable[[str], None]
 
@@ -64,6 +68,24 @@ class LocalReplica:
 
     def flush(self) -> None:
         self.volume.flush()
+
+
+class Pace:
+    """The operator's copy rate (bytes/s, 0 = unlimited): sleep so the copy keeps to it, and
+    wake at once when the copier is told to stop."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.done = 0
+
+    def after(self, length: int, stop: threading.Event) -> None:
+        if not self.rate:
+            return
+        self.done += length
+        ahead = self.start + self.done / self.rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)
 
 
 class Pair:
@@ -216,6 +238,7 @@ class Pair:
         True when nothing is left; False when stopped or suspended."""
         rec, m = self.rec, self.manager
         since_checkpoint = 0
+        pace = Pace(m.copy_rate)
         while not self._stop.is_set():
             with self.lock:
                 assert rec.pending is not None
@@ -233,6 +256,7 @@ class Pair:
                 rec.fence = offset + length
             self.copied += length
             since_checkpoint += length
+            pace.after(length, self._stop)
             if since_checkpoint >= m.checkpoint_bytes:
                 self.checkpoint()
                 since_checkpoint = 0
@@ -319,9 +343,13 @@ class PairVolume:
 
     # -- I/O ------------------------------------------------------------------------------------
 
-    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+    def check_ready(self) -> None:
+        """TEST UNIT READY: only an S-VOL of a suspended pair (no access) is not ready."""
         if self.access() is Access.NO_ACCESS:
             raise NotReadyError(f"{self.name}: S-VOL of a suspended pair", *SUSPENDED_BY_ERROR)
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.check_ready()
         self.base.readinto(offset, bufs)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
@@ -402,6 +430,7 @@ class PairManager:
         chunk: int = 1 << 20,
         checkpoint_bytes: int = 64 << 20,
         wil_idle: float = 1.0,
+        copy_rate: int = 0,
     ) -> None:
         self.store = PairStore(state_dir)
         self.identities = dict(identities)
@@ -410,6 +439,7 @@ class PairManager:
         self.chunk = chunk
         self.checkpoint_bytes = checkpoint_bytes
         self.wil_idle = wil_idle
+        self.copy_rate = copy_rate
         self.lock = threading.RLock()  # serialises operator commands
         self.pairs: dict[str, Pair] = {}
         self.volumes = {name: PairVolume(v, self) for name, v in volumes.items()}
@@ -471,6 +501,8 @@ class PairManager:
             pair.start_copier()
 
     def _check_create(self, name: str, p: PairVolume, s: PairVolume, mu: int) -> None:
+        if not PAIR_NAME.match(name):
+            raise PairError(f"pair name {name!r} must be 1-32 of A-Z a-z 0-9 _ . - ")
         if name in self.pairs:
             raise PairError(f"pair {name!r} already exists: pick another name or delete it")
         if p is s:

@@ -74,6 +74,10 @@ class Volume(Protocol):
         """True when host writes must be refused with WRITE PROTECTED."""
         ...
 
+    def check_ready(self) -> None:
+        """TEST UNIT READY: raise NotReadyError when the volume's state forbids all access."""
+        ...
+
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill `bufs` (in order) from `offset`. Raises MediumError / NotReadyError."""
         ...

@@ -188,6 +188,9 @@ class FileVolume:
                 return self._fd
         return self._direct_fd
 
+    def check_ready(self) -> None:
+        """A backing store is always ready; its failures surface per command."""
+
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         fd = self._fd_for(bufs)
         total = sum(len(b) for b in bufs)

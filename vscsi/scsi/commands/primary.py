@@ -18,7 +18,8 @@ def reply(buf: DataBuffer, data: bytes, alloc_len: int) -> int:
 
 
 def test_unit_ready(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
-    """Always ready: the medium is fixed; volume states surface as NotReadyError on I/O."""
+    """The medium is fixed; only a volume state that forbids all access makes it not ready."""
+    lun.volume.check_ready()
     return 0
 
 

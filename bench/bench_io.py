@@ -2,7 +2,9 @@
 
 Every backend sits behind tcm_loop on the same kind of backing store (a file on the VM's tmpfs)
 and runs the same fio jobs; the table gives each result as a ratio to LIO's in-kernel fileio
-(no userspace hop: the ceiling). Absolute numbers mean nothing across machines.
+(no userspace hop: the ceiling). A second table runs the write jobs on a vscsi P-VOL in PAIR
+(every write mirrored to a local S-VOL before it is acknowledged) next to simplex vscsi.
+Absolute numbers mean nothing across machines.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ JOBS: list[tuple[str, str, str, int]] = [
     ("randwrite 4K QD16", "randwrite", "4k", 16),
 ]
 
+PAIR_JOBS = [job for job in JOBS if "write" in job[1]]
+
 
 def fio(dev: str, rw: str, bs: str, qd: int) -> float:
     """IOPS of one fio job (sequential jobs also report IOPS; MiB/s = IOPS for 1M); NaN when
@@ -52,8 +56,8 @@ def fio(dev: str, rw: str, bs: str, qd: int) -> float:
     return float(side["iops"])
 
 
-def run_jobs(dev: str) -> dict[str, float]:
-    return {name: fio(dev, rw, bs, qd) for name, rw, bs, qd in JOBS}
+def run_jobs(dev: str, jobs: list[tuple[str, str, str, int]]) -> dict[str, float]:
+    return {name: fio(dev, rw, bs, qd) for name, rw, bs, qd in jobs}
 
 
 @contextmanager
@@ -103,18 +107,39 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
 
 @contextmanager
 def vscsi_backend(work: Path) -> Iterator[str]:
+    with vscsi_daemon(work, 'name = "bench"\npath = "vscsi.img"') as (_, dev):
+        yield dev
+
+
+@contextmanager
+def vscsi_pair_backend(work: Path) -> Iterator[str]:
+    """A P-VOL in PAIR with an unexported S-VOL on the same tmpfs (ShadowImage-style)."""
+    vols = 'name = "pv"\npath = "pv.img"\n[[volume]]\nname = "sv"\npath = "sv.img"\n'
+    with vscsi_daemon(work, vols + 'export = "none"') as (sock, dev):
+        subprocess.run([VSCSI, "pair", "create", "pv", "sv", "--mu", "0", "--wait", "600",
+                        "--socket", str(sock)], check=True, stdout=subprocess.DEVNULL)
+        yield dev
+
+
+@contextmanager
+def vscsi_daemon(work: Path, volumes: str) -> Iterator[tuple[Path, str]]:
+    """`vscsi up` over `volumes` (TOML [[volume]] bodies, SIZE each); yields the socket and
+    the first volume's disk, and removes the backing files afterwards."""
     sock = work / "bench.sock"
     cfg = work / "bench.toml"
+    body = volumes.replace("\n[[volume]]\n", f"\nsize = {SIZE}\ncreate = true\n[[volume]]\n")
     cfg.write_text(
-        f'[daemon]\nsocket = "{sock}"\n[[volume]]\nname = "bench"\npath = "{work}/vscsi.img"\n'
+        f'[daemon]\nsocket = "{sock}"\nstate_dir = "state"\n[[volume]]\n{body}\n'
         f"size = {SIZE}\ncreate = true\n"
     )
     proc = subprocess.Popen([VSCSI, "up", "-c", str(cfg)], stdout=subprocess.DEVNULL)
     try:
-        yield wait_served(sock, proc)
+        yield sock, wait_served(sock, proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
+        for img in work.glob("*.img"):
+            img.unlink()
 
 
 def wait_served(sock: Path, proc: subprocess.Popen[bytes]) -> str:
@@ -132,7 +157,7 @@ def wait_served(sock: Path, proc: subprocess.Popen[bytes]) -> str:
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    names = list(results)
+    names = [n for n in results if n != "vscsi-pair"]
     head = f"| job | {' | '.join(names)} | " + " | ".join(f"{n}/fileio" for n in names[1:])
     head += " | vscsi/tcmu-runner |"
     lines = [head, "|" + "---|" * (len(names) * 2 + 1)]
@@ -145,12 +170,21 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| job | vscsi simplex | vscsi PAIR | PAIR/simplex |", "|---|---|---|---|"]
+    for job, *_ in PAIR_JOBS:
+        simplex, paired = results["vscsi"][job], results["vscsi-pair"][job]
+        lines.append(f"| {job} | {simplex:,.0f} | {paired:,.0f} | {paired / simplex:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     configfs.prepare_kernel()
     backends: dict[str, Callable[[Path], object]] = {
         "fileio": fileio_backend,
         "tcmu-runner": tcmu_runner_backend,
         "vscsi": vscsi_backend,
+        "vscsi-pair": vscsi_pair_backend,
     }
     only = os.environ.get("VSCSI_BENCH_ONLY")
     if only:
@@ -163,7 +197,7 @@ def main() -> None:
             for name, backend in backends.items():
                 print(f"== {name}", file=sys.stderr, flush=True)
                 with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                    results[name] = run_jobs(dev)
+                    results[name] = run_jobs(dev, PAIR_JOBS if name == "vscsi-pair" else JOBS)
                 print(json.dumps(results[name]), file=sys.stderr, flush=True)
         finally:
             subprocess.run(["umount", tmp], check=False)
@@ -172,9 +206,12 @@ def main() -> None:
     print()
     print(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)")
     print(table(results))
+    print()
+    print("mirrored writes: a P-VOL in PAIR (local S-VOL) against simplex")
+    print(pair_table(results))
     out = os.environ.get("VSCSI_VM_OUT")
     if out:
-        Path(out, "bench.md").write_text(table(results) + "\n")
+        Path(out, "bench.md").write_text(table(results) + "\n\n" + pair_table(results) + "\n")
 
 
 if __name__ == "__main__":

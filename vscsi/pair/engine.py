@@ -238,6 +238,7 @@ class Pair:
         True when nothing is left; False when stopped or suspended."""
         rec, m = self.rec, self.manager
         since_checkpoint = 0
+        next_checkpoint = time.monotonic() + m.checkpoint_interval
         pace = Pace(m.copy_rate)
         while not self._stop.is_set():
             with self.lock:
@@ -257,9 +258,10 @@ class Pair:
             self.copied += length
             since_checkpoint += length
             pace.after(length, self._stop)
-            if since_checkpoint >= m.checkpoint_bytes:
+            if since_checkpoint >= m.checkpoint_bytes or time.monotonic() >= next_checkpoint:
                 self.checkpoint()
                 since_checkpoint = 0
+                next_checkpoint = time.monotonic() + m.checkpoint_interval
         return False
 
     def _copy_chunk(self, offset: int, length: int) -> bool:
@@ -431,6 +433,7 @@ class PairManager:
         checkpoint_bytes: int = 64 << 20,
         wil_idle: float = 1.0,
         copy_rate: int = 0,
+        checkpoint_interval: float = 1.0,
     ) -> None:
         self.store = PairStore(state_dir)
         self.identities = dict(identities)
@@ -440,6 +443,7 @@ class PairManager:
         self.checkpoint_bytes = checkpoint_bytes
         self.wil_idle = wil_idle
         self.copy_rate = copy_rate
+        self.checkpoint_interval = checkpoint_interval  # a restart loses at most this much copy
         self.lock = threading.RLock()  # serialises operator commands
         self.pairs: dict[str, Pair] = {}
         self.volumes = {name: PairVolume(v, self) for name, v in volumes.items()}
@@ -617,6 +621,8 @@ class PairManager:
             "mu": rec.mu,
             "status": rec.status.value,
             "progress": pair.progress(),
+            "copy_total": rec.copy_total,  # bytes the last create/resync/restore set out to copy
+            "copied": pair.copied,  # bytes this daemon process copied
             "generation": rec.generation,
             "split_read_only": rec.split_read_only,
             "pvol": self._side(rec.pvol, Role.PVOL, rec.pdiff),

@@ -1,0 +1,814 @@
+"""`ShadowSet`: one virtual unit over several member volumes, kept identical (OpenVMS Volume
+Shadowing). It is a `Volume`, so a LUN can serve it and a pair can mirror it.
+
+Host writes go to every full member and every copy target and are acknowledged when all have
+them; reads come from one full member, round-robin, never from a copy target. One worker
+thread runs the head of the state machine's queue (copy, minicopy, merge, minimerge) a chunk
+at a time under the chunk's region lock, so a host write to that region waits and lands after
+it: stale copy data never overwrites a host write. While a merge is pending, a host read of a
+region not yet merged merges that region first, so the host never gets two answers for a block.
+
+Lock order, outermost first: the write gate, region locks, the state lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vscsi.pair.locks import RegionLocks, WriteGate
+from vscsi.pair.persist import atomic_write
+from vscsi.shadow.control import (
+    AREA,
+    MAX_MEMBERS,
+    ControlBlock,
+    ControlBlockError,
+    new_id,
+    newest,
+    read_block,
+    virtual_size,
+    write_block,
+)
+from vscsi.shadow.states import (
+    Event,
+    MemberState,
+    Operation,
+    OpKind,
+    SetState,
+    ShadowError,
+    apply,
+)
+from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
+from vscsi.tracker import DirtyMap, WriteIntentLog
+
+log = logging.getLogger(__name__)
+
+IN_SET = (MemberState.FULL, MemberState.COPY_TARGET)
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Sizes of the set's machinery. `grain` is the tracking unit of bitmaps and merges,
+    `chunk` what the worker moves under one region lock, `log_region` the write-intent log's
+    unit (fixed for a set: a log of another geometry is invalid)."""
+
+    grain: int = 65536
+    chunk: int = 1 << 20
+    log_region: int = 1 << 20
+    log_idle: float = 1.0
+    checkpoint_bytes: int = 64 << 20
+
+
+@dataclass(slots=True)
+class Stats:
+    """What the worker and the read path did since open, for status and tests."""
+
+    copied: int = 0  # bytes written to copy targets by copies and minicopies
+    merge_scanned: int = 0  # bytes compared by merges and minimerges
+    merge_written: int = 0  # bytes rewritten on a member because it differed
+    read_repairs: int = 0  # blocks rewritten on a member after it failed a read
+    finished: list[tuple[OpKind, str | None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Member:
+    """A member at run time. `bitmap` (REMOVED members) holds the grains written since it
+    left; `volume` is None for a member that was not present at mount."""
+
+    id: str
+    volume: Volume | None
+    label: str  # the volume's name when last seen, for show()
+    bitmap: DirtyMap | None = None
+
+    @property
+    def name(self) -> str:
+        return self.volume.name if self.volume is not None else self.label
+
+
+@dataclass(slots=True)
+class Work:
+    """An operation's grains still to do (cleared as chunks finish) and its size at start."""
+
+    pending: DirtyMap
+    total: int
+
+    def percent(self) -> int:
+        if not self.total:
+            return 100
+        return max(0, min(100, 100 * (self.total - self.pending.dirty_bytes()) // self.total))
+
+
+class ShadowSet:
+    """A shadow set's virtual unit. Build it with `create` or `open`; it owns the member
+    volumes given to it and closes them in `close`."""
+
+    def __init__(
+        self,
+        name: str,
+        block: ControlBlock,
+        members: dict[str, Volume],
+        others: Sequence[tuple[str | None, Volume]],
+        *,
+        state_dir: str | os.PathLike[str],
+        wil: bool,
+        tuning: Tuning,
+    ) -> None:
+        self.name = name
+        self.block_size = block.block_size
+        self.tuning = tuning
+        self.stats = Stats()
+        self._block = block
+        labels = {mid: v.name for mid, v in [*others, *members.items()] if mid is not None}
+        self._members = {
+            mid: Member(mid, members.get(mid), labels.get(mid, mid)) for mid in block.state.members
+        }
+        # volumes given to open() that are not members; show() lists those the set has no
+        # entry for as stale
+        self._stale = [v.name for mid, v in others if mid not in self._members]
+        self._others = [v for _, v in others]  # volumes outside the set: closed at close()
+        self._dir = Path(state_dir) / block.set_id.hex()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._gate = WriteGate()
+        self._regions = RegionLocks(tuning.chunk)
+        self._rr = itertools.count()
+        self._work: dict[int, Work] = {}
+        self._stop = False
+        self._mounted = True
+        self._wil = self._open_log() if wil else None
+        self.log_valid = self._log_valid()
+        self._write_cache = all(v.write_cache for v in members.values())
+        self._mount()
+        self._worker = threading.Thread(target=self._run, name=f"shadow-{name}", daemon=True)
+        self._worker.start()
+
+    # -- assembling -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        volumes: Sequence[Volume],
+        *,
+        state_dir: str | os.PathLike[str],
+        wil: bool = True,
+        block_size: int | None = None,
+        tuning: Tuning | None = None,
+    ) -> ShadowSet:
+        """A new set whose content is the first volume's; the others are mounted into it and
+        receive a copy (row 1)."""
+        if not volumes:
+            raise ShadowError(f"shadow set {name!r} needs at least one member")
+        first, *rest = volumes
+        bs = block_size or first.block_size
+        mid = new_id().hex()
+        state = SetState(members={mid: MemberState.FULL})
+        block = ControlBlock(new_id(), 0, True, bs, virtual_size(volumes, bs), 0, state)
+        shadow = cls(
+            name, block, {mid: first}, (), state_dir=state_dir, wil=wil, tuning=tuning or Tuning()
+        )
+        for v in rest:
+            shadow.add(v)
+        return shadow
+
+    @classmethod
+    def open(
+        cls,
+        name: str,
+        volumes: Sequence[Volume],
+        *,
+        state_dir: str | os.PathLike[str],
+        wil: bool = True,
+        tuning: Tuning | None = None,
+    ) -> ShadowSet:
+        """Assemble a set from its members alone: the highest valid generation is the truth;
+        a volume that carries an older one (or none) is stale and not a member. A set that was
+        not dismounted cleanly is merged (minimerge when the log is valid)."""
+        found: list[tuple[ControlBlock, bytes]] = []
+        readable: list[Volume] = []
+        others: list[tuple[str | None, Volume]] = []
+        for v in volumes:
+            try:
+                found.append(read_block(v))
+                readable.append(v)
+            except ControlBlockError:
+                others.append((None, v))
+        if not found:
+            raise ShadowError(f"shadow set {name!r}: no volume carries a control block")
+        try:
+            truth = newest(found)
+        except ControlBlockError as e:
+            raise ShadowError(f"shadow set {name!r}: {e}") from None
+        members: dict[str, Volume] = {}
+        for (blk, self_id), v in zip(found, readable, strict=True):
+            mid = self_id.hex()
+            current = blk.generation == truth.generation
+            if current and truth.state.members.get(mid) in IN_SET:
+                members[mid] = v
+            else:
+                others.append((mid, v))
+        return cls(
+            name, truth, members, others, state_dir=state_dir, wil=wil, tuning=tuning or Tuning()
+        )
+
+    def _open_log(self) -> WriteIntentLog:
+        t = self.tuning
+        return WriteIntentLog(
+            str(self._dir / "intent.wil"),
+            self.size,
+            region=t.log_region,
+            grain=t.grain,
+            idle_delay=t.log_idle,
+            before_clear=self.flush,
+        )
+
+    def _log_valid(self) -> bool:
+        """The log is the one the last mount kept: valid, and exactly one open later."""
+        blk, wil = self._block, self._wil
+        if wil is None or not wil.valid or not blk.log_generation:
+            return False
+        return wil.generation == blk.log_generation + 1
+
+    def _mount(self) -> None:
+        """Apply what the control block says happened, then record the mount (not clean)."""
+        blk, state = self._block, self._block.state
+        self._load_bitmaps(blk.clean)
+        if not blk.clean:
+            self._apply(Event.SYSTEM_FAILURE, self.log_valid)
+        elif not self.log_valid:
+            self._apply(Event.LOG_LOST)
+        self._drop_absent()
+        for op in state.queue:
+            self._work[op.seq] = self._plan(op)
+        if self._wil is not None and state.merge_op() is not None:
+            self._wil.hold()  # the log's entries are the merge's to-do list until it ends
+        blk.log_generation = self._wil.generation if self._wil is not None else 0
+        self._commit()
+
+    def _load_bitmaps(self, clean: bool) -> None:
+        """Minicopy bitmaps saved at the last clean dismount; after a crash they miss writes,
+        so they are dropped (those members get a full copy)."""
+        for m in self._members.values():
+            path = self._dir / f"{m.id}.map"
+            if not path.exists():
+                continue
+            if clean and self._block.state.members[m.id] is MemberState.REMOVED:
+                with contextlib.suppress(ValueError):
+                    m.bitmap = DirtyMap.from_bytes(path.read_bytes())
+            path.unlink()
+
+    def _drop_absent(self) -> None:
+        """Members the control block lists but that were not given (or are stale): a missing
+        full member leaves the set, its changes tracked from now on; a missing copy target's
+        copy is abandoned."""
+        state = self._block.state
+        for m in list(self._members.values()):
+            st = state.members[m.id]
+            if m.volume is not None or st not in IN_SET:
+                continue
+            if st is MemberState.COPY_TARGET:
+                self._apply(Event.COPY_TARGET_FAILED, m.id)
+            elif not self._apply(Event.MEMBER_FAILED, m.id):
+                raise ShadowError(f"shadow set {self.name!r}: no full member is present")
+            else:
+                m.bitmap = self._new_bitmap(everything=not self._block.clean)
+
+    def _plan(self, op: Operation) -> Work:
+        """The grains an operation still has to do."""
+        size = self.size
+        pending = DirtyMap(size, self.tuning.grain)
+        if op.kind is OpKind.MINIMERGE:
+            assert self._wil is not None
+            pending |= self._wil.recover()
+            return Work(pending, pending.dirty_bytes())
+        if op.kind is OpKind.MINICOPY:
+            member = self._members[op.target] if op.target else None
+            if member is not None and member.bitmap is not None:
+                pending |= member.bitmap
+                return Work(pending, pending.dirty_bytes())
+            op.kind = OpKind.COPY  # no bitmap vouches for anything: a full copy
+        pending.mark(op.fence, size - op.fence)
+        return Work(pending, size)
+
+    def _new_bitmap(self, everything: bool = False) -> DirtyMap:
+        bitmap = DirtyMap(self.size, self.tuning.grain)
+        if everything:
+            bitmap.mark(0, self.size)
+        return bitmap
+
+    # -- state changes ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SetState:
+        return self._block.state
+
+    @property
+    def generation(self) -> int:
+        return self._block.generation
+
+    def _apply(self, event: Event, *args: Any) -> Any:
+        with self._lock:
+            result = apply(self._block.state, event, *args)
+            for seq in set(self._work) - {op.seq for op in self.state.queue}:
+                del self._work[seq]
+            self._cond.notify_all()
+        log.info("shadow set %s: %s %s", self.name, event.value, " ".join(map(str, args)))
+        return result
+
+    def _commit(self, clean: bool = False) -> None:
+        """Write the next generation to every member in the set. A member that cannot take it
+        leaves the set (its older generation marks it stale) and the others get a new one."""
+        with self._lock:
+            while True:
+                self._block.generation += 1
+                self._block.clean = clean
+                failed = []
+                for m in self._in_set():
+                    assert m.volume is not None
+                    try:
+                        write_block(m.volume, self._block, bytes.fromhex(m.id))
+                    except VolumeError as e:
+                        failed.append((m, e))
+                if not failed:
+                    return
+                error = self._failed(failed, 0, 0)
+                if error is not None:
+                    raise error
+
+    def _failed(
+        self, failed: Sequence[tuple[Member, VolumeError]], offset: int, length: int | None
+    ) -> VolumeError | None:
+        """Members that failed an I/O of [offset, offset+length) leave the set: a full member
+        with its bitmap started (the range marked; everything when `length` is None), a copy
+        target with its copy abandoned. Returns the error to give the host when the last full
+        member failed. The caller commits."""
+        error = None
+        with self._lock:
+            for m, e in failed:
+                st = self.state.members.get(m.id)
+                if st is MemberState.COPY_TARGET:
+                    self._apply(Event.COPY_TARGET_FAILED, m.id)
+                elif st is MemberState.FULL and self._apply(Event.MEMBER_FAILED, m.id):
+                    log.warning("shadow set %s: %s removed: %s", self.name, m.name, e)
+                    m.bitmap = self._new_bitmap(everything=length is None)
+                    m.bitmap.mark(offset, length or 0)
+                elif st is MemberState.FULL:
+                    error = e
+        return error
+
+    def _fail_and_commit(
+        self, failed: Sequence[tuple[Member, VolumeError]], offset: int, length: int | None
+    ) -> None:
+        """`_failed`, the new membership made durable, and the last member's error raised."""
+        if not failed:
+            return
+        error = self._failed(failed, offset, length)
+        self._commit()
+        if error is not None:
+            raise error
+
+    # -- members ------------------------------------------------------------------------------
+
+    def _in_set(self) -> list[Member]:
+        """Members that receive host writes: full members and copy targets."""
+        return [self._members[mid] for mid, st in self.state.members.items() if st in IN_SET]
+
+    def _full(self) -> list[Member]:
+        return [self._members[mid] for mid in self.state.full_members()]
+
+    def _read_order(self) -> list[Member]:
+        """Full members, starting with the next one in round-robin order."""
+        full = self._full()
+        start = next(self._rr) % len(full)
+        return full[start:] + full[:start]
+
+    def _find(self, name: str) -> Member:
+        for m in self._members.values():
+            if m.name == name and self.state.members[m.id] in (*IN_SET, MemberState.REMOVED):
+                return m
+        raise ShadowError(f"{name!r} is not a member of shadow set {self.name!r}")
+
+    def _identify(self, volume: Volume) -> str:
+        """The member id `volume` had in this set, or a new one."""
+        with contextlib.suppress(ControlBlockError):
+            blk, self_id = read_block(volume)
+            if blk.set_id == self._block.set_id and self_id.hex() in self.state.members:
+                return self_id.hex()
+        return new_id().hex()
+
+    # -- operations ------------------------------------------------------------------------
+
+    def add(self, volume: Volume) -> None:
+        """Mount `volume` into the set: a copy (a minicopy when it left with the minicopy
+        policy and its bitmap is valid), queued as the state machine orders it."""
+        if volume.block_size != self.block_size or volume.size - AREA < self.size:
+            raise ShadowError(
+                f"{volume.name} ({volume.size} bytes, {volume.block_size}-byte blocks) cannot "
+                f"hold shadow set {self.name!r} ({self.size} bytes, {self.block_size}-byte blocks)"
+            )
+        mid = self._identify(volume)
+        with self._lock:
+            self._make_room(mid)
+            old = self._members.get(mid)
+            bitmap = old.bitmap if old is not None else None
+            op = self._apply(Event.MOUNT_MEMBER, mid, bitmap is not None)
+            if old is not None and old.volume is not None and old.volume is not volume:
+                self._others.append(old.volume)
+            if volume in self._others:
+                self._others.remove(volume)
+            volume.write_cache = self._write_cache
+            self._members[mid] = Member(mid, volume, volume.name, bitmap)
+            self._work[op.seq] = self._plan(op)
+            self._members[mid].bitmap = None
+            self._commit()
+
+    def _make_room(self, mid: str) -> None:
+        """The control block has room for MAX_MEMBERS entries: forget stale ones if needed."""
+        state = self.state
+        if mid in state.members or len(state.members) < MAX_MEMBERS:
+            return
+        for m in [m for m in self._members.values() if state.members[m.id] is MemberState.STALE]:
+            del state.members[m.id], self._members[m.id]
+            if m.volume is not None:
+                self._others.append(m.volume)
+        if len(state.members) >= MAX_MEMBERS:
+            raise ShadowError(f"shadow set {self.name!r} has {MAX_MEMBERS} members already")
+
+    def remove(self, name: str, minicopy: bool = False) -> None:
+        """Dismount member `name`. With `minicopy` the set records what is written from this
+        moment (no host write is in flight when it starts), so its return copies only that."""
+        with self._gate.exclusive(), self._lock:
+            m = self._find(name)
+            self._apply(Event.REMOVE_MEMBER, m.id, minicopy)
+            if m.id in self.state.members:
+                m.bitmap = self._new_bitmap()
+            else:
+                del self._members[m.id]
+                if m.volume is not None:
+                    self._others.append(m.volume)
+            self._commit()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no operation is pending; True when the set is steady."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.state.steady or self._stop, timeout)
+            return self.state.steady
+
+    def close(self) -> None:
+        """Clean dismount: stop the worker at a chunk boundary, flush, record every pending
+        operation's fence and the clean flag, save minicopy bitmaps, close the members."""
+        if not self._mounted:
+            return
+        self._stop_worker()
+        with self._gate.exclusive(), self._lock:
+            self._fail_and_commit(self._flush_members(), 0, None)
+            self._apply(Event.DISMOUNT)
+            for m in self._members.values():
+                if m.bitmap is not None and self.state.members[m.id] is MemberState.REMOVED:
+                    atomic_write(self._dir / f"{m.id}.map", m.bitmap.to_bytes())
+            if self._wil is not None and self.state.merge_op() is None:
+                self._wil.release()
+                self._wil.mark_clean()
+            self._commit(clean=True)
+            self._mounted = False
+            if self._wil is not None:
+                self._wil.close()
+            for v in self._volumes():
+                v.close()
+
+    def _volumes(self) -> Iterator[Volume]:
+        seen: set[int] = set()
+        for v in [*(m.volume for m in self._members.values()), *self._others]:
+            if v is not None and id(v) not in seen:
+                seen.add(id(v))
+                yield v
+
+    # -- show ---------------------------------------------------------------------------------
+
+    def show(self) -> dict[str, Any]:
+        """The set as SHOW SHADOW reports it, as a dict (for --json)."""
+        with self._lock:
+            state = self.state
+            ops = [self._describe_op(op, op is state.active()) for op in state.queue]
+            return {
+                "name": self.name,
+                "set_id": self._block.set_id.hex(),
+                "generation": self.generation,
+                "size": self.size,
+                "block_size": self.block_size,
+                "state": ",".join(o["display"] for o in ops) or "Steady State",
+                "log": {"enabled": self._wil is not None, "valid_at_mount": self.log_valid},
+                "members": [self._describe_member(m) for m in self._members.values()]
+                + [{"name": name, "state": MemberState.STALE.value, "display": "Stale"}
+                   for name in self._stale],
+                "operations": ops,
+                "stats": {k: getattr(self.stats, k) for k in
+                          ("copied", "merge_scanned", "merge_written", "read_repairs")},
+            }  # fmt: skip
+
+    def _describe_op(self, op: Operation, active: bool) -> dict[str, Any]:
+        work = self._work.get(op.seq)
+        pct = work.percent() if work is not None else 0
+        target = self._members[op.target].name if op.target else None
+        status = "Active" if active else "Pending"
+        return {
+            "kind": op.kind.value,
+            "target": target,
+            "fence": op.fence,
+            "percent": pct,
+            "active": active,
+            "display": f"{op.kind.value} {status} ({pct}%)",
+        }
+
+    def _describe_member(self, m: Member) -> dict[str, Any]:
+        state = self.state
+        st = state.members[m.id]
+        display = st.value
+        merge = state.merge_op()
+        if st is MemberState.FULL and m.id == state.master() and merge is not None:
+            work = self._work.get(merge.seq)
+            display = f"Master Member, Merging ({work.percent() if work else 0}%)"
+        elif st is MemberState.COPY_TARGET:
+            op = state.copy_op(m.id)
+            work = self._work.get(op.seq) if op is not None else None
+            display = f"{st.value} ({work.percent() if work else 0}%)"
+        elif st is MemberState.REMOVED and m.bitmap is not None:
+            display = f"Removed, {m.bitmap.dirty_bytes()} bytes changed since"
+        return {"name": m.name, "id": m.id, "state": st.value, "display": display}
+
+    # -- the Volume interface -----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._block.size
+
+    @property
+    def write_cache(self) -> bool:
+        return self._write_cache
+
+    @write_cache.setter
+    def write_cache(self, value: bool) -> None:
+        self._write_cache = value
+        for m in self._in_set():
+            assert m.volume is not None
+            m.volume.write_cache = value
+
+    @property
+    def supports_unmap(self) -> bool:
+        return all(m.volume is not None and m.volume.supports_unmap for m in self._in_set())
+
+    @property
+    def read_only(self) -> bool:
+        return any(m.volume is not None and m.volume.read_only for m in self._in_set())
+
+    def check_ready(self) -> None:
+        """TEST UNIT READY: a mounted set always has a full member to serve from."""
+        if not self._mounted:
+            raise NotReadyError(f"shadow set {self.name}: dismounted")
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """From one full member (round-robin); on an error, from another, with the failed
+        blocks rewritten on the member that failed (repair)."""
+        length = sum(len(b) for b in bufs)
+        self._merge_before_read(offset, length)
+        order = self._read_order()
+        assert order[0].volume is not None
+        try:
+            order[0].volume.readinto(offset, bufs)
+            return
+        except VolumeError:
+            pass
+        with self._regions.hold(offset, length):
+            self._read_repairing(order, offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        """To every full member and copy target; acknowledged when all have it. A member that
+        fails leaves the set and the write succeeds, unless it was the last full member."""
+        length = sum(len(b) for b in bufs)
+        self._mutate(offset, length, lambda v: v.write(offset, bufs, fua))
+
+    def unmap(self, offset: int, length: int) -> None:
+        self._mutate(offset, length, lambda v: v.unmap(offset, length))
+
+    def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+        with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
+            with self._lock:
+                targets = self._in_set()
+                for m in self._members.values():
+                    if m.bitmap is not None:
+                        m.bitmap.mark(offset, length)
+            failed = []
+            for m in targets:
+                try:
+                    io(m.volume)
+                except VolumeError as e:
+                    failed.append((m, e))
+            self._fail_and_commit(failed, offset, length)
+
+    @contextlib.contextmanager
+    def _intent(self, offset: int, length: int) -> Iterator[None]:
+        """A durable write intent for the minimerge after a crash."""
+        if self._wil is None:
+            yield
+            return
+        self._wil.begin(offset, length)
+        try:
+            yield
+        finally:
+            self._wil.end(offset, length)
+
+    def flush(self) -> None:
+        """SYNCHRONIZE CACHE on every member; one that fails may have lost any write, so its
+        bitmap vouches for nothing."""
+        self._fail_and_commit(self._flush_members(), 0, None)
+
+    def _flush_members(self) -> list[tuple[Member, VolumeError]]:
+        failed = []
+        with self._lock:
+            targets = self._in_set()
+        for m in targets:
+            assert m.volume is not None
+            try:
+                m.volume.flush()
+            except VolumeError as e:
+                failed.append((m, e))
+        return failed
+
+    def extent_at(self, offset: int) -> Extent:
+        master = self._full()[0]
+        assert master.volume is not None
+        ext = master.volume.extent_at(offset)
+        return Extent(offset, min(ext.length, self.size - offset), ext.mapped)
+
+    # -- reads, repair and merge of a range ------------------------------------------------
+
+    def _read_repairing(
+        self, order: Sequence[Member], offset: int, bufs: Sequence[memoryview]
+    ) -> Member:
+        """Read from the first member of `order` that can (returned); rewrite the range on
+        those that failed before it. Caller holds the region lock. MediumError when none can."""
+        tried: list[tuple[Member, VolumeError]] = []
+        for m in order:
+            assert m.volume is not None
+            try:
+                m.volume.readinto(offset, bufs)
+            except VolumeError as e:
+                tried.append((m, e))
+                continue
+            self._repair(tried, offset, bufs)
+            return m
+        error = tried[-1][1] if tried else None
+        if isinstance(error, MediumError):
+            raise error
+        length = sum(len(b) for b in bufs)
+        raise MediumError("read", offset, length) from error
+
+    def _repair(
+        self, bad: Sequence[tuple[Member, VolumeError]], offset: int, bufs: Sequence[memoryview]
+    ) -> None:
+        """Rewrite good data over blocks a member failed to read; remove it if that fails."""
+        length = sum(len(b) for b in bufs)
+        failed = []
+        for m, _ in bad:
+            assert m.volume is not None
+            try:
+                m.volume.write(offset, bufs)
+                self.stats.read_repairs += length // self.block_size
+            except VolumeError as e:
+                failed.append((m, e))
+        self._fail_and_commit(failed, offset, length)
+
+    def _merge_before_read(self, offset: int, length: int) -> None:
+        """A host read of a region the pending merge has not reached merges it first."""
+        with self._lock:
+            op = self.state.merge_op()
+            work = self._work.get(op.seq) if op is not None else None
+        if work is None or not work.pending.test(offset, length):
+            return
+        grain = self.tuning.grain
+        lo = offset - offset % grain
+        hi = min(-(-(offset + length) // grain) * grain, self.size)
+        with self._regions.hold(lo, hi - lo):
+            for start, n in list(work.pending.extents(lo, hi)):
+                self._merge_range(start, n)
+                work.pending.clear(start, n)
+
+    def _merge_range(self, offset: int, length: int) -> None:
+        """Read the master (another full member if it fails), write every other member where
+        it differs. Caller holds the region lock."""
+        buf = memoryview(bytearray(length))
+        source = self._read_repairing(self._full(), offset, [buf])
+        peer_buf = memoryview(bytearray(length))
+        failed = []
+        for m in self._in_set():
+            if m is source:
+                continue
+            assert m.volume is not None
+            try:
+                try:
+                    m.volume.readinto(offset, [peer_buf])
+                    same = peer_buf == buf
+                except VolumeError:
+                    same = False
+                if not same:
+                    m.volume.write(offset, [buf])
+                    self.stats.merge_written += length
+            except VolumeError as e:
+                failed.append((m, e))
+        self.stats.merge_scanned += length
+        self._fail_and_commit(failed, offset, length)
+
+    def _copy_range(self, op: Operation, offset: int, length: int) -> None:
+        """Copy from the master (another full member if it fails) to the target. Caller holds
+        the region lock."""
+        buf = memoryview(bytearray(length))
+        self._read_repairing(self._full(), offset, [buf])
+        target = self._members[op.target] if op.target else None
+        assert target is not None and target.volume is not None
+        try:
+            target.volume.write(offset, [buf])
+        except VolumeError as e:
+            self._fail_and_commit([(target, e)], offset, length)
+            return
+        self.stats.copied += length
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        since_checkpoint = 0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or not self.state.steady)
+                if self._stop:
+                    return
+                op = self.state.active()
+                assert op is not None
+                work = self._work[op.seq]
+            try:
+                done = self._step(op, work)
+            except Exception:  # e.g. no member can read a block: leave it to the operator
+                log.exception("shadow set %s: %s stopped", self.name, op.kind.value)
+                with self._cond:
+                    self._stop = True
+                    self._cond.notify_all()
+                return
+            if self._stop:
+                return
+            if done is None:
+                self._finish(op)
+                since_checkpoint = 0
+                continue
+            since_checkpoint += done
+            if since_checkpoint >= self.tuning.checkpoint_bytes:
+                self._checkpoint()
+                since_checkpoint = 0
+
+    def _step(self, op: Operation, work: Work) -> int | None:
+        """Do the next chunk of `op`; its length, or None when nothing is left."""
+        ext = work.pending.next_extent(op.fence)
+        if ext is None:
+            return None
+        offset, length = ext[0], min(ext[1], self.tuning.chunk)
+        with self._regions.hold(offset, length):
+            if work.pending.test(offset, length):
+                if op.kind.is_copy:
+                    self._copy_range(op, offset, length)
+                else:
+                    self._merge_range(offset, length)
+                work.pending.clear(offset, length)
+        with self._lock:
+            op.fence = offset + length
+        return length
+
+    def _checkpoint(self) -> None:
+        """Make the copied/merged data durable, then record the fences."""
+        self._fail_and_commit(self._flush_members(), 0, None)
+        self._commit()
+
+    def _finish(self, op: Operation) -> None:
+        """The operation is done: its data durable, its completion recorded; after the last
+        merge the write-intent log is cleared (no write in flight meanwhile)."""
+        self._fail_and_commit(self._flush_members(), 0, None)
+        with self._gate.exclusive(), self._lock:
+            if op not in self.state.queue:
+                return
+            self._apply(Event.OPERATION_DONE, op)
+            self.stats.finished.append((op.kind, op.target))
+            self._commit()
+            if self._wil is not None and op.kind.is_merge and self.state.merge_op() is None:
+                self._wil.release()
+                self._wil.mark_clean()
+
+    def _stop_worker(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._worker.join()

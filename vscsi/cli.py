@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
 
 import click
+from rich.progress import Progress
 
 from vscsi.config import DEFAULT_SOCKET, ConfigError, load
 from vscsi.control import ControlError, request
+from vscsi.host.inq import inq
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -91,6 +94,9 @@ def status(socket_path: str, as_json: bool) -> None:
         for v in result["volumes"]
     ]
     click.echo(columns([head, *rows]))
+
+
+main.add_command(inq)
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:
@@ -248,3 +254,104 @@ def pairdisplay(result: dict[str, Any]) -> str:
         if v["role"] == "SMPL" and v.get("content"):
             lines.append(f"{v['volume']}: SMPL, content {v['content']}")
     return "\n".join(lines)
+
+
+# -- shadow sets --------------------------------------------------------------------------------
+
+
+@main.group()
+def shadow() -> None:
+    """Shadow sets (OpenVMS-style): show, add a member (copy), remove one (minicopy)."""
+
+
+@shadow.command("show")
+@click.argument("name", required=False)
+@json_option
+@socket_option
+def shadow_show(name: str | None, as_json: bool, socket_path: str) -> None:
+    """The sets as SHOW SHADOW prints them: state, members, merge master, progress, queue."""
+    sets = call(socket_path, "shadow_show", **({"name": name} if name else {}))
+    if as_json:
+        click.echo(json.dumps(sets, indent=2))
+        return
+    click.echo("\n\n".join(show_shadow(s) for s in sets) or "no shadow sets")
+
+
+def show_shadow(s: dict[str, Any]) -> str:
+    log = s["log"]
+    wil = "disabled" if not log["enabled"] else "enabled" + (
+        ", valid at mount" if log["valid_at_mount"] else ", not valid at mount"
+    )  # fmt: skip
+    lines = [
+        f"{s['name']}: shadow set {s['set_id']}",
+        f"  Virtual Unit State:   {s['state']}",
+        f"  Size: {human(s['size'])}  Block size: {s['block_size']}  "
+        f"Generation: {s['generation']}  Write-intent log: {wil}",
+        "",
+    ]
+    rows = [("  MEMBER", "STATE")] + [(f"  {m['name']}", m["display"]) for m in s["members"]]
+    lines.append(columns(rows))
+    for op in s["operations"]:
+        target = f" -> {op['target']}" if op["target"] else ""
+        lines.append(f"  {'active ' if op['active'] else 'pending'}  {op['kind']}{target} "
+                     f"{op['percent']}%")  # fmt: skip
+    stats = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in s["stats"].items()
+                      if k != "read_repairs")  # fmt: skip
+    lines.append(f"  Counters: {stats}, read repairs {s['stats'].get('read_repairs', 0)}")
+    return "\n".join(lines)
+
+
+@shadow.command("add")
+@click.argument("name")
+@click.argument("member", type=click.Path())
+@click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS",
+              help="Wait (at most SECONDS) until the copy has ended.")  # fmt: skip
+@socket_option
+def shadow_add(name: str, member: str, wait_s: float | None, socket_path: str) -> None:
+    """Mount MEMBER (a file or block device) into set NAME: a copy, or a minicopy when it left
+    with the minicopy policy."""
+    s = call(socket_path, "shadow_add", name=name, member=os.path.abspath(member))
+    click.echo(f"{name}: {s['state']}")
+    if wait_s is not None:
+        shadow_finish(socket_path, name, wait_s)
+
+
+@shadow.command("remove")
+@click.argument("name")
+@click.argument("member", type=click.Path())
+@click.option("--minicopy", is_flag=True, help="Track writes from now on for a minicopy back.")
+@socket_option
+def shadow_remove(name: str, member: str, minicopy: bool, socket_path: str) -> None:
+    """Dismount MEMBER from set NAME (never the last full member)."""
+    s = call(socket_path, "shadow_remove", name=name, member=os.path.abspath(member),
+             minicopy=minicopy)  # fmt: skip
+    click.echo(f"{name}: {os.path.abspath(member)} removed; {s['state']}")
+
+
+@shadow.command("wait")
+@click.argument("name")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@socket_option
+def shadow_wait(name: str, timeout: float | None, socket_path: str) -> None:
+    """Wait until the set is steady (no copy or merge pending), with a progress bar on a
+    terminal."""
+    shadow_finish(socket_path, name, timeout if timeout is not None else float("inf"))
+
+
+def shadow_finish(socket_path: str, name: str, wait_s: float) -> None:
+    """Poll until no operation is pending; exit 1 if one still is at the deadline."""
+    deadline = time.monotonic() + wait_s
+    bar = Progress(transient=True, disable=not sys.stdout.isatty())
+    task = bar.add_task(name, total=100)
+    with bar:
+        while True:
+            (s,) = call(socket_path, "shadow_show", name=name)
+            ops = s["operations"]
+            if not ops:
+                break
+            head = ops[0]
+            bar.update(task, completed=head["percent"], description=f"{name}: {s['state']}")
+            if time.monotonic() >= deadline:
+                fail(f"{name}: still {s['state']} after {wait_s:g}s")
+            time.sleep(0.2)
+    click.echo(f"{name}: {s['state']}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from vscsi.store.file import FileVolume, StoreConfigError
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 EXPORTS = ("loop", "none")
+READ_POLICIES = ("balanced", "master")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -48,10 +49,36 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True)
+class ShadowSetConfig:
+    """One `[[shadow_set]]` table, validated: a virtual unit over member devices or files."""
+
+    name: str
+    members: list[str]
+    size: int | None  # for members to create; the set is as large as its smallest member
+    block_size: int | None
+    create: bool
+    write_intent_log: bool
+    read_policy: str
+    export: str
+    identity: Identity
+    index: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"shadow_set[{self.index}]"
+
+    @property
+    def path(self) -> str:
+        """How `vscsi status` names the backing: the members."""
+        return "shadow:" + ",".join(self.members)
+
+
+@dataclass(frozen=True)
 class Config:
-    """The whole file: daemon settings and the volumes."""
+    """The whole file: daemon settings, the volumes and the shadow sets."""
 
     volumes: list[VolumeConfig]
+    shadow_sets: list[ShadowSetConfig] = field(default_factory=list)
     socket: str = DEFAULT_SOCKET
     state_dir: str = DEFAULT_STATE_DIR
     copy_rate: int = 0  # bytes/s for pair copies; 0 = as fast as the devices go
@@ -118,6 +145,10 @@ def _identity(table: dict[str, Any], where: str, index: int) -> Identity:
     )
 
 
+_SHADOW_KEYS = {
+    "name", "members", "size", "block_size", "create", "write_intent_log", "read_policy",
+    "export", "identity",
+}  # fmt: skip
 _DAEMON_KEYS = {"socket", "state_dir", "copy_rate"}
 _VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
 
@@ -159,12 +190,59 @@ def _volume(table: object, index: int, base: Path) -> VolumeConfig:
     )
 
 
+def _shadow_set(table: object, index: int, base: Path, volumes: int) -> ShadowSetConfig:
+    where = f"shadow_set[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    for key in table:
+        if key not in _SHADOW_KEYS:
+            raise ConfigError(
+                f"{where}.{key}: unknown key (known: {', '.join(sorted(_SHADOW_KEYS))})"
+            )
+    name = _get(table, "name", str, where)
+    if name is None or not _NAME.match(name):
+        raise ConfigError(f"{where}.name: {name!r} must be 1-32 of A-Z a-z 0-9 _ . - (required)")
+    members = table.get("members")
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{where}.members: a list of files or block devices is required")
+    paths = []
+    for i, m in enumerate(members):
+        if not isinstance(m, str) or not m:
+            raise ConfigError(f"{where}.members[{i}]: expected a path, got {m!r}")
+        paths.append(str(base / m) if not Path(m).is_absolute() else m)
+    size = table.get("size")
+    block_size = _get(table, "block_size", int, where)
+    if block_size is not None and block_size not in (512, 4096):
+        raise ConfigError(f"{where}.block_size: {block_size} must be 512 or 4096")
+    policy = _get(table, "read_policy", str, where) or "balanced"
+    if policy not in READ_POLICIES:
+        raise ConfigError(
+            f"{where}.read_policy: {policy!r} must be one of {', '.join(READ_POLICIES)}"
+        )
+    export = _get(table, "export", str, where) or "loop"
+    if export not in EXPORTS:
+        raise ConfigError(f"{where}.export: {export!r} must be one of {', '.join(EXPORTS)}")
+    wil = _get(table, "write_intent_log", bool, where)
+    return ShadowSetConfig(
+        name=name,
+        members=paths,
+        size=parse_size(size, f"{where}.size") if size is not None else None,
+        block_size=block_size,
+        create=bool(_get(table, "create", bool, where)),
+        write_intent_log=True if wil is None else wil,
+        read_policy=policy,
+        export=export,
+        identity=_identity(table, where, volumes + index),
+        index=index,
+    )
+
+
 def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> Config:
     """Validate a decoded TOML document."""
     base = base or Path.cwd()
     for key in data:
-        if key not in ("volume", "daemon"):
-            raise ConfigError(f"{key}: unknown table (known: daemon, volume)")
+        if key not in ("volume", "daemon", "shadow_set"):
+            raise ConfigError(f"{key}: unknown table (known: daemon, volume, shadow_set)")
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigError("daemon: expected a table")
@@ -177,12 +255,15 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
     rate = daemon.get("copy_rate")
     tables = data.get("volume", [])
-    if not isinstance(tables, list) or not tables:
-        raise ConfigError("volume: at least one [[volume]] table is required")
+    sets = data.get("shadow_set", [])
+    if not isinstance(tables, list) or not isinstance(sets, list) or not (tables or sets):
+        raise ConfigError("volume: at least one [[volume]] or [[shadow_set]] table is required")
     volumes = [_volume(t, i, base) for i, t in enumerate(tables)]
-    _check_unique(volumes)
+    shadow_sets = [_shadow_set(t, i, base, len(volumes)) for i, t in enumerate(sets)]
+    _check_unique([*volumes, *shadow_sets])
     return Config(
         volumes=volumes,
+        shadow_sets=shadow_sets,
         socket=socket,
         state_dir=str(base / state_dir),
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
@@ -190,27 +271,31 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     )
 
 
-def _check_unique(volumes: list[VolumeConfig]) -> None:
-    seen: dict[str, int] = {}
-    paths: dict[str, int] = {}
-    ids: dict[tuple[int, int], int] = {}
-    for v in volumes:
-        if v.name in seen:
-            raise ConfigError(
-                f"{v.where}.name: {v.name!r} is already used by volume[{seen[v.name]}]"
-            )
-        seen[v.name] = v.index
-        real = str(Path(v.path).resolve())
-        if real in paths:
-            raise ConfigError(f"{v.where}.path: {v.path} is already used by volume[{paths[real]}]")
-        paths[real] = v.index
-        key = (v.identity.serial, v.identity.volume_id)
+def _check_unique(units: list[VolumeConfig | ShadowSetConfig]) -> None:
+    """Names, backing paths and identities are unique across volumes and shadow sets."""
+    names: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    ids: dict[tuple[int, int], str] = {}
+    for u in units:
+        if u.name in names:
+            raise ConfigError(f"{u.where}.name: {u.name!r} is already used by {names[u.name]}")
+        names[u.name] = u.where
+        backing = u.members if isinstance(u, ShadowSetConfig) else [u.path]
+        for i, path in enumerate(backing):
+            field_name = f"members[{i}]" if isinstance(u, ShadowSetConfig) else "path"
+            real = str(Path(path).resolve())
+            if real in paths:
+                raise ConfigError(
+                    f"{u.where}.{field_name}: {path} is already used by {paths[real]}"
+                )
+            paths[real] = u.where
+        key = (u.identity.serial, u.identity.volume_id)
         if key in ids:
             raise ConfigError(
-                f"{v.where}.identity.volume_id: serial {key[0]} volume {key[1]} "
-                f"is already used by volume[{ids[key]}]"
+                f"{u.where}.identity.volume_id: serial {key[0]} volume {key[1]} "
+                f"is already used by {ids[key]}"
             )
-        ids[key] = v.index
+        ids[key] = u.where
 
 
 def load(path: str | Path) -> Config:

@@ -16,18 +16,21 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 from rich.logging import RichHandler
 
-from vscsi.config import Config, VolumeConfig, open_volumes
+from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
 from vscsi.control import ControlError, ControlServer
 from vscsi.pair.engine import PairManager
 from vscsi.pair.states import PairError
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
+from vscsi.shadow.assemble import Assembly, open_member
+from vscsi.shadow.set import ShadowSet
+from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
+from vscsi.store.file import StoreConfigError
 from vscsi.tcmu import configfs
 from vscsi.tcmu.netlink import NetlinkListener
 from vscsi.tcmu.uio import UioDevice, UioError
@@ -43,7 +46,7 @@ class DaemonError(Exception):
 class Served:
     """One volume and everything that serves it."""
 
-    cfg: VolumeConfig
+    cfg: VolumeConfig | ShadowSetConfig
     volume: Volume
     lun: Lun
     backstore: configfs.Backstore | None = None
@@ -79,12 +82,9 @@ class Served:
         }
 
     def inquiry_changed(self) -> None:
-        """The pair state changed: INQUIRY DATA HAS CHANGED for the host's next command, and a
-        change uevent so udev rules re-read the page (the by-vscsi link follows the role)."""
+        """The pair state changed: INQUIRY DATA HAS CHANGED for the host's next command (Linux
+        logs it and sends a uevent with SDEV_UA=INQUIRY_DATA_HAS_CHANGED for udev rules)."""
         self.lun.add_unit_attention(*sense.INQUIRY_DATA_HAS_CHANGED)
-        if self.sd:
-            with contextlib.suppress(OSError):
-                Path(f"/sys/class/block/{Path(self.sd).name}/uevent").write_text("change")
 
 
 class Daemon:
@@ -99,6 +99,7 @@ class Daemon:
         self._netlink: NetlinkListener | None = None
         self._control: ControlServer | None = None
         self.pairs: PairManager | None = None
+        self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
         self._state_lock: IO[str] | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -129,25 +130,38 @@ class Daemon:
         )
 
     def open(self) -> None:
-        """Backing stores, pair state and LUNs: everything below the kernel."""
-        volumes = open_volumes(self.config)  # every backing store, or none
+        """Backing stores, shadow sets, pair state and LUNs: everything below the kernel."""
         try:
             self._lock_state_dir()
+        except OSError as e:
+            raise DaemonError(f"state dir {self.config.state_dir}: {e.strerror}") from None
+        volumes: dict[str, Volume] = dict(open_volumes(self.config))  # every store, or none
+        try:
+            for sc in self.config.shadow_sets:
+                assembly = Assembly(sc, self.config.state_dir)
+                shadow = assembly.open()
+                self.shadow_sets[sc.name] = (assembly, shadow)
+                volumes[sc.name] = shadow
             self.pairs = PairManager(
                 self.config.state_dir,
                 volumes,
-                {vc.name: vc.identity for vc in self.config.volumes},
+                {u.name: u.identity for u in self._units()},
                 on_change=self._pair_changed,
                 copy_rate=self.config.copy_rate,
             )
         except (PairError, OSError, ValueError) as e:
             for vol in volumes.values():
                 vol.close()
+            if isinstance(e, ConfigError):
+                raise
             raise DaemonError(f"pair state in {self.config.state_dir}: {e}") from None
-        for vc in self.config.volumes:
-            vol = self.pairs.volume(vc.name)
-            lun = Lun(vol, vc.identity, vendor_pages=self.pairs.vendor_pages(vc.name))
-            self.served[vc.name] = Served(vc, vol, lun)
+        for u in self._units():
+            vol = self.pairs.volume(u.name)
+            lun = Lun(vol, u.identity, vendor_pages=self.pairs.vendor_pages(u.name))
+            self.served[u.name] = Served(u, vol, lun)
+
+    def _units(self) -> list[VolumeConfig | ShadowSetConfig]:
+        return [*self.config.volumes, *self.config.shadow_sets]
 
     def _lock_state_dir(self) -> None:
         """One daemon per state directory: two would both recover and copy the same pairs."""
@@ -157,7 +171,10 @@ class Daemon:
             fcntl.flock(self._state_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._state_lock.close()
-            raise PairError("in use by another vscsi daemon (stop it first)") from None
+            raise DaemonError(
+                f"state dir {self.config.state_dir} is in use by another vscsi daemon "
+                "(stop it first)"
+            ) from None
 
     def start(self) -> None:
         self.open()
@@ -305,10 +322,59 @@ class Daemon:
             "pair_delete": lambda m, r: m.delete(r["name"]),
             "pair_display": self._pair_display,
         }
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {"status": self._status}
+        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "status": self._status,
+            "shadow_show": self._shadow_handler(self._shadow_show),
+            "shadow_add": self._shadow_handler(self._shadow_add),
+            "shadow_remove": self._shadow_handler(self._shadow_remove),
+        }
         for cmd, op in pair_ops.items():
             handlers[cmd] = self._pair_handler(op)
         return handlers
+
+    # -- shadow sets ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _shadow_handler(op: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        def handle(req: dict[str, Any]) -> Any:
+            try:
+                return op(req)
+            except KeyError as e:
+                raise ControlError(f"request needs {e.args[0]!r}") from None
+            except ShadowError as e:
+                raise ControlError(str(e)) from None
+
+        return handle
+
+    def _shadow(self, name: str) -> tuple[Assembly, ShadowSet]:
+        try:
+            return self.shadow_sets[name]
+        except KeyError:
+            known = ", ".join(self.shadow_sets) or "none configured"
+            raise ShadowError(f"no shadow set {name!r} (known: {known})") from None
+
+    def _shadow_show(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        names = [req["name"]] if req.get("name") else list(self.shadow_sets)
+        return [self._shadow(n)[1].show() for n in names]
+
+    def _shadow_add(self, req: dict[str, Any]) -> dict[str, Any]:
+        assembly, shadow = self._shadow(req["name"])
+        try:
+            member = open_member(req["member"])
+        except StoreConfigError as e:
+            raise ShadowError(f"{req['member']}: {e}") from None
+        try:
+            shadow.add(member)
+        except BaseException:
+            member.close()
+            raise
+        assembly.remember(member.name)
+        return shadow.show()
+
+    def _shadow_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        _, shadow = self._shadow(req["name"])
+        shadow.remove(os.path.abspath(req["member"]), minicopy=bool(req.get("minicopy")))
+        return shadow.show()
 
     def _pair_handler(
         self, op: Callable[[PairManager, dict[str, Any]], Any]

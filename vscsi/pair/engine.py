@@ -7,6 +7,7 @@ The P-VOL mirrors to its S-VOLs only through the `Replica` protocol, so a remote
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 import threading
 import time
@@ -102,7 +103,7 @@ class Pair:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.inflight: tuple[int, int] | None = None  # the chunk the copier claimed
-        self.copied = 0  # bytes copied by this process, for tests and rate display
+        self.copied = 0  # bytes the running copy copied in this process (pairdisplay --json)
 
     @property
     def name(self) -> str:
@@ -143,13 +144,26 @@ class Pair:
                 left.mark(*self.inflight)
             return left
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
         """Snapshot first, then make the copied data durable, then write the snapshot: the
-        record never claims a copy that is not on disk."""
+        record never claims a copy that is not on disk. False when the S-VOL failed the flush:
+        the pair is then PSUE."""
         rec = self.snapshot()
-        self.replica.flush()
+        if not self.flush_replica():
+            return False
         self.p.base.flush()
         self.manager.store.save(rec)
+        return True
+
+    def flush_replica(self) -> bool:
+        """Flush the S-VOL; a failure may have lost any write since the last flush, so the
+        whole volume counts as changed and the pair suspends (resync copies everything)."""
+        try:
+            self.replica.flush()
+        except Exception as e:
+            self.suspend(0, self.p.size, e)
+            return False
+        return True
 
     def progress(self) -> int:
         """Percent copied while copying; otherwise percent identical (as CCI shows a split)."""
@@ -209,6 +223,7 @@ class Pair:
 
     def start_copier(self) -> None:
         self._stop = threading.Event()
+        self.copied = 0
         self._thread = threading.Thread(
             target=self._copy_loop, name=f"pair-copy-{self.name}", daemon=True
         )
@@ -229,8 +244,11 @@ class Pair:
         return True
 
     def _copy_loop(self) -> None:
-        if self.copy_pending():
-            self._finish()
+        try:
+            if self.copy_pending():
+                self._finish()
+        except Exception:  # a P-VOL failure: the copy stays pending and resumes on restart
+            log.exception("pair %s: copy stopped", self.name)
 
     def copy_pending(self) -> bool:
         """Claim the next grains still to copy, copy them under their region lock (a racing
@@ -259,13 +277,14 @@ class Pair:
             since_checkpoint += length
             pace.after(length, self._stop)
             if since_checkpoint >= m.checkpoint_bytes or time.monotonic() >= next_checkpoint:
-                self.checkpoint()
+                if not self.checkpoint():
+                    return False
                 since_checkpoint = 0
                 next_checkpoint = time.monotonic() + m.checkpoint_interval
         return False
 
     def _copy_chunk(self, offset: int, length: int) -> bool:
-        buf = memoryview(bytearray(length))
+        buf = memoryview(mmap.mmap(-1, length))  # page aligned: block devices take O_DIRECT
         with self.p.regions.hold(offset, length):
             try:
                 if self.rec.status is Status.RCPY:
@@ -281,7 +300,8 @@ class Pair:
         return True
 
     def _finish(self) -> None:
-        self.replica.flush()
+        if not self.flush_replica():
+            return
         self.p.base.flush()
         size = self.p.size
         if self.rec.status is Status.RCPY:
@@ -393,10 +413,7 @@ class PairVolume:
         primaries, _ = self.manager.roles(self.name)
         for pair in primaries:
             if pair.status in (Status.COPY, Status.PAIR):
-                try:
-                    pair.replica.flush()
-                except Exception as e:
-                    pair.suspend(0, 0, e)
+                pair.flush_replica()
 
     def unmap(self, offset: int, length: int) -> None:
         """Only simplex volumes deallocate (`supports_unmap` is False while paired)."""
@@ -751,6 +768,9 @@ class PairManager:
             for pair in self.pairs.values():
                 pair.stop_copier()
                 if pair.status in (Status.COPY, Status.RCPY):
-                    pair.checkpoint()
+                    try:
+                        pair.checkpoint()
+                    except (OSError, VolumeError) as e:  # P-VOL: the last record stands
+                        log.error("pair %s: final checkpoint failed: %s", pair.name, e)
             for pv in self.volumes.values():
                 pv.close()

@@ -1,0 +1,110 @@
+"""From a `[[shadow_set]]` table to a mounted `ShadowSet`: open the members, assemble the set
+from their control blocks (or create it when none carries one), and remember members added at
+run time so a restart gives them back to the set.
+
+Member volumes are named by their absolute path: `vscsi shadow remove NAME PATH` uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from vscsi.config import ConfigError, ShadowSetConfig
+from vscsi.pair.persist import atomic_write
+from vscsi.shadow.control import AREA, ControlBlockError, read_block
+from vscsi.shadow.set import ShadowSet
+from vscsi.shadow.states import ShadowError
+from vscsi.store.base import Volume
+from vscsi.store.file import FileVolume, StoreConfigError
+
+log = logging.getLogger(__name__)
+
+
+def open_member(path: str, size: int | None = None, block_size: int | None = None,
+                create: bool = False) -> FileVolume:  # fmt: skip
+    """A member file or block device; `size` is the set's, so a new file gets room for the
+    control block too."""
+    path = os.path.abspath(path)
+    new = create and not os.path.exists(path)
+    return FileVolume(
+        path,
+        path,
+        size=(size + AREA) if new and size is not None else None,
+        block_size=block_size,
+        create=new,
+    )
+
+
+class Assembly:
+    """The members file of one set: `state_dir/shadow/<name>.members.json`."""
+
+    def __init__(self, cfg: ShadowSetConfig, state_dir: str) -> None:
+        self.cfg = cfg
+        self.dir = Path(state_dir) / "shadow"
+        self.path = self.dir / f"{cfg.name}.members.json"
+
+    def added(self) -> list[str]:
+        """Members added at run time (they are not in the config file)."""
+        try:
+            return [str(p) for p in json.loads(self.path.read_text())]
+        except FileNotFoundError:
+            return []
+
+    def remember(self, path: str) -> None:
+        paths = self.added()
+        if path not in paths and path not in self.cfg.members:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path, json.dumps([*paths, path]).encode())
+
+    def open(self) -> ShadowSet:
+        """Mount the set. A config error names the member; a refusal of the set is one line."""
+        cfg = self.cfg
+        vols: list[Volume] = []
+        try:
+            for i, path in enumerate(cfg.members):
+                try:
+                    vols.append(open_member(path, cfg.size, cfg.block_size, cfg.create))
+                except StoreConfigError as e:
+                    raise ConfigError(f"{cfg.where}.members[{i}]: {e}") from None
+            vols += self._added_members()
+            return self._mount(vols)
+        except ShadowError as e:
+            _close(vols)
+            raise ConfigError(f"{cfg.where}: {e}") from None
+        except BaseException:
+            _close(vols)
+            raise
+
+    def _added_members(self) -> list[Volume]:
+        found: list[Volume] = []
+        for path in self.added():
+            try:
+                found.append(open_member(path))
+            except StoreConfigError as e:  # gone: the set carries on without it
+                log.warning("shadow set %s: member %s added earlier is missing: %s",
+                            self.cfg.name, path, e)  # fmt: skip
+        return found
+
+    def _mount(self, vols: Sequence[Volume]) -> ShadowSet:
+        cfg = self.cfg
+        kw = {"state_dir": self.dir, "wil": cfg.write_intent_log, "read_policy": cfg.read_policy}
+        if any(_has_block(v) for v in vols):
+            return ShadowSet.open(cfg.name, vols, **kw)  # type: ignore[arg-type]
+        return ShadowSet.create(cfg.name, vols, block_size=cfg.block_size, **kw)  # type: ignore[arg-type]
+
+
+def _has_block(volume: Volume) -> bool:
+    try:
+        read_block(volume)
+    except ControlBlockError:
+        return False
+    return True
+
+
+def _close(vols: Sequence[Volume]) -> None:
+    for v in vols:
+        v.close()

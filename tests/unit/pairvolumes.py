@@ -16,14 +16,21 @@ MIB = 1 << 20
 
 
 class FaultyVolume(MemVolume):
-    """A MemVolume whose every write fails while `failing` is set (a dead device)."""
+    """A MemVolume whose every write fails while `failing` is set (a dead device), and whose
+    flush fails while `flush_failing` is set."""
 
     failing = False
+    flush_failing = False  # a device whose write cache cannot be written back
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         if self.failing:
             raise MediumError("write", offset, sum(len(b) for b in bufs), 5)
         super().write(offset, bufs, fua)
+
+    def flush(self) -> None:
+        if self.flush_failing:
+            raise MediumError("write", 0, 0, 5)
+        super().flush()
 
 
 class GatedReplica(LocalReplica):

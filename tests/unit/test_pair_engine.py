@@ -307,3 +307,21 @@ def test_racing_host_writes_during_copy(env) -> None:
     stop.set()
     for t in threads:
         t.join()
+
+
+def test_svol_flush_error_during_copy_suspends_and_resync_copies_everything(
+    tmp_path: Path,
+) -> None:
+    vols = volumes(2, SIZE)
+    vols["v1"].flush_failing = True
+    m = manager(str(tmp_path), vols, checkpoint_interval=0.0)
+    m.create("p", "v0", "v1", 0)
+    assert m.wait("p", 10)
+    d = m.display("p")[0]
+    assert d["status"] == "PSUE" and d["pvol"]["changed_bytes"] == SIZE  # anything may be lost
+    vols["v1"].flush_failing = False
+    m.resync("p")
+    assert m.wait("p", 10) and m.pair("p").status is Status.PAIR
+    assert m.display("p")[0]["copy_total"] == SIZE
+    assert vols["v1"].data == vols["v0"].data
+    m.close()

@@ -325,3 +325,39 @@ def test_svol_flush_error_during_copy_suspends_and_resync_copies_everything(
     assert m.display("p")[0]["copy_total"] == SIZE
     assert vols["v1"].data == vols["v0"].data
     m.close()
+
+
+def crash_with_write_in_flight(m: PairManager, vols: dict, name: str, offset: int) -> None:
+    """The write intent is durable and the write reached the volume, then the process died:
+    no end of the intent, no mirror, no close."""
+    m.volume(name).wil.begin(offset, 4096)
+    vols[name].data[offset : offset + 4096] = b"n" * 4096
+
+
+def test_crash_in_pair_with_a_write_in_flight_recopies_it(tmp_path: Path) -> None:
+    vols = volumes(2, SIZE)
+    m = manager(str(tmp_path), vols)
+    paired(m)
+    crash_with_write_in_flight(m, vols, "v0", 3 * GRAIN)
+    assert vols["v1"].data != vols["v0"].data
+    m2 = manager(str(tmp_path), vols)
+    assert m2.pair("p").status is Status.PAIR
+    assert vols["v1"].data == vols["v0"].data
+    m2.close()
+
+
+def test_crash_in_psus_counts_writes_in_flight_as_changed_on_their_side(tmp_path: Path) -> None:
+    vols = volumes(2, SIZE)
+    m = manager(str(tmp_path), vols)
+    paired(m)
+    m.split("p")
+    crash_with_write_in_flight(m, vols, "v0", 5 * GRAIN)
+    crash_with_write_in_flight(m, vols, "v1", 9 * GRAIN)
+    m2 = manager(str(tmp_path), vols)
+    d = m2.display("p")[0]
+    assert d["status"] == "PSUS"
+    assert d["pvol"]["changed_bytes"] >= GRAIN and d["svol"]["changed_bytes"] >= GRAIN
+    m2.resync("p")
+    assert m2.wait("p", 10)
+    assert vols["v1"].data == vols["v0"].data
+    m2.close()

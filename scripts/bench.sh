@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
-# `make bench`, inside the VM: the I/O benchmark against LIO fileio, tcmu-runner and vscsi.
+# `make bench`, inside the VM: the I/O benchmark against LIO fileio, tcmu-runner and vscsi; then
+# the shadow set merge benchmark (members: sparse files of 1 TiB) on a tmpfs mounted for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python bench/bench_io.py
+.venv/bin/python bench/bench_io.py
+
+dir=$(mktemp -d /tmp/bench-shadow.XXXXXX)
+cleanup() {
+  if mountpoint -q "$dir"; then umount "$dir"; fi
+  rmdir "$dir"
+}
+trap cleanup EXIT
+mount -t tmpfs -o size=1500M tmpfs "$dir"
+.venv/bin/python bench/bench_shadow.py --dir "$dir"

@@ -16,7 +16,7 @@ from pathlib import Path
 from vscsi.shadow import AREA, ShadowSet, Tuning
 from vscsi.shadow.control import SLOT
 from vscsi.shadow.set import Stats
-from vscsi.store.base import MediumError
+from vscsi.store.base import Extent, MediumError
 from vscsi.store.file import FileVolume
 
 MIB = 1 << 20
@@ -32,10 +32,15 @@ TUNING = Tuning(
 class Member(FileVolume):
     """A member on a file, with bad ranges (`bad_read`, `bad_write`: (offset, length) pairs
     whose I/O fails with MediumError) and a one-time stall: after `stall_after(n)` the read that
-    crosses n more bytes waits (setting `stalled`) until `release` is set."""
+    crosses n more bytes waits (setting `stalled`) until `release` is set.
 
-    def __init__(self, path: Path, size: int = SIZE + AREA) -> None:
+    Unless `sparse`, it reports every block mapped, as a block device does, so copies and
+    merges read every chunk and the tests of their order and locking can stall them anywhere;
+    a `sparse` member reports the file's holes."""
+
+    def __init__(self, path: Path, size: int = SIZE + AREA, sparse: bool = False) -> None:
         super().__init__(path.name, str(path), size=size, create=True)
+        self.sparse = sparse
         self.bad_read: list[tuple[int, int]] = []
         self.bad_write: list[tuple[int, int]] = []
         self.written = 0
@@ -71,6 +76,11 @@ class Member(FileVolume):
         self._hits(self.bad_write, "write", offset, length)
         super().write(offset, bufs, fua)
         self.written += length
+
+    def extent_at(self, offset: int) -> Extent:
+        if self.sparse:
+            return super().extent_at(offset)
+        return Extent(offset, self.size - offset, True)
 
 
 def members(tmp_path: Path, *names: str) -> list[Member]:

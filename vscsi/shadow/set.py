@@ -2,10 +2,12 @@
 Shadowing). It is a `Volume`, so a LUN can serve it and a pair can mirror it.
 
 Host writes go to every full member and every copy target and are acknowledged when all have
-them; reads come from one full member, round-robin, never from a copy target. One worker
-thread runs the head of the state machine's queue (copy, minicopy, merge, minimerge) a chunk
-at a time under the chunk's region lock, so a host write to that region waits and lands after
-it: stale copy data never overwrites a host write. While a merge is pending, a host read of a
+them; reads come from one full member (round-robin, or always the master: the read policy),
+never from a copy target. One worker thread runs the head of the state machine's queue (copy,
+minicopy, merge, minimerge) a chunk at a time under the chunk's region lock, so a host write to
+that region waits and lands after it: stale copy data never overwrites a host write. Where
+every volume involved has a hole (all zeroes), a merge or copy skips it without reading, so a
+sparse set is merged in the time its data takes. While a merge is pending, a host read of a
 region not yet merged merges that region first, so the host never gets two answers for a block.
 
 Lock order, outermost first: the write gate, region locks, the state lock.
@@ -21,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from vscsi.pair.locks import RegionLocks, WriteGate
 from vscsi.pair.persist import atomic_write
@@ -51,6 +53,9 @@ from vscsi.tracker import DirtyMap, WriteIntentLog
 log = logging.getLogger(__name__)
 
 IN_SET = (MemberState.FULL, MemberState.COPY_TARGET)
+ReadPolicy = Literal["balanced", "master"]
+READ_POLICIES: tuple[ReadPolicy, ...] = ("balanced", "master")
+SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one region lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +75,10 @@ class Tuning:
 class Stats:
     """What the worker and the read path did since open, for status and tests."""
 
-    copied: int = 0  # bytes written to copy targets by copies and minicopies
+    copied: int = 0  # bytes written (or holes punched) on copy targets by copies, minicopies
+    copy_skipped: int = 0  # bytes a copy left alone: a hole on the source and on the target
     merge_scanned: int = 0  # bytes compared by merges and minimerges
+    merge_skipped: int = 0  # bytes a merge did not read: a hole on every member
     merge_written: int = 0  # bytes rewritten on a member because it differed
     read_repairs: int = 0  # blocks rewritten on a member after it failed a read
     finished: list[tuple[OpKind, str | None]] = field(default_factory=list)
@@ -119,8 +126,15 @@ class ShadowSet:
         state_dir: str | os.PathLike[str],
         wil: bool,
         tuning: Tuning,
+        read_policy: str,
     ) -> None:
+        if read_policy not in READ_POLICIES:
+            raise ShadowError(
+                f"shadow set {name!r}: read_policy must be 'balanced' or 'master', "
+                f"not {read_policy!r}"
+            )
         self.name = name
+        self.read_policy = read_policy
         self.block_size = block.block_size
         self.tuning = tuning
         self.stats = Stats()
@@ -162,6 +176,7 @@ class ShadowSet:
         wil: bool = True,
         block_size: int | None = None,
         tuning: Tuning | None = None,
+        read_policy: ReadPolicy = "balanced",
     ) -> ShadowSet:
         """A new set whose content is the first volume's; the others are mounted into it and
         receive a copy (row 1)."""
@@ -173,7 +188,14 @@ class ShadowSet:
         state = SetState(members={mid: MemberState.FULL})
         block = ControlBlock(new_id(), 0, True, bs, virtual_size(volumes, bs), 0, state)
         shadow = cls(
-            name, block, {mid: first}, (), state_dir=state_dir, wil=wil, tuning=tuning or Tuning()
+            name,
+            block,
+            {mid: first},
+            (),
+            state_dir=state_dir,
+            wil=wil,
+            tuning=tuning or Tuning(),
+            read_policy=read_policy,
         )
         for v in rest:
             shadow.add(v)
@@ -188,6 +210,7 @@ class ShadowSet:
         state_dir: str | os.PathLike[str],
         wil: bool = True,
         tuning: Tuning | None = None,
+        read_policy: ReadPolicy = "balanced",
     ) -> ShadowSet:
         """Assemble a set from its members alone: the highest valid generation is the truth;
         a volume that carries an older one (or none) is stale and not a member. A set that was
@@ -216,7 +239,14 @@ class ShadowSet:
             else:
                 others.append((mid, v))
         return cls(
-            name, truth, members, others, state_dir=state_dir, wil=wil, tuning=tuning or Tuning()
+            name,
+            truth,
+            members,
+            others,
+            state_dir=state_dir,
+            wil=wil,
+            tuning=tuning or Tuning(),
+            read_policy=read_policy,
         )
 
     def _open_log(self) -> WriteIntentLog:
@@ -385,8 +415,12 @@ class ShadowSet:
         return [self._members[mid] for mid in self.state.full_members()]
 
     def _read_order(self) -> list[Member]:
-        """Full members, starting with the next one in round-robin order."""
+        """Full members in the order to try them: from the next one round-robin ("balanced"),
+        or in membership order, the master first ("master": predictable, and reads stay off a
+        slower member)."""
         full = self._full()
+        if self.read_policy == "master":
+            return full
         start = next(self._rr) % len(full)
         return full[start:] + full[:start]
 
@@ -505,13 +539,15 @@ class ShadowSet:
                 "size": self.size,
                 "block_size": self.block_size,
                 "state": ",".join(o["display"] for o in ops) or "Steady State",
+                "read_policy": self.read_policy,
                 "log": {"enabled": self._wil is not None, "valid_at_mount": self.log_valid},
                 "members": [self._describe_member(m) for m in self._members.values()]
                 + [{"name": name, "state": MemberState.STALE.value, "display": "Stale"}
                    for name in self._stale],
                 "operations": ops,
                 "stats": {k: getattr(self.stats, k) for k in
-                          ("copied", "merge_scanned", "merge_written", "read_repairs")},
+                          ("copied", "copy_skipped", "merge_scanned", "merge_skipped",
+                           "merge_written", "read_repairs")},
             }  # fmt: skip
 
     def _describe_op(self, op: Operation, active: bool) -> dict[str, Any]:
@@ -575,7 +611,7 @@ class ShadowSet:
             raise NotReadyError(f"shadow set {self.name}: dismounted")
 
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        """From one full member (round-robin); on an error, from another, with the failed
+        """From one full member (by the read policy); on an error, from another, with the failed
         blocks rewritten on the member that failed (repair)."""
         length = sum(len(b) for b in bufs)
         self._merge_before_read(offset, length)
@@ -701,12 +737,27 @@ class ShadowSet:
                 self._merge_range(start, n)
                 work.pending.clear(start, n)
 
-    def _merge_range(self, offset: int, length: int) -> None:
+    def _merge_range(self, offset: int, length: int) -> int:
+        """Merge [offset, offset+length) where any member has data; where every member has a
+        hole they agree (zeroes) and nothing is read. Returns the bytes compared. Caller holds
+        the region lock, so no host write changes what a member maps meanwhile."""
+        volumes = [m.volume for m in self._in_set() if m.volume is not None]
+        scanned = 0
+        for pos, n, what in self._runs(volumes, offset, length, _merge_kind):
+            if what == "skip":
+                self.stats.merge_skipped += n
+                continue
+            for p, k in self._pieces(pos, n):
+                self._merge_piece(p, k)
+                scanned += k
+        return scanned
+
+    def _merge_piece(self, offset: int, length: int) -> None:
         """Read the master (another full member if it fails), write every other member where
-        it differs. Caller holds the region lock."""
-        buf = memoryview(bytearray(length))
+        it differs. Bytearrays compare with memcmp, memoryviews byte by byte."""
+        data, peer = bytearray(length), bytearray(length)
+        buf = memoryview(data)
         source = self._read_repairing(self._full(), offset, [buf])
-        peer_buf = memoryview(bytearray(length))
         failed = []
         for m in self._in_set():
             if m is source:
@@ -714,8 +765,8 @@ class ShadowSet:
             assert m.volume is not None
             try:
                 try:
-                    m.volume.readinto(offset, [peer_buf])
-                    same = peer_buf == buf
+                    m.volume.readinto(offset, [memoryview(peer)])
+                    same = peer == data
                 except VolumeError:
                     same = False
                 if not same:
@@ -726,19 +777,94 @@ class ShadowSet:
         self.stats.merge_scanned += length
         self._fail_and_commit(failed, offset, length)
 
-    def _copy_range(self, op: Operation, offset: int, length: int) -> None:
-        """Copy from the master (another full member if it fails) to the target. Caller holds
-        the region lock."""
-        buf = memoryview(bytearray(length))
-        self._read_repairing(self._full(), offset, [buf])
+    def _copy_range(self, op: Operation, offset: int, length: int) -> int:
+        """Copy from the master (another full member if it fails) to the target. Where the
+        master has a hole nothing is read: the target's blocks there are left alone when they
+        are a hole too, else deallocated (written with zeroes when it cannot unmap). Returns
+        the bytes written to the target. Caller holds the region lock."""
         target = self._members[op.target] if op.target else None
         assert target is not None and target.volume is not None
+        source = self._full()[0].volume
+        assert source is not None
+        done = 0
+        for pos, n, what in self._runs([source, target.volume], offset, length, _copy_kind):
+            if what == "skip":
+                self.stats.copy_skipped += n
+                continue
+            for p, k in self._pieces(pos, n):
+                buf = memoryview(bytearray(k))
+                if what == "copy":
+                    self._read_repairing(self._full(), p, [buf])
+                try:
+                    if what == "zero" and target.volume.supports_unmap:
+                        target.volume.unmap(p, k)
+                    else:
+                        target.volume.write(p, [buf])
+                except VolumeError as e:
+                    self._fail_and_commit([(target, e)], p, k)
+                    return done
+                self.stats.copied += k
+                done += k
+        return done
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """[offset, offset+length) in chunks, so no buffer outgrows one."""
+        chunk = self.tuning.chunk
+        for p in range(offset, offset + length, chunk):
+            yield p, min(chunk, offset + length - p)
+
+    # -- holes --------------------------------------------------------------------------------
+
+    def _extent(self, volume: Volume, offset: int, end: int) -> Extent:
+        """`volume`'s extent at `offset`, clipped to `end` and to whole blocks: a hole shrinks
+        to the blocks it covers, data grows to whole blocks, and a volume that cannot tell
+        counts as data, so a hole is only ever trusted where it really is one."""
+        bs = self.block_size
         try:
-            target.volume.write(offset, [buf])
-        except VolumeError as e:
-            self._fail_and_commit([(target, e)], offset, length)
-            return
-        self.stats.copied += length
+            ext = volume.extent_at(offset)
+        except VolumeError:
+            return Extent(offset, end - offset, True)
+        n = min(ext.length, end - offset)
+        if ext.mapped or n < bs:
+            return Extent(offset, min(max(bs, -(-n // bs) * bs), end - offset), True)
+        return Extent(offset, n - n % bs, False)
+
+    def _hole(self, volumes: Sequence[Volume], offset: int, length: int) -> int:
+        """How much of [offset, offset+length) from `offset` on is a hole on every volume."""
+        exts = [self._extent(v, offset, offset + length) for v in volumes]
+        return 0 if any(e.mapped for e in exts) else min(e.length for e in exts)
+
+    def _runs(
+        self,
+        volumes: Sequence[Volume],
+        offset: int,
+        length: int,
+        kind: Callable[[tuple[bool, ...]], str],
+    ) -> list[tuple[int, int, str]]:
+        """[offset, offset+length) as (offset, length, kind) runs, `kind` of which volumes
+        have data there (in the order given); neighbours of one kind are joined."""
+        runs: list[tuple[int, int, str]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            exts = [self._extent(v, pos, end) for v in volumes]
+            n = min(e.length for e in exts)
+            what = kind(tuple(e.mapped for e in exts))
+            if runs and runs[-1][2] == what:
+                runs[-1] = (runs[-1][0], runs[-1][1] + n, what)
+            else:
+                runs.append((pos, n, what))
+            pos += n
+        return runs
+
+    def _involved(self, op: Operation) -> list[Volume]:
+        """The volumes whose holes decide what `op` may skip: the master and the target of a
+        copy, every member in the set for a merge."""
+        if op.kind.is_copy:
+            target = self._members[op.target] if op.target else None
+            members = [self._full()[0], *([target] if target is not None else [])]
+        else:
+            members = self._in_set()
+        return [m.volume for m in members if m.volume is not None]
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -772,21 +898,40 @@ class ShadowSet:
                 since_checkpoint = 0
 
     def _step(self, op: Operation, work: Work) -> int | None:
-        """Do the next chunk of `op`; its length, or None when nothing is left."""
-        ext = work.pending.next_extent(op.fence)
+        """Do the next chunk of `op`, or skip the hole ahead (up to SKIP_CHUNKS chunks) when
+        every volume involved has one there: a sparse terabyte is a few thousand steps. The
+        hole is looked up again under the region lock before anything is skipped. Returns
+        the bytes read or written (what a checkpoint makes durable), None when nothing is left."""
+        t = self.tuning
+        ext = self._next_extent(work.pending, op.fence, SKIP_CHUNKS * t.chunk)
         if ext is None:
             return None
-        offset, length = ext[0], min(ext[1], self.tuning.chunk)
+        offset, length = ext[0], min(ext[1], t.chunk)
+        span = ext[1]
+        hole = self._hole(self._involved(op), offset, span)
+        if hole > length:
+            length = hole if hole == span else max(length, hole - hole % t.grain)
+        done = 0
         with self._regions.hold(offset, length):
             if work.pending.test(offset, length):
                 if op.kind.is_copy:
-                    self._copy_range(op, offset, length)
+                    done = self._copy_range(op, offset, length)
                 else:
-                    self._merge_range(offset, length)
+                    done = self._merge_range(offset, length)
                 work.pending.clear(offset, length)
         with self._lock:
             op.fence = offset + length
-        return length
+        return done
+
+    def _next_extent(self, pending: DirtyMap, start: int, most: int) -> tuple[int, int] | None:
+        """The next run to do at or after `start`, measured up to `most` bytes: the map's own
+        `next_extent` measures a run to its end, for a full merge a scan of the whole map at
+        every step."""
+        offs, lens = pending.extents_array(start, min(start + most, self.size))
+        if len(offs):
+            return offs[0], lens[0]
+        ext = pending.next_extent(start + most) if start + most < self.size else None
+        return (ext[0], min(ext[1], most)) if ext is not None else None
 
     def _checkpoint(self) -> None:
         """Make the copied/merged data durable, then record the fences."""
@@ -812,3 +957,12 @@ class ShadowSet:
             self._stop = True
             self._cond.notify_all()
         self._worker.join()
+
+
+def _merge_kind(mapped: tuple[bool, ...]) -> str:
+    return "merge" if any(mapped) else "skip"
+
+
+def _copy_kind(mapped: tuple[bool, ...]) -> str:
+    source, target = mapped
+    return "copy" if source else "zero" if target else "skip"

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import click
-from rich.progress import Progress
 
 from vscsi.config import DEFAULT_SOCKET, ConfigError, load
 from vscsi.control import ControlError, request
@@ -340,6 +339,8 @@ def shadow_wait(name: str, timeout: float | None, socket_path: str) -> None:
 
 def shadow_finish(socket_path: str, name: str, wait_s: float) -> None:
     """Poll until no operation is pending; exit 1 if one still is at the deadline."""
+    from rich.progress import Progress  # only here: it costs more than the rest of the CLI
+
     deadline = time.monotonic() + wait_s
     bar = Progress(transient=True, disable=not sys.stdout.isatty())
     task = bar.add_task(name, total=100)

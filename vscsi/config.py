@@ -82,6 +82,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     state_dir: str = DEFAULT_STATE_DIR
     copy_rate: int = 0  # bytes/s for pair copies; 0 = as fast as the devices go
+    command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
     source: str = ""
 
 
@@ -149,7 +150,7 @@ _SHADOW_KEYS = {
     "name", "members", "size", "block_size", "create", "write_intent_log", "read_policy",
     "export", "identity",
 }  # fmt: skip
-_DAEMON_KEYS = {"socket", "state_dir", "copy_rate"}
+_DAEMON_KEYS = {"socket", "state_dir", "copy_rate", "command_timeout"}
 _VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
 
 
@@ -254,6 +255,9 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
     state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
     rate = daemon.get("copy_rate")
+    timeout = _get(daemon, "command_timeout", int, "daemon")
+    if timeout is not None and not 0 <= timeout <= 3600:
+        raise ConfigError(f"daemon.command_timeout: {timeout} must be 0 (never) to 3600 seconds")
     tables = data.get("volume", [])
     sets = data.get("shadow_set", [])
     if not isinstance(tables, list) or not isinstance(sets, list) or not (tables or sets):
@@ -267,6 +271,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         socket=socket,
         state_dir=str(base / state_dir),
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
+        command_timeout=timeout,
         source=source,
     )
 

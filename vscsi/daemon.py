@@ -201,7 +201,9 @@ class Daemon:
                 configfs.check_backstore(existing, s.volume.size, s.volume.block_size)
                 s.backstore, s.reattached = existing, True
             else:
-                s.backstore = configfs.create_backstore(name, s.volume.size, s.volume.block_size)
+                s.backstore = configfs.create_backstore(
+                    name, s.volume.size, s.volume.block_size, self.config.command_timeout
+                )
             s.device = UioDevice.open(s.backstore.uio_name)
             s.thread = threading.Thread(
                 target=s.device.serve,

@@ -96,7 +96,12 @@ def check_backstore(bs: Backstore, size: int, block_size: int) -> None:
         )
 
 
-def create_backstore(volume: str, size: int, block_size: int) -> Backstore:
+def create_backstore(
+    volume: str, size: int, block_size: int, cmd_time_out: int | None = None
+) -> Backstore:
+    """A user backstore; `cmd_time_out` (seconds, 0 = never) is how long the kernel lets a
+    command wait in the ring for the daemon before failing it. It can only be set before the
+    backstore is exported."""
     try:
         so = rtslib_fb.UserBackedStorageObject(
             PREFIX + volume,
@@ -105,6 +110,8 @@ def create_backstore(volume: str, size: int, block_size: int) -> Backstore:
             wwn=unit_serial(volume),
             control=f"hw_block_size={block_size}",
         )
+        if cmd_time_out is not None:
+            so.set_attribute("cmd_time_out", str(cmd_time_out))
     except (RTSLibError, OSError) as e:
         raise ConfigfsError(f"cannot create backstore {PREFIX}{volume}: {e}") from None
     return Backstore(volume, so)

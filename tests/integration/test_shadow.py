@@ -1,0 +1,176 @@
+"""Shadow sets served through the real kernel: fio with verification while a member is copied
+in, while the daemon is SIGKILLed (minimerge with the log, full merge without), and while a
+member's device starts failing; `cmp` proves the members identical afterwards.
+
+One daemon serves three sets for the whole module:
+- dsa1: two loop block devices and a file, write-intent log on;
+- dsa2: two files, write-intent log off (a crash means a full merge);
+- dsa3: a file and a device-mapper device that is switched to `error` mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import VSCSI, Daemon, run
+from vscsi.control import request
+from vscsi.shadow import AREA
+
+MIB = 1 << 20
+SIZE = 16 * MIB
+MEMBER = SIZE + AREA
+
+
+def losetup(img: Path) -> str:
+    with img.open("wb") as f:
+        f.truncate(MEMBER)
+    return run("losetup", "--find", "--show", str(img)).strip()
+
+
+@pytest.fixture(scope="module")
+def devices(workdir: Path) -> Iterator[dict[str, str]]:
+    run("modprobe", "loop")
+    run("modprobe", "dm_mod")
+    loops = {name: losetup(workdir / f"{name}.img") for name in ("loopA", "loopB", "loopF")}
+    sectors = MEMBER // 512
+    run("dmsetup", "create", "vscsi-flaky", input=f"0 {sectors} linear {loops['loopF']} 0\n")
+    yield {**loops, "flaky": "/dev/mapper/vscsi-flaky"}
+    run("dmsetup", "remove", "vscsi-flaky", check=False)
+    for dev in loops.values():
+        run("losetup", "-d", dev, check=False)
+
+
+@pytest.fixture(scope="module")
+def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
+    sets = [
+        ("dsa1", [devices["loopA"], devices["loopB"], f"{workdir}/c.img"], True, 0x400),
+        ("dsa2", [f"{workdir}/d0.img", f"{workdir}/d1.img"], False, 0x401),
+        ("dsa3", [f"{workdir}/e0.img", devices["flaky"]], True, 0x402),
+    ]
+    body = "".join(
+        f'\n[[shadow_set]]\nname = "{name}"\nmembers = {json.dumps(members)}\nsize = "16MiB"\n'
+        f"create = true\nwrite_intent_log = {str(wil).lower()}\n"
+        f"[shadow_set.identity]\nserial = 410004\nvolume_id = {vid}\n"
+        for name, members, wil, vid in sets
+    )
+    d = Daemon(
+        workdir, f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\n{body}', "shadow"
+    )
+    d.start()
+    for name in ("dsa1", "dsa2", "dsa3"):
+        wait_steady(d, name)
+        # commands queued while the daemon is down must wait for its restart, not time out
+        Path(f"/sys/block/{Path(d.sd(name)).name}/device/timeout").write_text("300")
+    yield d
+    if d.proc is not None:
+        d.stop()
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def show(d: Daemon, name: str) -> dict[str, Any]:
+    (s,) = request(d.socket, "shadow_show", name=name)
+    return s
+
+
+def wait_steady(d: Daemon, name: str, timeout: float = 300) -> None:
+    run(VSCSI, "shadow", "wait", name, "--timeout", str(timeout), "--socket", d.socket,
+        timeout=timeout + 30)  # fmt: skip
+
+
+def fio(dev: str, size: str = "12M") -> subprocess.Popen[str]:
+    """fio writing random 4 KiB blocks with crc32c checksums, then verifying all of them
+    (about 10 s of writes in the emulated VM, then the reads)."""
+    cmd = ["fio", "--name=shadow", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
+           "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--size={size}", "--verify=crc32c",
+           "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+           "--randrepeat=0"]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fio_ok(p: subprocess.Popen[str], d: Daemon, timeout: float = 600) -> None:
+    out, _ = p.communicate(timeout=timeout)
+    if p.returncode != 0 or "err= 0" not in out:
+        dmesg = run("dmesg", check=False).splitlines()[-30:]
+        log = d.output().splitlines()[-40:]
+        raise AssertionError("\n".join([out[-3000:], "-- dmesg", *dmesg, "-- vscsi", *log]))
+
+
+def cmp_members(*members: str) -> None:
+    first, *rest = members
+    for other in rest:
+        run("cmp", "-n", str(SIZE), first, other)
+
+
+def displays(s: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["display"] for m in s["members"]}
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_three_members_serve_fio(daemon: Daemon, devices: dict[str, str], workdir: Path) -> None:
+    s = show(daemon, "dsa1")
+    assert s["state"] == "Steady State" and s["size"] == SIZE
+    assert list(displays(s).values()) == ["ShadowSetMember"] * 3
+    fio_ok(fio(daemon.sd("dsa1")), daemon)
+    cmp_members(devices["loopA"], devices["loopB"], f"{workdir}/c.img")
+    out = run(VSCSI, "shadow", "show", "dsa1", "--socket", daemon.socket)
+    assert "Virtual Unit State:   Steady State" in out
+
+
+def test_member_added_while_fio_runs_gets_a_copy(
+    daemon: Daemon, devices: dict[str, str], workdir: Path
+) -> None:
+    member = f"{workdir}/c.img"
+    run(VSCSI, "shadow", "remove", "dsa1", member, "--socket", daemon.socket)
+    before = show(daemon, "dsa1")["stats"]["copied"]
+    job = fio(daemon.sd("dsa1"))
+    out = run(VSCSI, "shadow", "add", "dsa1", member, "--socket", daemon.socket)
+    assert "Copy" in out, out
+    fio_ok(job, daemon)
+    wait_steady(daemon, "dsa1")
+    assert show(daemon, "dsa1")["stats"]["copied"] > before
+    cmp_members(devices["loopA"], devices["loopB"], member)
+
+
+def test_sigkill_under_fio_minimerge_with_log_full_merge_without(
+    daemon: Daemon, devices: dict[str, str], workdir: Path
+) -> None:
+    jobs = [fio(daemon.sd(name)) for name in ("dsa1", "dsa2")]
+    run("sleep", "5")
+    daemon.kill()
+    daemon.start()  # the queued I/O is served; fio goes on, then verifies
+    for job in jobs:
+        fio_ok(job, daemon)
+    for name in ("dsa1", "dsa2"):
+        wait_steady(daemon, name)
+    one, two = show(daemon, "dsa1"), show(daemon, "dsa2")
+    assert one["log"]["valid_at_mount"] and not two["log"]["enabled"]
+    # minimerge: only the regions in the write-intent log; full merge: the whole volume
+    assert 0 < one["stats"]["merge_scanned"] < SIZE // 2, one["stats"]
+    assert two["stats"]["merge_scanned"] == SIZE, two["stats"]
+    cmp_members(devices["loopA"], devices["loopB"], f"{workdir}/c.img")
+    cmp_members(f"{workdir}/d0.img", f"{workdir}/d1.img")
+
+
+def test_member_that_starts_failing_is_removed_and_the_host_sees_no_error(
+    daemon: Daemon, devices: dict[str, str], workdir: Path
+) -> None:
+    job = fio(daemon.sd("dsa3"))
+    run("sleep", "4")
+    sectors = MEMBER // 512
+    run("dmsetup", "suspend", "--noflush", "vscsi-flaky")
+    run("dmsetup", "load", "vscsi-flaky", input=f"0 {sectors} error\n")
+    run("dmsetup", "resume", "vscsi-flaky")
+    fio_ok(job, daemon)  # every write acknowledged, every block verified: no error, no wrong data
+    s = show(daemon, "dsa3")
+    assert displays(s)[devices["flaky"]].startswith("Removed"), s
+    assert displays(s)[f"{workdir}/e0.img"] == "ShadowSetMember", s

@@ -408,8 +408,15 @@ class ShadowSet:
     # -- members ------------------------------------------------------------------------------
 
     def _in_set(self) -> list[Member]:
-        """Members that receive host writes: full members and copy targets."""
-        return [self._members[mid] for mid, st in self.state.members.items() if st in IN_SET]
+        """Members that receive host writes: full members and copy targets. Under the state
+        lock: `add` enters a member in the state before its volume is attached."""
+        with self._lock:
+            members = self._members
+            return [
+                members[mid]
+                for mid, st in self.state.members.items()
+                if st in IN_SET and mid in members
+            ]
 
     def _full(self) -> list[Member]:
         return [self._members[mid] for mid in self.state.full_members()]

@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := qemu-system-x86 qemu-utils linux-image-amd64 busybox-static sg3-utils lsscsi fio tcmu-runner \
             e2fsprogs kmod udev util-linux dmsetup
 
-.PHONY: deps apt venv test unit integration lint demo bench bench-tracker clean
+.PHONY: deps apt venv test unit integration lint demo bench bench-tracker bench-shadow clean
 
 deps: apt venv
 
@@ -48,6 +48,10 @@ bench: deps
 
 bench-tracker: venv
 	$(VPY) bench/bench_tracker.py
+
+# the shadow set merge benchmark on this host (make bench also runs it inside the VM)
+bench-shadow: venv
+	$(VPY) bench/bench_shadow.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info vm-out vscsi/tracker/_tracker_c.* .pytest_cache

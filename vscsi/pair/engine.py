@@ -463,6 +463,7 @@ class PairManager:
         self.checkpoint_interval = checkpoint_interval  # a restart loses at most this much copy
         self.lock = threading.RLock()  # serialises operator commands
         self.pairs: dict[str, Pair] = {}
+        self._roles: dict[str, tuple[list[Pair], Pair | None]] = {}
         self.volumes = {name: PairVolume(v, self) for name, v in volumes.items()}
         for rec in self.store.load_all():
             self._adopt(rec)
@@ -491,13 +492,25 @@ class PairManager:
         return [p for p in self.pairs.values() if volume in (p.rec.pvol, p.rec.svol)]
 
     def roles(self, volume: str) -> tuple[list[Pair], Pair | None]:
-        """(pairs where `volume` is the P-VOL, the pair where it is the S-VOL or None)."""
-        prim = [p for p in self.pairs.values() if p.rec.pvol == volume]
-        sec = next((p for p in self.pairs.values() if p.rec.svol == volume), None)
-        return prim, sec
+        """(pairs where `volume` is the P-VOL, the pair where it is the S-VOL or None).
+        Cached: every host command asks, and pairs come and go only by create and delete."""
+        cache = self._roles  # this snapshot: an answer computed before a change lands in it
+        cached = cache.get(volume)
+        if cached is None:
+            prim = [p for p in self.pairs.values() if p.rec.pvol == volume]
+            sec = next((p for p in self.pairs.values() if p.rec.svol == volume), None)
+            cached = cache[volume] = (prim, sec)
+        return cached
+
+    def _pairs_changed(self) -> None:
+        """After `self.pairs` changed: a new cache (never clear the old one in place, a
+        command may be filling it with an answer from before the change)."""
+        self._roles = {}
 
     def access(self, volume: str) -> Access:
         prim, sec = self.roles(volume)
+        if not prim and sec is None:
+            return Access.READ_WRITE
         if sec is not None:
             return access(Role.SVOL, sec.status, sec.rec.split_read_only)
         if any(p.status is Status.RCPY for p in prim):
@@ -605,6 +618,7 @@ class PairManager:
                 if target is not None:
                     self.store.set_note(target, {"content": "undefined (copy abandoned)"})
                 del self.pairs[name]
+                self._pairs_changed()
                 self.store.remove(name)
                 pair.rec.generation += 1
             self.changed(pair.rec.pvol, pair.rec.svol)
@@ -729,6 +743,7 @@ class PairManager:
         p, s = self.volume(rec.pvol), self.volume(rec.svol)
         pair = Pair(rec, self, self.replica_factory(s.base), p, s)
         self.pairs[rec.name] = pair
+        self._pairs_changed()
         return pair
 
     def _recover(self, pv: PairVolume) -> None:

@@ -18,17 +18,21 @@ class WriteGate:
         self._writers = 0
         self._closed = False
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self) -> WriteGate:
+        """`with gate.shared():` around one host write (a plain context manager: this is on
+        every write's path)."""
+        return self
+
+    def __enter__(self) -> None:
         with self._cond:
             while self._closed:
                 self._cond.wait()
             self._writers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writers -= 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._cond:
+            self._writers -= 1
+            if self._closed and not self._writers:  # only a state change waits for this
                 self._cond.notify_all()
 
     @contextmanager

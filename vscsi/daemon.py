@@ -131,12 +131,9 @@ class Daemon:
 
     def open(self) -> None:
         """Backing stores, shadow sets, pair state and LUNs: everything below the kernel."""
-        try:
-            self._lock_state_dir()
-        except OSError as e:
-            raise DaemonError(f"state dir {self.config.state_dir}: {e.strerror}") from None
         volumes: dict[str, Volume] = dict(open_volumes(self.config))  # every store, or none
         try:
+            self._lock_state_dir()  # after the config's own errors, which come first
             for sc in self.config.shadow_sets:
                 assembly = Assembly(sc, self.config.state_dir)
                 shadow = assembly.open()
@@ -149,10 +146,10 @@ class Daemon:
                 on_change=self._pair_changed,
                 copy_rate=self.config.copy_rate,
             )
-        except (PairError, OSError, ValueError) as e:
+        except (PairError, OSError, ValueError, DaemonError) as e:
             for vol in volumes.values():
                 vol.close()
-            if isinstance(e, ConfigError):
+            if isinstance(e, ConfigError | DaemonError):
                 raise
             raise DaemonError(f"pair state in {self.config.state_dir}: {e}") from None
         for u in self._units():
@@ -165,8 +162,11 @@ class Daemon:
 
     def _lock_state_dir(self) -> None:
         """One daemon per state directory: two would both recover and copy the same pairs."""
-        os.makedirs(self.config.state_dir, exist_ok=True)
-        self._state_lock = open(os.path.join(self.config.state_dir, "lock"), "a")  # noqa: SIM115
+        try:
+            os.makedirs(self.config.state_dir, exist_ok=True)
+            self._state_lock = open(os.path.join(self.config.state_dir, "lock"), "a")  # noqa: SIM115
+        except OSError as e:
+            raise DaemonError(f"state dir {self.config.state_dir}: {e.strerror}") from None
         try:
             fcntl.flock(self._state_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tests.unit.scsi_harness import Sense, run
 from vscsi.cli import main
-from vscsi.config import parse
+from vscsi.config import ConfigError, parse
 from vscsi.control import ControlServer
 from vscsi.daemon import Daemon, DaemonError
 from vscsi.pair.vpd import parse_page
@@ -159,3 +159,8 @@ def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path
     other = Daemon(parse(config(tmp_path), base=tmp_path))
     with pytest.raises(DaemonError, match="in use by another vscsi daemon"):
         other.open()
+    cfg = config(tmp_path)
+    cfg["volume"][0]["path"] = "absent.img"  # type: ignore[index]
+    cfg["volume"][0]["create"] = False  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"^volume\[0\]\.path: "):  # the config's error first
+        Daemon(parse(cfg, base=tmp_path)).open()

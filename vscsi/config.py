@@ -154,38 +154,64 @@ _DAEMON_KEYS = {"socket", "state_dir", "copy_rate", "command_timeout"}
 _VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
 
 
-def _volume(table: object, index: int, base: Path) -> VolumeConfig:
-    where = f"volume[{index}]"
+def _table(table: object, where: str, known: set[str]) -> dict[str, Any]:
+    """A table with only known keys."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
     for key in table:
-        if key not in _VOLUME_KEYS:
-            raise ConfigError(
-                f"{where}.{key}: unknown key (known: {', '.join(sorted(_VOLUME_KEYS))})"
-            )
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return table
+
+
+def _name(table: dict[str, Any], where: str) -> str:
     name = _get(table, "name", str, where)
     if name is None or not _NAME.match(name):
         raise ConfigError(f"{where}.name: {name!r} must be 1-32 of A-Z a-z 0-9 _ . - (required)")
-    path = _get(table, "path", str, where)
-    if not path:
-        raise ConfigError(f"{where}.path: required (a file or a block device)")
-    size = table.get("size")
+    return name
+
+
+def _block_size(table: dict[str, Any], where: str) -> int | None:
     block_size = _get(table, "block_size", int, where)
     if block_size is not None and block_size not in (512, 4096):
         raise ConfigError(f"{where}.block_size: {block_size} must be 512 or 4096")
-    export = _get(table, "export", str, where) or "loop"
-    if export not in EXPORTS:
-        raise ConfigError(f"{where}.export: {export!r} must be one of {', '.join(EXPORTS)}")
+    return block_size
+
+
+def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
+    """A string from `choices`, the first one by default."""
+    value = _get(table, key, str, where) or choices[0]
+    if value not in choices:
+        raise ConfigError(f"{where}.{key}: {value!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _size(table: dict[str, Any], where: str) -> int | None:
+    size = table.get("size")
+    return parse_size(size, f"{where}.size") if size is not None else None
+
+
+def _path(base: Path, path: str) -> str:
+    """Relative paths are relative to the config file's directory."""
+    return str(Path(path) if Path(path).is_absolute() else base / path)
+
+
+def _volume(table: object, index: int, base: Path) -> VolumeConfig:
+    where = f"volume[{index}]"
+    table = _table(table, where, _VOLUME_KEYS)
+    name = _name(table, where)
+    path = _get(table, "path", str, where)
+    if not path:
+        raise ConfigError(f"{where}.path: required (a file or a block device)")
     write_cache = _get(table, "write_cache", bool, where)
-    create = _get(table, "create", bool, where)
     return VolumeConfig(
         name=name,
-        path=str((base / path) if not Path(path).is_absolute() else Path(path)),
-        size=parse_size(size, f"{where}.size") if size is not None else None,
-        block_size=block_size,
+        path=_path(base, path),
+        size=_size(table, where),
+        block_size=_block_size(table, where),
         write_cache=True if write_cache is None else write_cache,
-        create=bool(create),
-        export=export,
+        create=bool(_get(table, "create", bool, where)),
+        export=_choice(table, "export", EXPORTS, where),
         identity=_identity(table, where, index),
         index=index,
     )
@@ -193,16 +219,8 @@ def _volume(table: object, index: int, base: Path) -> VolumeConfig:
 
 def _shadow_set(table: object, index: int, base: Path, volumes: int) -> ShadowSetConfig:
     where = f"shadow_set[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table")
-    for key in table:
-        if key not in _SHADOW_KEYS:
-            raise ConfigError(
-                f"{where}.{key}: unknown key (known: {', '.join(sorted(_SHADOW_KEYS))})"
-            )
-    name = _get(table, "name", str, where)
-    if name is None or not _NAME.match(name):
-        raise ConfigError(f"{where}.name: {name!r} must be 1-32 of A-Z a-z 0-9 _ . - (required)")
+    table = _table(table, where, _SHADOW_KEYS)
+    name = _name(table, where)
     members = table.get("members")
     if not isinstance(members, list) or not members:
         raise ConfigError(f"{where}.members: a list of files or block devices is required")
@@ -210,29 +228,17 @@ def _shadow_set(table: object, index: int, base: Path, volumes: int) -> ShadowSe
     for i, m in enumerate(members):
         if not isinstance(m, str) or not m:
             raise ConfigError(f"{where}.members[{i}]: expected a path, got {m!r}")
-        paths.append(str(base / m) if not Path(m).is_absolute() else m)
-    size = table.get("size")
-    block_size = _get(table, "block_size", int, where)
-    if block_size is not None and block_size not in (512, 4096):
-        raise ConfigError(f"{where}.block_size: {block_size} must be 512 or 4096")
-    policy = _get(table, "read_policy", str, where) or "balanced"
-    if policy not in READ_POLICIES:
-        raise ConfigError(
-            f"{where}.read_policy: {policy!r} must be one of {', '.join(READ_POLICIES)}"
-        )
-    export = _get(table, "export", str, where) or "loop"
-    if export not in EXPORTS:
-        raise ConfigError(f"{where}.export: {export!r} must be one of {', '.join(EXPORTS)}")
+        paths.append(_path(base, m))
     wil = _get(table, "write_intent_log", bool, where)
     return ShadowSetConfig(
         name=name,
         members=paths,
-        size=parse_size(size, f"{where}.size") if size is not None else None,
-        block_size=block_size,
+        size=_size(table, where),
+        block_size=_block_size(table, where),
         create=bool(_get(table, "create", bool, where)),
         write_intent_log=True if wil is None else wil,
-        read_policy=policy,
-        export=export,
+        read_policy=_choice(table, "read_policy", READ_POLICIES, where),
+        export=_choice(table, "export", EXPORTS, where),
         identity=_identity(table, where, volumes + index),
         index=index,
     )
@@ -244,14 +250,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     for key in data:
         if key not in ("volume", "daemon", "shadow_set"):
             raise ConfigError(f"{key}: unknown table (known: daemon, volume, shadow_set)")
-    daemon = data.get("daemon", {})
-    if not isinstance(daemon, dict):
-        raise ConfigError("daemon: expected a table")
-    for key in daemon:
-        if key not in _DAEMON_KEYS:
-            raise ConfigError(
-                f"daemon.{key}: unknown key (known: {', '.join(sorted(_DAEMON_KEYS))})"
-            )
+    daemon = _table(data.get("daemon", {}), "daemon", _DAEMON_KEYS)
     socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
     state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
     rate = daemon.get("copy_rate")

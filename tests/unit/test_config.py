@@ -78,6 +78,8 @@ write_cache = false
         ('[daemon]\ncopy_rate = "fast"\n[[volume]]\nname = "a"\npath = "x"', "daemon.copy_rate"),
         ('[daemon]\nstate_dir = 1\n[[volume]]\nname = "a"\npath = "x"', "daemon.state_dir"),
         ('[daemon]\nsockets = "x"\n[[volume]]\nname = "a"\npath = "x"', "daemon.sockets"),
+        ('[daemon]\ncommand_timeout = -1\n[[volume]]\nname = "a"\npath = "x"',
+         "daemon.command_timeout"),
         ("", "volume"),
     ],
 )

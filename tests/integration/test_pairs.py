@@ -267,6 +267,22 @@ def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
     assert backing(workdir, "pv") == good and backing(workdir, "sv0") == good
 
 
+def test_sigkill_after_split_keeps_the_split(daemon: Daemon, workdir: Path) -> None:
+    """An acknowledged split survives a SIGKILL right after it: PSUS after the restart, the
+    S-VOL still the point-in-time image (not re-copied), the P-VOL's later write tracked."""
+    vscsi(daemon, "pair", "resync", "si0", "--wait", "120")
+    write_dev(daemon, "pv", 2 * MIB, os.urandom(8192), workdir)
+    vscsi(daemon, "pair", "split", "si0")
+    image = backing(workdir, "sv0")
+    write_dev(daemon, "pv", 6 * MIB, os.urandom(8192), workdir)
+    daemon.kill()
+    daemon.start()
+    p = pair(daemon, "si0")
+    assert p["status"] == "PSUS" and p["pvol"]["changed_bytes"] >= GRAIN, p
+    time.sleep(2)  # a re-copy, if one started, would be under way by now
+    assert backing(workdir, "sv0") == image
+
+
 # -- several pairs at once, and a failing S-VOL -----------------------------------------------
 
 
@@ -322,3 +338,11 @@ def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, work
     write_dev(daemon, "pv2", 0, b"x" * 4096, workdir)  # the P-VOL runs on
     assert pair(daemon, "bad")["pvol"]["changed_bytes"] > 0
     vscsi(daemon, "pair", "delete", "bad")
+
+
+def test_sigkill_after_delete_keeps_it_deleted(daemon: Daemon) -> None:
+    vscsi(daemon, "pair", "delete", "si0")
+    daemon.kill()
+    daemon.start()
+    assert "si0" not in vscsi(daemon, "pairdisplay")
+    assert mu_roles(vpd_c0(daemon, "sv0")) == [("SMPL", "SMPL")] * 3

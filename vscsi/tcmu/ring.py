@@ -17,6 +17,16 @@ a crash serves the commands that were queued meanwhile. That is exact for in-ord
 Out of order it is not: a slot lent to a later command no longer holds its own request, so a
 crash between the two completions loses that request and the kernel times the command out
 (`cmd_time_out`) — serve in order when surviving SIGKILL matters more than overlap.
+
+Memory ordering. The kernel fills an entry, then publishes it with `smp_store_release` on
+`cmd_head` (UPDATE_HEAD in target_core_user.c); it reads `cmd_tail` with READ_ONCE and only then
+the completed entries. So every fetch of `cmd_head` is an acquire load (the entries and write
+data up to it are visible once we see it; libtcmu does the same for the aarch64 crash of
+tcmu-runner issue 688), and every `cmd_tail` store is a release store (the response, sense and
+read data written before it are visible to whoever sees the new tail). Both are C atomics
+(`vscsi.tcmu._ring_c`) because Python has no fences; on x86 (TSO) they compile to plain moves.
+Only the head loads in `fetch()` need acquire — `pending()` just peeks, and `fetch()` re-reads —
+and the tail store is the single publishing store of each completion.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Protocol
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
+from vscsi.tcmu._ring_c import ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,7 @@ class Ring:
         if self._tail >= cmdr_size or self._tail % abi.ENTRY_ALIGN:
             raise RingError(f"cmd_tail {self._tail} outside the {cmdr_size}-byte ring")
         self._next = self._tail  # the first entry not parsed yet
+        self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
         self._warned_op = False
 
@@ -113,11 +125,12 @@ class Ring:
 
     @property
     def head(self) -> int:
-        return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0]
+        """cmd_head, loaded with acquire: the entries before it are then safe to read."""
+        return lib.ring_load_acquire_u32(self._ptr, _MAILBOX_HEAD)
 
     def pending(self) -> bool:
-        """Entries the kernel queued that we have not read yet."""
-        return self.head != self._next
+        """Entries the kernel queued that we have not read yet (a peek: `fetch` re-reads)."""
+        return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0] != self._next
 
     def outstanding(self) -> bool:
         """Commands handed out and not completed yet."""
@@ -214,7 +227,12 @@ class Ring:
                 break
             tail = (tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size
         self._tail = tail
-        abi.U32.pack_into(mem, abi.MAILBOX_TAIL_OFFSET, tail)
+        lib.ring_store_release_u32(self._ptr, abi.MAILBOX_TAIL_OFFSET, tail)
+
+    def release(self) -> None:
+        """Let go of the shared memory (the map can then be closed)."""
+        ffi.release(self._ptr)
+        self.mem.release()
 
     def _parse(self, ent: int, length: int, cmd_id: int) -> Command:
         mem = self.mem

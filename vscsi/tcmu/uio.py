@@ -167,7 +167,7 @@ class RingDevice:
         self.wake()
         with contextlib.suppress(BufferError, ValueError):
             if self.ring is not None:
-                self.ring.mem.release()
+                self.ring.release()
             self.mem.close()
         for fd in (self.fd, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):

@@ -18,6 +18,11 @@ Out of order it is not: a slot lent to a later command no longer holds its own r
 crash between the two completions loses that request and the kernel times the command out
 (`cmd_time_out`) — serve in order when surviving SIGKILL matters more than overlap.
 
+Commands already in the ring when the `Ring` attaches may have run before the old daemon died,
+so each comes out marked `replayed` and reaches the handler as `execute(..., replayed=True)`:
+a command that is not idempotent (COMPARE AND WRITE) may then accept its own earlier effect
+instead of failing on it. What the kernel queues after the attach is fresh.
+
 Memory ordering. The kernel fills an entry, then publishes it with `smp_store_release` on
 `cmd_head` (UPDATE_HEAD in target_core_user.c); it reads `cmd_tail` with READ_ONCE and only then
 the completed entries. So every fetch of `cmd_head` is an acquire load (the entries and write
@@ -53,7 +58,9 @@ _IOV_SIZE = abi.IOVEC.size
 class CommandHandler(Protocol):
     """What serves the commands: the SCSI core's `Lun`."""
 
-    def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result: ...
+    def execute(
+        self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
+    ) -> Result: ...
 
     def reset(self) -> None: ...
 
@@ -63,15 +70,19 @@ class RingError(Exception):
 
 
 class Command:
-    """One parsed CMD entry: everything needed to run and answer it once its slot is reused."""
+    """One parsed CMD entry: everything needed to run and answer it once its slot is reused.
 
-    __slots__ = ("bad", "buf", "cdb", "cmd_id")
+    `replayed`: the entry was already queued when this daemon attached (see the module doc).
+    """
+
+    __slots__ = ("bad", "buf", "cdb", "cmd_id", "replayed")
 
     def __init__(self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False) -> None:
         self.cmd_id = cmd_id
         self.cdb = cdb
         self.buf = buf
         self.bad = bad
+        self.replayed = False
 
 
 _EMPTY = DataBuffer()
@@ -95,7 +106,7 @@ class Ring:
     def __init__(self, mem: memoryview | bytearray, handler: CommandHandler) -> None:
         self.mem = memoryview(mem).cast("B")
         self.handler = handler
-        version, flags, cmdr_off, cmdr_size, _head = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
+        version, flags, cmdr_off, cmdr_size, head = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
         if version != abi.MAILBOX_VERSION:
             raise RingError(f"mailbox version {version}, expected {abi.MAILBOX_VERSION}")
         if cmdr_off < abi.MAILBOX_TAIL_OFFSET + 4 or cmdr_off + cmdr_size > len(self.mem):
@@ -115,6 +126,8 @@ class Ring:
         if self._tail >= cmdr_size or self._tail % abi.ENTRY_ALIGN:
             raise RingError(f"cmd_tail {self._tail} outside the {cmdr_size}-byte ring")
         self._next = self._tail  # the first entry not parsed yet
+        # Entries before this offset were queued before we attached: replayed (-1: none left).
+        self._replay_end = head if head != self._tail else -1
         self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
         self._warned_op = False
@@ -156,6 +169,7 @@ class Ring:
         size = self.cmdr_size
         pos = self._next
         head = self.head
+        replay_end = self._replay_end
         out: list[Command] = []
         while pos != head:
             if head >= size:
@@ -169,7 +183,9 @@ class Ring:
             if op == abi.OP_CMD:
                 if length < abi.CMD_ENTRY_MIN:
                     raise RingError(f"command entry at {pos} too short for a response: {length}")
-                out.append(self._parse(ent, length, cmd_id))
+                cmd = self._parse(ent, length, cmd_id)
+                cmd.replayed = replay_end >= 0
+                out.append(cmd)
             elif op == abi.OP_TMR:
                 self._tmr(ent)
             elif op != abi.OP_PAD and not self._warned_op:
@@ -177,10 +193,13 @@ class Ring:
                 log.warning("ring entry at %d has unknown opcode %d; skipped", pos, op)
             pos = (pos + length) % size
             self.entries += 1
+            if pos == replay_end:
+                replay_end = -1
             if pos == head:
                 head = self.head  # more may have arrived while we worked: batch them
         with self._lock:
             self._next = pos
+            self._replay_end = replay_end
             self._skip_to_command(self._tail)
         return out
 
@@ -189,6 +208,8 @@ class Ring:
         if cmd.bad:
             return _BAD_RESULT
         try:
+            if cmd.replayed:
+                return self.handler.execute(cmd.cdb, cmd.buf, replayed=True)
             return self.handler.execute(cmd.cdb, cmd.buf)
         except Exception:
             log.exception("command %s failed", cmd.cdb[:1].hex())

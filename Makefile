@@ -22,7 +22,7 @@ apt:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) vscsi/tracker/_build.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) vscsi/tracker/_build.py vscsi/tcmu/_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test,vm,bench]'

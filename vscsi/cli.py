@@ -51,7 +51,7 @@ def up(config_path: str, verbose: int) -> None:
     try:
         Daemon(config, verbose=verbose).run()
     except (ConfigError, DaemonError) as e:
-        fail(str(e), 2 if isinstance(e, ConfigError) else 1)
+        fail(str(e), 2 if isinstance(e, ConfigError) else e.exit_status)
 
 
 @main.command()

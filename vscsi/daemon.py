@@ -4,6 +4,14 @@ Start-up validates everything first (config, backing stores, the control socket)
 configfs objects only then. A backstore left by a daemon that died (SIGKILL, crash) is
 re-attached rather than recreated, so the host keeps its /dev/sdX and the commands that were
 queued in the ring meanwhile are served. SIGTERM/SIGINT remove exactly what this daemon made.
+
+Exit status: 0 after SIGTERM/SIGINT; 1 when it cannot start (2 for a config error, from the
+CLI); 3 (`RingFailure`) when a device's ring stopped serving — a corrupt ring, a failed uio
+doorbell or an unexpected error in a ring thread. Host I/O to that volume would only time out,
+so the daemon stops every ring, closes the stores and exits, but leaves the backstores and
+exports in configfs like a SIGKILL would: run it under a supervisor (systemd `Restart=on-failure`)
+and the restarted daemon re-attaches, the host keeps its /dev/sdX and the queued commands are
+served (replayed ones idempotently, see vscsi.tcmu.ring).
 """
 
 from __future__ import annotations
@@ -40,6 +48,14 @@ log = logging.getLogger("vscsi")
 
 class DaemonError(Exception):
     """The daemon cannot start or serve; the message is one line for the operator."""
+
+    exit_status = 1
+
+
+class RingFailure(DaemonError):
+    """A ring stopped serving: exit so that a supervisor restarts us (configfs left in place)."""
+
+    exit_status = 3
 
 
 @dataclass
@@ -101,6 +117,7 @@ class Daemon:
         self.pairs: PairManager | None = None
         self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
         self._state_lock: IO[str] | None = None
+        self._keep_kernel_objects = False  # after a RingFailure: the restart re-attaches
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -236,10 +253,17 @@ class Daemon:
         )
 
     def _check_threads(self) -> None:
+        """A ring thread ends only when stopped or broken: broken, the whole daemon ends."""
         for s in self.served.values():
             if s.state == "serving" and s.thread is not None and not s.thread.is_alive():
                 s.state = "failed"
-                log.error("volume %s: ring loop stopped; host I/O to it will time out", s.cfg.name)
+                self._keep_kernel_objects = True
+                uio = s.device.name if s.device else "-"
+                why = (s.device.error if s.device else None) or "ring thread ended"
+                raise RingFailure(
+                    f"volume {s.cfg.name}: ring on {uio} stopped: {why}; exiting "
+                    f"(status {RingFailure.exit_status}) for a restart to re-attach"
+                )
 
     def stop(self) -> None:
         """Tear down in reverse: exports (the host may still flush through the rings), then
@@ -248,7 +272,7 @@ class Daemon:
         served = list(reversed(self.served.values()))
         for s in served:
             with contextlib.suppress(configfs.ConfigfsError):
-                if s.export is not None:
+                if s.export is not None and not self._keep_kernel_objects:
                     configfs.remove_export(s.export)
         self._rings_stop.set()
         for s in served:
@@ -270,7 +294,7 @@ class Daemon:
         if s.device is not None:
             s.device.close()
         with contextlib.suppress(configfs.ConfigfsError):
-            if s.backstore is not None:
+            if s.backstore is not None and not self._keep_kernel_objects:
                 configfs.remove_backstore(s.backstore)
         s.state = "stopped"
 

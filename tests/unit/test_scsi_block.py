@@ -10,8 +10,9 @@ import pytest
 from tests.unit.memvolume import MemVolume
 from tests.unit.scsi_harness import BS, IDENT, Sense, cdb, check, good, make_lun, run
 from vscsi.scsi import cdb as C
+from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.lun import Lun
-from vscsi.scsi.result import GOOD
+from vscsi.scsi.result import CHECK_CONDITION, GOOD
 from vscsi.store.file import FileVolume
 
 BLOCKS = (8 << 20) // BS
@@ -469,6 +470,64 @@ def test_compare_and_write_is_atomic_against_writes(lun: Lun) -> None:
     for t in threads:
         t.join()
     assert int.from_bytes(good(lun, cdb("READ(10)", lba=9, length=1), size=BS), "big") == 200
+
+
+def replayed_caw(lun: Lun, lba: int, verify: bytes, new: bytes) -> Sense | None:
+    """COMPARE AND WRITE as a restarted daemon serves it from the ring; its sense if any."""
+    r = lun.execute(
+        cdb("COMPARE AND WRITE", lba=lba, nblocks=len(new) // BS),
+        DataBuffer.of_bytes(verify + new),
+        replayed=True,
+    )
+    assert r.status in (GOOD, CHECK_CONDITION)
+    return Sense.of(r)
+
+
+def test_replayed_compare_and_write_whose_write_landed_succeeds(lun: Lun) -> None:
+    """Killed after the write, before the answer: the medium holds the command's own data."""
+    old, new = pattern(2, 1), pattern(2, 2)
+    good(lun, cdb("WRITE(10)", lba=5, length=2), data=new)
+    assert replayed_caw(lun, 5, old, new) is None
+    assert good(lun, cdb("READ(10)", lba=5, length=2), size=2 * BS) == new
+
+
+def test_replayed_compare_and_write_completes_a_torn_write(lun: Lun) -> None:
+    old, new = pattern(3, 1), pattern(3, 2)
+    good(lun, cdb("WRITE(10)", lba=5, length=3), data=new[:BS] + old[BS:])
+    assert replayed_caw(lun, 5, old, new) is None
+    assert good(lun, cdb("READ(10)", lba=5, length=3), size=3 * BS) == new
+
+
+def test_replayed_compare_and_write_whose_write_did_not_land_compares_and_writes(
+    lun: Lun,
+) -> None:
+    old, new = pattern(2, 1), pattern(2, 2)
+    good(lun, cdb("WRITE(10)", lba=5, length=2), data=old)
+    n = len(vol(lun).writes)
+    assert replayed_caw(lun, 5, old, new) is None
+    assert vol(lun).writes[n:] == [(5 * BS, 2 * BS, False)]
+    assert good(lun, cdb("READ(10)", lba=5, length=2), size=2 * BS) == new
+
+
+def test_replayed_compare_and_write_still_miscompares_on_other_data(lun: Lun) -> None:
+    old, new = pattern(2, 1), pattern(2, 2)
+    other = old[: BS + 77] + b"\xee" + old[BS + 78 :]  # block 1 is neither old nor new
+    good(lun, cdb("WRITE(10)", lba=5, length=2), data=other)
+    n = len(vol(lun).writes)
+    s = replayed_caw(lun, 5, old, new)
+    assert s is not None and s.code == (0xE, 0x1D, 0x00) and s.info == BS + 77
+    assert len(vol(lun).writes) == n
+
+
+def test_fresh_compare_and_write_against_its_own_data_miscompares(lun: Lun) -> None:
+    """SBC-3: only the verify data counts for a command the host just sent."""
+    new = pattern(2, 2)
+    old = new[: BS + 300] + b"\xee" + new[BS + 301 :]
+    good(lun, cdb("WRITE(10)", lba=5, length=2), data=new)
+    n = len(vol(lun).writes)
+    s = check(lun, cdb("COMPARE AND WRITE", lba=5, nblocks=2), data=old + new)
+    assert s.code == (0xE, 0x1D, 0x00) and s.info == BS + 300
+    assert len(vol(lun).writes) == n
 
 
 # -- GET LBA STATUS ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from construct import Container
 
+from tests.unit.scsi_harness import Sense, cdb, make_lun
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
@@ -23,10 +24,13 @@ class Disk:
         self.data = bytearray(size)
         self.resets = 0
         self.seen: list[bytes] = []
+        self.replayed: list[bytes] = []
 
-    def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
+    def execute(self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False) -> Result:
         cdb = bytes(cdb)
         self.seen.append(cdb)
+        if replayed:
+            self.replayed.append(cdb)
         if cdb[0] in (0x28, 0x2A):
             lba = int.from_bytes(cdb[2:6], "big") * 512
             n = int.from_bytes(cdb[7:9], "big") * 512
@@ -115,6 +119,60 @@ def test_restart_resumes_pending_entries() -> None:
     assert Ring(k.mem, disk).process() == 2
     assert len(k.reap()) == 2
     assert disk.data[0] == 0xAB and disk.data[512] == 0xCD
+
+
+def test_only_entries_queued_before_attach_are_replayed() -> None:
+    """What was in the ring when the Ring attached may have run already: the handler is told;
+    what the kernel queues afterwards is fresh, across a wrap with PAD entries too."""
+    k, disk = LoopbackKernel(cmdr_size=1024), Disk()
+    Ring(k.mem, disk).process()
+    for i in range(5):  # 5 x 128-byte entries: the ring is most of the way round
+        k.submit(rw(0x2A, i, 1), bytes([i]) * 512)
+    assert Ring(k.mem, disk).process() == 5
+    k.reap()
+    old = [rw(0x2A, i, 1) for i in range(3)]
+    for c in old:
+        k.submit(c, b"\x01" * 512)
+    pads = k.pads
+    ring = Ring(k.mem, disk)
+    new = [rw(0x28, i, 1) for i in range(4)]
+    for c in new:
+        k.submit(c, data_in_len=512)
+    disk.replayed.clear()
+    assert ring.process() == 7 + k.pads - pads
+    assert k.pads > pads  # one entry crossed the end of the ring
+    assert disk.replayed == old
+    assert disk.seen[-7:] == old + new
+    k.submit(rw(0x28, 9, 1), data_in_len=512)
+    ring.process()
+    assert disk.replayed == old
+
+
+def test_compare_and_write_replayed_after_a_kill_is_not_a_false_miscompare() -> None:
+    """The daemon ran a CAW (its write landed) and died before answering: the restarted one
+    serves it again and answers GOOD; the same CAW sent afresh afterwards miscompares."""
+    k, lun = LoopbackKernel(), make_lun()
+    old, new = b"\x11" * 512, b"\x22" * 512
+    ring = Ring(k.mem, lun)
+    k.submit(rw(0x2A, 5, 1), old)
+    ring.process()
+    k.reap()
+    caw = cdb("COMPARE AND WRITE", lba=5, nblocks=1)
+    k.submit(caw, old + new)
+    (cmd,) = ring.fetch()
+    assert ring.run(cmd).status == GOOD  # the write landed; then SIGKILL, no completion
+    assert Ring(k.mem, lun).process() == 1
+    (c,) = k.reap()
+    assert c.status == GOOD
+    k.submit(rw(0x28, 5, 1), data_in_len=512)
+    Ring(k.mem, lun).process()
+    assert k.reap()[0].data == new
+    fresh = Ring(k.mem, lun)
+    k.submit(caw, old + new)
+    fresh.process()
+    (c,) = k.reap()
+    s = Sense.parse(c.sense[: 8 + c.sense[7]])  # the ring pads sense to 96 bytes
+    assert c.status == CHECK_CONDITION and s.code == (0xE, 0x1D, 0x00) and s.info == 0
 
 
 def test_malformed_entries_never_crash() -> None:
@@ -314,7 +372,9 @@ def test_entry_crossing_the_ring_end_stops_the_ring() -> None:
 
 def test_handler_exception_still_answers_the_command() -> None:
     class Broken(Disk):
-        def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
+        def execute(
+            self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
+        ) -> Result:
             raise ValueError("bug")
 
     k = LoopbackKernel()

@@ -63,6 +63,12 @@ HANDLERS: dict[int, Handler] = {
     0xAA: block.write12,
 }
 
+# Commands served again after a daemon restart (they were still in the ring, maybe already run)
+# whose fresh semantics are not idempotent: these handlers accept their own earlier effect.
+REPLAY_HANDLERS: dict[int, Handler] = {
+    0x89: block.compare_and_write_replayed,
+}
+
 # Commands a pending unit attention does not block (SAM-5 §5.14, SPC-4 §5.14).
 UA_EXEMPT = frozenset({0x12, 0x03, 0xA0})
 
@@ -169,12 +175,18 @@ class Lun:
         """Whether this LUN implements `c` (UNMAP only over a volume that deallocates)."""
         return c.opcode != 0x42 or self.volume.supports_unmap
 
-    def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result:
-        """Run one command; every outcome, errors included, is a Result."""
+    def execute(
+        self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
+    ) -> Result:
+        """Run one command; every outcome, errors included, is a Result.
+
+        `replayed`: the transport may already have run this very command before a restart
+        (see REPLAY_HANDLERS); it says so, the LUN never asks.
+        """
         if type(cdb) is not bytes:
             cdb = bytes(cdb)
         try:
-            return Result(GOOD, b"", self._dispatch(cdb, buf))
+            return Result(GOOD, b"", self._dispatch(cdb, buf, replayed))
         except SenseError as e:
             return self._fail(e)
         except MediumError as e:
@@ -189,7 +201,7 @@ class Lun:
             log.exception("internal error executing CDB %s", cdb.hex())
             return self._fail(SenseError(sense.HARDWARE_ERROR, sense.INTERNAL_TARGET_FAILURE))
 
-    def _dispatch(self, cdb: bytes, buf: DataBuffer) -> int:
+    def _dispatch(self, cdb: bytes, buf: DataBuffer, replayed: bool) -> int:
         if not cdb:
             raise sense.invalid_cdb(0)
         op = cdb[0]
@@ -204,6 +216,8 @@ class Lun:
             _check_fields(cdb, entry.size, entry.mask)
         else:
             _check_service_action(cdb)
+        if replayed:
+            return REPLAY_HANDLERS.get(op, entry.handler)(self, cdb, buf)
         return entry.handler(self, cdb, buf)
 
     def _fail(self, e: SenseError) -> Result:

@@ -17,6 +17,21 @@ a crash serves the commands that were queued meanwhile. That is exact for in-ord
 Out of order it is not: a slot lent to a later command no longer holds its own request, so a
 crash between the two completions loses that request and the kernel times the command out
 (`cmd_time_out`) — serve in order when surviving SIGKILL matters more than overlap.
+
+Commands already in the ring when the `Ring` attaches may have run before the old daemon died,
+so each comes out marked `replayed` and reaches the handler as `execute(..., replayed=True)`:
+a command that is not idempotent (COMPARE AND WRITE) may then accept its own earlier effect
+instead of failing on it. What the kernel queues after the attach is fresh.
+
+Memory ordering. The kernel fills an entry, then publishes it with `smp_store_release` on
+`cmd_head` (UPDATE_HEAD in target_core_user.c); it reads `cmd_tail` with READ_ONCE and only then
+the completed entries. So every fetch of `cmd_head` is an acquire load (the entries and write
+data up to it are visible once we see it; libtcmu does the same for the aarch64 crash of
+tcmu-runner issue 688), and every `cmd_tail` store is a release store (the response, sense and
+read data written before it are visible to whoever sees the new tail). Both are C atomics
+(`vscsi.tcmu._ring_c`) because Python has no fences; on x86 (TSO) they compile to plain moves.
+Only the head loads in `fetch()` need acquire — `pending()` just peeks, and `fetch()` re-reads —
+and the tail store is the single publishing store of each completion.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from typing import Protocol
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
+from vscsi.tcmu._ring_c import ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +58,9 @@ _IOV_SIZE = abi.IOVEC.size
 class CommandHandler(Protocol):
     """What serves the commands: the SCSI core's `Lun`."""
 
-    def execute(self, cdb: bytes | memoryview, buf: DataBuffer) -> Result: ...
+    def execute(
+        self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
+    ) -> Result: ...
 
     def reset(self) -> None: ...
 
@@ -52,15 +70,19 @@ class RingError(Exception):
 
 
 class Command:
-    """One parsed CMD entry: everything needed to run and answer it once its slot is reused."""
+    """One parsed CMD entry: everything needed to run and answer it once its slot is reused.
 
-    __slots__ = ("bad", "buf", "cdb", "cmd_id")
+    `replayed`: the entry was already queued when this daemon attached (see the module doc).
+    """
+
+    __slots__ = ("bad", "buf", "cdb", "cmd_id", "replayed")
 
     def __init__(self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False) -> None:
         self.cmd_id = cmd_id
         self.cdb = cdb
         self.buf = buf
         self.bad = bad
+        self.replayed = False
 
 
 _EMPTY = DataBuffer()
@@ -84,7 +106,7 @@ class Ring:
     def __init__(self, mem: memoryview | bytearray, handler: CommandHandler) -> None:
         self.mem = memoryview(mem).cast("B")
         self.handler = handler
-        version, flags, cmdr_off, cmdr_size, _head = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
+        version, flags, cmdr_off, cmdr_size, head = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
         if version != abi.MAILBOX_VERSION:
             raise RingError(f"mailbox version {version}, expected {abi.MAILBOX_VERSION}")
         if cmdr_off < abi.MAILBOX_TAIL_OFFSET + 4 or cmdr_off + cmdr_size > len(self.mem):
@@ -104,6 +126,9 @@ class Ring:
         if self._tail >= cmdr_size or self._tail % abi.ENTRY_ALIGN:
             raise RingError(f"cmd_tail {self._tail} outside the {cmdr_size}-byte ring")
         self._next = self._tail  # the first entry not parsed yet
+        # Entries before this offset were queued before we attached: replayed (-1: none left).
+        self._replay_end = head if head != self._tail else -1
+        self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
         self._warned_op = False
 
@@ -113,11 +138,12 @@ class Ring:
 
     @property
     def head(self) -> int:
-        return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0]
+        """cmd_head, loaded with acquire: the entries before it are then safe to read."""
+        return lib.ring_load_acquire_u32(self._ptr, _MAILBOX_HEAD)
 
     def pending(self) -> bool:
-        """Entries the kernel queued that we have not read yet."""
-        return self.head != self._next
+        """Entries the kernel queued that we have not read yet (a peek: `fetch` re-reads)."""
+        return abi.U32.unpack_from(self.mem, _MAILBOX_HEAD)[0] != self._next
 
     def outstanding(self) -> bool:
         """Commands handed out and not completed yet."""
@@ -143,6 +169,7 @@ class Ring:
         size = self.cmdr_size
         pos = self._next
         head = self.head
+        replay_end = self._replay_end
         out: list[Command] = []
         while pos != head:
             if head >= size:
@@ -156,7 +183,9 @@ class Ring:
             if op == abi.OP_CMD:
                 if length < abi.CMD_ENTRY_MIN:
                     raise RingError(f"command entry at {pos} too short for a response: {length}")
-                out.append(self._parse(ent, length, cmd_id))
+                cmd = self._parse(ent, length, cmd_id)
+                cmd.replayed = replay_end >= 0
+                out.append(cmd)
             elif op == abi.OP_TMR:
                 self._tmr(ent)
             elif op != abi.OP_PAD and not self._warned_op:
@@ -164,10 +193,13 @@ class Ring:
                 log.warning("ring entry at %d has unknown opcode %d; skipped", pos, op)
             pos = (pos + length) % size
             self.entries += 1
+            if pos == replay_end:
+                replay_end = -1
             if pos == head:
                 head = self.head  # more may have arrived while we worked: batch them
         with self._lock:
             self._next = pos
+            self._replay_end = replay_end
             self._skip_to_command(self._tail)
         return out
 
@@ -176,6 +208,8 @@ class Ring:
         if cmd.bad:
             return _BAD_RESULT
         try:
+            if cmd.replayed:
+                return self.handler.execute(cmd.cdb, cmd.buf, replayed=True)
             return self.handler.execute(cmd.cdb, cmd.buf)
         except Exception:
             log.exception("command %s failed", cmd.cdb[:1].hex())
@@ -214,7 +248,12 @@ class Ring:
                 break
             tail = (tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size
         self._tail = tail
-        abi.U32.pack_into(mem, abi.MAILBOX_TAIL_OFFSET, tail)
+        lib.ring_store_release_u32(self._ptr, abi.MAILBOX_TAIL_OFFSET, tail)
+
+    def release(self) -> None:
+        """Let go of the shared memory (the map can then be closed)."""
+        ffi.release(self._ptr)
+        self.mem.release()
 
     def _parse(self, ent: int, length: int, cmd_id: int) -> Command:
         mem = self.mem

@@ -76,6 +76,7 @@ class RingDevice:
         self.mem = mem
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ring: Ring | None = None
+        self.error: str | None = None  # why serve() gave up: the daemon must not carry on
 
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
@@ -85,32 +86,47 @@ class RingDevice:
 
         With `workers` and a kernel that takes out-of-order completions, commands run on a
         thread pool of that size; otherwise in order on this thread, one notify per batch.
+        A broken ring (`RingError`), a failed doorbell or any unexpected exception, here or
+        in a worker, ends the loop with `error` set: the host's commands to this device would
+        only time out from then on, so the owner stops and a restart re-attaches.
         """
+        pool = None
         try:
             ring = self.ring = Ring(self.mem, handler)
-        except RingError as e:
-            log.error("%s: %s; not serving this device", self.name, e)
-            return
-        pool = ThreadPoolExecutor(workers, f"{self.name}-io") if workers and ring.ooo else None
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        try:
-            while not stop.is_set():
-                if self._batch(ring, pool) and self._spin(ring):
-                    continue
-                for fd, _ev in poller.poll(1000):
-                    if fd == self.fd:
-                        os.read(self.fd, 4)  # acknowledge the doorbell
-                    else:
-                        os.read(self._wake_r, 64)
-        except RingError as e:
-            log.error("%s: %s; no longer serving this device", self.name, e)
-        except OSError as e:
-            log.error("%s: %s; no longer serving this device", self.name, e.strerror)
+            if workers and ring.ooo:
+                pool = ThreadPoolExecutor(workers, f"{self.name}-io")
+            self._loop(ring, pool, stop)
+        except Exception as e:
+            self._failed(e)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+
+    def _loop(self, ring: Ring, pool: ThreadPoolExecutor | None, stop: threading.Event) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not stop.is_set() and self.error is None:
+            if self._batch(ring, pool) and self._spin(ring):
+                continue
+            for fd, _ev in poller.poll(1000):
+                if fd == self.fd:
+                    os.read(self.fd, 4)  # acknowledge the doorbell
+                else:
+                    os.read(self._wake_r, 64)
+
+    def _failed(self, e: Exception) -> None:
+        """Record the first failure (one line) and wake the serving loop to stop."""
+        if isinstance(e, RingError):
+            why = str(e)
+        elif isinstance(e, OSError):
+            why = f"uio: {e.strerror or e}"
+        else:
+            log.error("%s: unexpected error", self.name, exc_info=e)
+            why = f"unexpected {type(e).__name__}: {e}"
+        if self.error is None:
+            self.error = why
+        self.wake()
 
     def _batch(self, ring: Ring, pool: ThreadPoolExecutor | None) -> bool:
         """Serve what is queued; True if anything was."""
@@ -131,8 +147,8 @@ class RingDevice:
         try:
             ring.complete(cmd, ring.run(cmd))
             self.notify()
-        except (RingError, OSError) as e:
-            log.error("%s: %s; completion lost", self.name, e)
+        except Exception as e:
+            self._failed(e)
 
     def _spin(self, ring: Ring) -> bool:
         """After a batch, watch the ring briefly before sleeping: at queue depth the next
@@ -151,7 +167,7 @@ class RingDevice:
         self.wake()
         with contextlib.suppress(BufferError, ValueError):
             if self.ring is not None:
-                self.ring.mem.release()
+                self.ring.release()
             self.mem.close()
         for fd in (self.fd, self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):

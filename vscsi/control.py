@@ -18,7 +18,6 @@ import grp
 import json
 import logging
 import os
-import pwd
 import socket
 import stat
 import struct
@@ -30,6 +29,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Any]
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13: the peer's supplementary groups
 _TYPES: dict[type, str] = {str: "a string", int: "an integer", bool: "a JSON bool (true/false)"}
 
 
@@ -68,11 +68,16 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
 
 def peer_of(conn: socket.socket) -> Peer:
     raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return Peer(*struct.unpack("3i", raw))
+    try:
+        groups = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # Python's largest
+    except OSError:  # ERANGE: more than 256 groups; the primary group still counts
+        groups = b""
+    return Peer(*struct.unpack("3i", raw), struct.unpack(f"{len(groups) // 4}I", groups))
 
 
 class ControlServer:
@@ -149,7 +154,7 @@ class ControlServer:
         """"all" for root and the daemon's user, "read" for the socket group, else None."""
         if peer.uid in (0, os.geteuid()):
             return "all"
-        if self._gid is not None and (peer.gid == self._gid or _member(peer.uid, self._gid)):
+        if self._gid is not None and self._gid in (peer.gid, *peer.groups):
             return "read"
         return None
 
@@ -195,14 +200,6 @@ class ControlServer:
 
 def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
-
-
-def _member(uid: int, gid: int) -> bool:
-    """Whether user `uid` is a supplementary member of group `gid`."""
-    try:
-        return pwd.getpwuid(uid).pw_name in grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return False
 
 
 def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:

@@ -164,7 +164,7 @@ class Daemon:
     def _lock_state_dir(self) -> None:
         """One daemon per state directory: two would both recover and copy the same pairs."""
         try:
-            os.makedirs(self.config.state_dir, exist_ok=True)
+            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
             self._state_lock = open(os.path.join(self.config.state_dir, "lock"), "a")  # noqa: SIM115
         except OSError as e:
             raise DaemonError(f"state dir {self.config.state_dir}: {e.strerror}") from None

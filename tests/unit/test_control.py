@@ -108,9 +108,11 @@ def test_the_socket_group_runs_read_only_commands_only(tmp_path: Path) -> None:
                 "shadow_add": Command(lambda r: "added", {"name": str})}  # fmt: skip
     srv = ControlServer(str(tmp_path / "ctl.sock"), commands, group=group)
     member = Peer(pid=7, uid=12345, gid=os.getgid())
-    assert srv.dispatch(line("status"), member) == {"ok": True, "result": "up"}
-    assert srv.dispatch(line("shadow_add", name="dsa1"), member) == {
-        "ok": False, "error": f"shadow_add: group {group} may run read-only commands only"}
+    supplementary = Peer(pid=8, uid=12345, gid=12345, groups=(4, os.getgid()))
+    for peer in (member, supplementary):
+        assert srv.dispatch(line("status"), peer) == {"ok": True, "result": "up"}
+        assert srv.dispatch(line("shadow_add", name="dsa1"), peer) == {
+            "ok": False, "error": f"shadow_add: group {group} may run read-only commands only"}
     assert not srv.dispatch(line("status"), NOBODY)["ok"]
 
 
@@ -123,6 +125,7 @@ def test_a_real_connection_is_checked_by_its_credentials(tmp_path: Path) -> None
     try:
         assert request(srv.path, "status") == 1
         assert seen and (seen[0].uid, seen[0].pid) == (os.geteuid(), os.getpid())
+        assert set(seen[0].groups) == set(os.getgroups())
     finally:
         srv.close()
 

@@ -60,7 +60,7 @@ fi
 "$vscsi" status
 
 step "read each volume's first block from the host"
-for sd in $(python3 -c 'import json,sys; print(" ".join(v["sd"] for v in json.load(sys.stdin)["volumes"]))' <<<"$status"); do
+for sd in $(grep -o '"sd": "[^"]*"' <<<"$status" | cut -d'"' -f4); do
   dd if="$sd" of=/dev/null bs=4096 count=1 iflag=direct status=none
   echo "$sd: readable"
 done

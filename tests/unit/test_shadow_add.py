@@ -89,3 +89,19 @@ def test_a_symlink_in_the_allowed_directory_is_refused(allowed: tuple[Running, P
     (pool / "m9.img").symlink_to(member(tmp_path / "victim.img"))
     rc, out = r.cli("shadow", "add", "dsa1", str(pool / "m9.img"))
     assert rc == 1 and "m9.img is a symbolic link not owned by root" in out, out
+
+
+def test_follow_symlinks_covers_only_the_members_the_config_names(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (tmp_path / "m0.img").symlink_to(member(tmp_path / "real0.img"))
+    (pool / "m9.img").symlink_to(member(tmp_path / "real9.img"))
+    cfg = config(tmp_path, follow_symlinks=True)
+    cfg["daemon"]["shadow_add_paths"] = [f"{pool}/"]  # type: ignore[index]
+    r = Running(tmp_path, cfg)  # m0.img, a link the config names, is followed
+    try:
+        r.cli("shadow", "wait", "dsa1", "--timeout", "30")
+        rc, out = r.cli("shadow", "add", "dsa1", str(pool / "m9.img"))
+        assert rc == 1 and "m9.img is a symbolic link not owned by root" in out, out
+    finally:
+        r.close()

@@ -62,7 +62,9 @@ class Assembly:
         return self._open_member(path), False
 
     def _open_member(self, path: str, **kw: Any) -> FileVolume:
-        vol = open_member(path, follow_symlinks=self.cfg.follow_symlinks, **kw)
+        """follow_symlinks covers the members the config names, not those added at run time."""
+        follow = self.cfg.follow_symlinks and path in self.cfg.members
+        vol = open_member(path, follow_symlinks=follow, **kw)
         self.opened[store_key(f"/proc/self/fd/{vol.fileno()}")] = vol
         return vol
 

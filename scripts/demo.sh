@@ -2,6 +2,11 @@
 # `make demo`, inside the VM: serve examples/demo.toml and look at it as a host would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${VSCSI_VM:-}" ] && [ -z "${VSCSI_DEMO_NS:-}" ] && [ ! -w /var/lib ]; then
+  # The VM shares the host's root read only: the demo's state_dir gets a private, empty /var/lib.
+  exec env VSCSI_DEMO_NS=1 unshare --mount --propagation private \
+    bash -c 'mount -t tmpfs -o mode=0755 tmpfs /var/lib && exec bash "$0"' "$0"
+fi
 VSCSI=${VSCSI:-$PWD/.venv/bin/vscsi}
 mkdir -p /tmp/vscsi-demo
 show() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }

@@ -7,6 +7,8 @@ backing store and closes them all again if any fails.
 
 from __future__ import annotations
 
+import grp
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vscsi.scsi.identity import Identity
+from vscsi.store.claim import store_key
 from vscsi.store.file import FileVolume, StoreConfigError
 
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
@@ -42,10 +45,15 @@ class VolumeConfig:
     export: str
     identity: Identity
     index: int = 0
+    follow_symlinks: bool = False
 
     @property
     def where(self) -> str:
         return f"volume[{self.index}]"
+
+    @property
+    def label(self) -> str:
+        return f"volume {self.name!r}"
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,15 @@ class ShadowSetConfig:
     export: str
     identity: Identity
     index: int = 0
+    follow_symlinks: bool = False
 
     @property
     def where(self) -> str:
         return f"shadow_set[{self.index}]"
+
+    @property
+    def label(self) -> str:
+        return f"shadow set {self.name!r}"
 
     @property
     def path(self) -> str:
@@ -83,6 +96,8 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     copy_rate: int = 0  # bytes/s for pair copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
+    socket_group: str | None = None  # may run read-only commands over the socket
+    shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
     source: str = ""
 
 
@@ -148,10 +163,15 @@ def _identity(table: dict[str, Any], where: str, index: int) -> Identity:
 
 _SHADOW_KEYS = {
     "name", "members", "size", "block_size", "create", "write_intent_log", "read_policy",
-    "export", "identity",
+    "export", "identity", "follow_symlinks",
 }  # fmt: skip
-_DAEMON_KEYS = {"socket", "state_dir", "copy_rate", "command_timeout"}
-_VOLUME_KEYS = {"name", "path", "size", "block_size", "write_cache", "create", "export", "identity"}
+_DAEMON_KEYS = {
+    "socket", "state_dir", "copy_rate", "command_timeout", "socket_group", "shadow_add_paths",
+}  # fmt: skip
+_VOLUME_KEYS = {
+    "name", "path", "size", "block_size", "write_cache", "create", "export", "identity",
+    "follow_symlinks",
+}  # fmt: skip
 
 
 def _table(table: object, where: str, known: set[str]) -> dict[str, Any]:
@@ -214,6 +234,7 @@ def _volume(table: object, index: int, base: Path) -> VolumeConfig:
         export=_choice(table, "export", EXPORTS, where),
         identity=_identity(table, where, index),
         index=index,
+        follow_symlinks=bool(_get(table, "follow_symlinks", bool, where)),
     )
 
 
@@ -241,6 +262,7 @@ def _shadow_set(table: object, index: int, base: Path, volumes: int) -> ShadowSe
         export=_choice(table, "export", EXPORTS, where),
         identity=_identity(table, where, volumes + index),
         index=index,
+        follow_symlinks=bool(_get(table, "follow_symlinks", bool, where)),
     )
 
 
@@ -271,14 +293,45 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         state_dir=str(base / state_dir),
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
         command_timeout=timeout,
+        socket_group=_socket_group(daemon),
+        shadow_add_paths=_shadow_add_paths(daemon),
         source=source,
     )
 
 
+def _socket_group(daemon: dict[str, Any]) -> str | None:
+    """A group that exists here: its members may run the read-only commands."""
+    group = _get(daemon, "socket_group", str, "daemon")
+    if group is not None:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ConfigError(f"daemon.socket_group: no group {group!r} on this host") from None
+    return group
+
+
+def _shadow_add_paths(daemon: dict[str, Any]) -> list[str]:
+    """Absolute directories (with a trailing /) under which `vscsi shadow add` may open."""
+    value = daemon.get("shadow_add_paths", [])
+    if not isinstance(value, list):
+        raise ConfigError("daemon.shadow_add_paths: expected a list of absolute directories")
+    dirs = []
+    for i, d in enumerate(value):
+        if not isinstance(d, str) or not d.startswith("/"):
+            raise ConfigError(
+                f"daemon.shadow_add_paths[{i}]: {d!r} must be an absolute directory"
+            )
+        dirs.append(os.path.normpath(d).rstrip("/") + "/")
+    return dirs
+
+
 def _check_unique(units: list[VolumeConfig | ShadowSetConfig]) -> None:
-    """Names, backing paths and identities are unique across volumes and shadow sets."""
+    """Names, backing stores and identities are unique across volumes and shadow sets.
+
+    Stores are compared as the kernel sees them (device number, inode), so a hard link or a
+    second device node of one disk is found before anything is opened."""
     names: dict[str, str] = {}
-    paths: dict[str, str] = {}
+    paths: dict[object, str] = {}
     ids: dict[tuple[int, int], str] = {}
     for u in units:
         if u.name in names:
@@ -287,12 +340,12 @@ def _check_unique(units: list[VolumeConfig | ShadowSetConfig]) -> None:
         backing = u.members if isinstance(u, ShadowSetConfig) else [u.path]
         for i, path in enumerate(backing):
             field_name = f"members[{i}]" if isinstance(u, ShadowSetConfig) else "path"
-            real = str(Path(path).resolve())
-            if real in paths:
+            key = store_key(path) or str(Path(path).resolve())
+            if key in paths:
                 raise ConfigError(
-                    f"{u.where}.{field_name}: {path} is already used by {paths[real]}"
+                    f"{u.where}.{field_name}: {path} is already the store of {paths[key]}"
                 )
-            paths[real] = u.where
+            paths[key] = u.label
         key = (u.identity.serial, u.identity.volume_id)
         if key in ids:
             raise ConfigError(
@@ -325,6 +378,7 @@ def open_volume(v: VolumeConfig) -> FileVolume:
             block_size=v.block_size,
             write_cache=v.write_cache,
             create=v.create,
+            follow_symlinks=v.follow_symlinks,
         )
     except StoreConfigError as e:
         raise ConfigError(f"{v.where}.{e.field}: {e}") from None

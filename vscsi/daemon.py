@@ -29,15 +29,16 @@ from typing import IO, Any
 from rich.logging import RichHandler
 
 from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
-from vscsi.control import ControlError, ControlServer
+from vscsi.control import Command, ControlError, ControlServer
 from vscsi.pair.engine import PairManager
 from vscsi.pair.states import PairError
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
-from vscsi.shadow.assemble import Assembly, open_member
+from vscsi.shadow.assemble import Assembly
 from vscsi.shadow.set import ShadowSet
 from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
+from vscsi.store.claim import store_key
 from vscsi.store.file import StoreConfigError
 from vscsi.tcmu import configfs
 from vscsi.tcmu.netlink import NetlinkListener
@@ -180,7 +181,7 @@ class Daemon:
     def _lock_state_dir(self) -> None:
         """One daemon per state directory: two would both recover and copy the same pairs."""
         try:
-            os.makedirs(self.config.state_dir, exist_ok=True)
+            os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
             self._state_lock = open(os.path.join(self.config.state_dir, "lock"), "a")  # noqa: SIM115
         except OSError as e:
             raise DaemonError(f"state dir {self.config.state_dir}: {e.strerror}") from None
@@ -195,7 +196,9 @@ class Daemon:
 
     def start(self) -> None:
         self.open()
-        self._control = ControlServer(self.config.socket, self.handlers())
+        self._control = ControlServer(
+            self.config.socket, self.handlers(), group=self.config.socket_group
+        )
         try:
             self._control.start()
         except (ControlError, OSError) as e:
@@ -339,24 +342,33 @@ class Daemon:
         if s is not None:
             s.inquiry_changed()
 
-    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        pair_ops: dict[str, Callable[[PairManager, dict[str, Any]], Any]] = {
-            "pair_create": lambda m, r: m.create(r["name"], r["pvol"], r["svol"], int(r["mu"])),
-            "pair_split": lambda m, r: m.split(r["name"], bool(r.get("read_only"))),
-            "pair_resync": lambda m, r: m.resync(r["name"]),
-            "pair_restore": lambda m, r: m.restore(r["name"]),
-            "pair_delete": lambda m, r: m.delete(r["name"]),
-            "pair_display": self._pair_display,
-        }
-        handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "status": self._status,
-            "shadow_show": self._shadow_handler(self._shadow_show),
-            "shadow_add": self._shadow_handler(self._shadow_add),
-            "shadow_remove": self._shadow_handler(self._shadow_remove),
-        }
-        for cmd, op in pair_ops.items():
-            handlers[cmd] = self._pair_handler(op)
-        return handlers
+    def handlers(self) -> dict[str, Command]:
+        """Every control command with its arguments; read-only ones are open to socket_group."""
+        pair_ops: dict[str, tuple[Callable[[PairManager, dict[str, Any]], Any], dict[str, type]]]
+        pair_ops = {
+            "pair_create": (lambda m, r: m.create(r["name"], r["pvol"], r["svol"], r["mu"]),
+                            {"pvol": str, "svol": str, "mu": int}),
+            "pair_resync": (lambda m, r: m.resync(r["name"]), {}),
+            "pair_restore": (lambda m, r: m.restore(r["name"]), {}),
+            "pair_delete": (lambda m, r: m.delete(r["name"]), {}),
+        }  # fmt: skip
+        cmds = {
+            "status": Command(self._status, read_only=True),
+            "pair_display": Command(self._pair_handler(self._pair_display),
+                                    optional={"name": str}, read_only=True),
+            "pair_split": Command(
+                self._pair_handler(lambda m, r: m.split(r["name"], r.get("read_only", False))),
+                {"name": str}, {"read_only": bool}),
+            "shadow_show": Command(self._shadow_handler(self._shadow_show),
+                                   optional={"name": str}, read_only=True),
+            "shadow_add": Command(self._shadow_handler(self._shadow_add),
+                                  {"name": str, "member": str}),
+            "shadow_remove": Command(self._shadow_handler(self._shadow_remove),
+                                     {"name": str, "member": str}, {"minicopy": bool}),
+        }  # fmt: skip
+        for cmd, (op, args) in pair_ops.items():
+            cmds[cmd] = Command(self._pair_handler(op), {"name": str, **args})
+        return cmds
 
     # -- shadow sets ----------------------------------------------------------------------------
 
@@ -365,8 +377,6 @@ class Daemon:
         def handle(req: dict[str, Any]) -> Any:
             try:
                 return op(req)
-            except KeyError as e:
-                raise ControlError(f"request needs {e.args[0]!r}") from None
             except ShadowError as e:
                 raise ControlError(str(e)) from None
 
@@ -384,22 +394,52 @@ class Daemon:
         return [self._shadow(n)[1].show() for n in names]
 
     def _shadow_add(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Mount a member: only a path the config allows, that no other volume or set uses and
+        that nothing else holds (see `_addable`); a removed member's open volume is reused."""
         assembly, shadow = self._shadow(req["name"])
+        path = self._addable(assembly, req["member"])
         try:
-            member = open_member(req["member"])
+            member, reused = assembly.member(path)
         except StoreConfigError as e:
-            raise ShadowError(f"{req['member']}: {e}") from None
+            raise ShadowError(str(e)) from None
         try:
             shadow.add(member)
         except BaseException:
-            member.close()
+            if not reused:
+                member.close()
             raise
         assembly.remember(member.name)
         return shadow.show()
 
+    def _addable(self, assembly: Assembly, member: str) -> str:
+        """The member's path, or ShadowError when `vscsi shadow add` may not open it."""
+        if not member.startswith("/"):
+            raise ShadowError(f"{member}: give an absolute path")
+        path = os.path.normpath(member)
+        known = path in assembly.cfg.members or path in assembly.added()
+        if not known and not any(path.startswith(d) for d in self.config.shadow_add_paths):
+            allowed = " ".join(self.config.shadow_add_paths) or "none"
+            raise ShadowError(
+                f"{path} is not a member of {assembly.cfg.label} and not under "
+                f"daemon.shadow_add_paths ({allowed}); add its directory there first"
+            )
+        key = store_key(path)
+        for unit, store in self._stores():
+            if unit is not assembly.cfg and key is not None and store_key(store) == key:
+                raise ShadowError(f"{path} is already the store of {unit.label}")
+        return path
+
+    def _stores(self) -> list[tuple[VolumeConfig | ShadowSetConfig, str]]:
+        """Every store this daemon serves: volumes, and shadow members in the config or added."""
+        stores: list[tuple[VolumeConfig | ShadowSetConfig, str]]
+        stores = [(v, v.path) for v in self.config.volumes]
+        for assembly, _ in self.shadow_sets.values():
+            stores += [(assembly.cfg, p) for p in [*assembly.cfg.members, *assembly.added()]]
+        return stores
+
     def _shadow_remove(self, req: dict[str, Any]) -> dict[str, Any]:
         _, shadow = self._shadow(req["name"])
-        shadow.remove(os.path.abspath(req["member"]), minicopy=bool(req.get("minicopy")))
+        shadow.remove(os.path.abspath(req["member"]), minicopy=req.get("minicopy", False))
         return shadow.show()
 
     def _pair_handler(
@@ -410,8 +450,6 @@ class Daemon:
                 raise ControlError("the daemon is still starting")
             try:
                 return op(self.pairs, req)
-            except KeyError as e:
-                raise ControlError(f"request needs {e.args[0]!r}") from None
             except PairError as e:
                 raise ControlError(str(e)) from None
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from vscsi.cli import main
-from vscsi.control import ControlError, ControlServer, request
+from vscsi.control import Command, ControlError, ControlServer, request
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def server(tmp_path: Path) -> ControlServer:
     srv = ControlServer(
         str(tmp_path / "ctl.sock"),
         {
-            "status": lambda req: {
+            "status": Command(lambda req: {
                 "pid": 1,
                 "config": "x.toml",
                 "volumes": [
@@ -38,9 +38,9 @@ def server(tmp_path: Path) -> ControlServer:
                         "path": "/srv/v0.img",
                     }
                 ],
-            },
-            "refuse": refuse,
-            "boom": lambda req: 1 / 0,
+            }),
+            "refuse": Command(refuse),
+            "boom": Command(lambda req: 1 / 0),
         },
     )
     srv.start()
@@ -68,7 +68,7 @@ def test_stale_socket_is_replaced(tmp_path: Path) -> None:
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(path)  # a daemon that died without cleaning up: the file stays, nobody listens
     dead.close()
-    second = ControlServer(path, {"status": lambda r: 2})
+    second = ControlServer(path, {"status": Command(lambda r: 2)})
     second.start()
     assert request(path, "status") == 2
     second.close()

@@ -135,3 +135,28 @@ def test_daemon_state_dir_is_relative_to_the_config_and_copy_rate_a_size(tmp_pat
     body = '[daemon]\nstate_dir = "st"\ncopy_rate = "16MiB"\n[[volume]]\nname = "a"\npath = "x"'
     cfg = load(write(tmp_path, body))
     assert cfg.state_dir == str(tmp_path / "st") and cfg.copy_rate == 16 << 20
+
+
+@pytest.mark.parametrize(
+    ("daemon", "error"),
+    [
+        ({"socket_group": "no-such-group-here"},
+         "daemon.socket_group: no group 'no-such-group-here' on this host"),
+        ({"socket_group": 0}, "daemon.socket_group: expected str, got 0"),
+        ({"shadow_add_paths": "/srv"},
+         "daemon.shadow_add_paths: expected a list of absolute directories"),
+        ({"shadow_add_paths": ["/srv/vscsi", "pool"]},
+         "daemon.shadow_add_paths[1]: 'pool' must be an absolute directory"),
+    ],
+)  # fmt: skip
+def test_socket_group_and_shadow_add_paths_errors(daemon: dict[str, object], error: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"daemon": daemon, "volume": [{"name": "a", "path": "/x"}]})
+    assert str(e.value) == error
+
+
+def test_shadow_add_paths_are_directories(tmp_path: Path) -> None:
+    daemon = {"shadow_add_paths": ["/dev/disk/by-id", "/srv/vscsi/"], "socket_group": "root"}
+    cfg = parse({"daemon": daemon, "volume": [{"name": "a", "path": "/x"}]})
+    assert cfg.shadow_add_paths == ["/dev/disk/by-id/", "/srv/vscsi/"]
+    assert cfg.socket_group == "root"

@@ -156,7 +156,10 @@ def test_suspended_svol_is_not_ready_to_tur(daemon: Daemon) -> None:
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path: Path) -> None:
-    other = Daemon(parse(config(tmp_path), base=tmp_path))
+    cfg = config(tmp_path)
+    for v in cfg["volume"]:  # type: ignore[union-attr]
+        v["path"] = "other-" + v["path"]  # type: ignore[index]
+    other = Daemon(parse(cfg, base=tmp_path))
     with pytest.raises(DaemonError, match="in use by another vscsi daemon"):
         other.open()
     cfg = config(tmp_path)

@@ -29,7 +29,8 @@ def config(tmp_path: Path, members: int = 2, **extra: object) -> dict[str, objec
     }  # fmt: skip
     vol = {"name": "v0", "path": "v0.img", "size": "4MiB", "create": True,
            "identity": {"serial": 410003, "volume_id": 0x301}}  # fmt: skip
-    daemon = {"socket": str(tmp_path / "ctl.sock"), "state_dir": "state"}
+    daemon = {"socket": str(tmp_path / "ctl.sock"), "state_dir": "state",
+              "shadow_add_paths": [str(tmp_path)]}  # fmt: skip
     return {"daemon": daemon, "volume": [vol], "shadow_set": [shadow]}
 
 
@@ -107,7 +108,7 @@ def test_refusals_are_one_line(running: Running, tmp_path: Path) -> None:
     rc, out = running.cli("shadow", "show", "nope")
     assert rc == 1 and out == "vscsi: no shadow set 'nope' (known: dsa1)\n"
     rc, out = running.cli("shadow", "add", "dsa1", str(tmp_path / "missing.img"))
-    assert rc == 1 and out.startswith(f"vscsi: {tmp_path / 'missing.img'}: ")
+    assert rc == 1 and out.startswith(f"vscsi: {tmp_path / 'missing.img'} does not exist")
     small = tmp_path / "small.img"
     small.write_bytes(bytes(MIB))
     rc, out = running.cli("shadow", "add", "dsa1", str(small))
@@ -151,7 +152,7 @@ def test_bad_shadow_config_names_the_field(tmp_path: Path) -> None:
         parse(config(tmp_path, read_policy="fastest"), base=tmp_path)
     cfg = config(tmp_path)
     cfg["shadow_set"][0]["members"] = ["v0.img"]  # type: ignore[index]
-    with pytest.raises(ConfigError, match=r"^shadow_set\[0\]\.members\[0\]: .* volume\[0\]"):
+    with pytest.raises(ConfigError, match=r"^shadow_set\[0\]\.members\[0\]: .* of volume 'v0'$"):
         parse(cfg, base=tmp_path)
     cfg = config(tmp_path)
     cfg["shadow_set"][0]["create"] = False  # type: ignore[index]

@@ -153,7 +153,7 @@ def test_minicopy_copies_only_blocks_written_since_removal(tmp_path: Path) -> No
     s.remove("c.img", minicopy=True)
     for off in (0, 5 * GRAIN + 100 * 512, SIZE - 512):
         write(s, off, b"m" * 512)
-    (c,) = reopen(tmp_path, "c")  # the member returns
+    c.written = 0  # the member returns: the set still holds (and claims) its volume
     s.add(c)
     assert s.show()["operations"][0]["kind"] == "MiniCopy"
     assert s.wait(10)

@@ -3,6 +3,8 @@ from their control blocks (or create it when none carries one), and remember mem
 run time so a restart gives them back to the set.
 
 Member volumes are named by their absolute path: `vscsi shadow remove NAME PATH` uses it.
+Each member's store stays claimed (see `vscsi.store.claim`) until the set is closed, removed
+members included, so adding one back reuses the volume already open on it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vscsi.config import ConfigError, ShadowSetConfig
 from vscsi.pair.persist import atomic_write
@@ -19,23 +22,25 @@ from vscsi.shadow.control import AREA, ControlBlockError, read_block
 from vscsi.shadow.set import ShadowSet
 from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
+from vscsi.store.claim import store_key
 from vscsi.store.file import FileVolume, StoreConfigError
 
 log = logging.getLogger(__name__)
 
 
 def open_member(path: str, size: int | None = None, block_size: int | None = None,
-                create: bool = False) -> FileVolume:  # fmt: skip
+                create: bool = False, follow_symlinks: bool = False) -> FileVolume:  # fmt: skip
     """A member file or block device; `size` is the set's, so a new file gets room for the
     control block too."""
     path = os.path.abspath(path)
-    new = create and not os.path.exists(path)
+    new = create and not os.path.lexists(path)
     return FileVolume(
         path,
         path,
         size=(size + AREA) if new and size is not None else None,
         block_size=block_size,
         create=new,
+        follow_symlinks=follow_symlinks,
     )
 
 
@@ -46,6 +51,22 @@ class Assembly:
         self.cfg = cfg
         self.dir = Path(state_dir) / "shadow"
         self.path = self.dir / f"{cfg.name}.members.json"
+        self.opened: dict[object, FileVolume] = {}  # store_key -> every member volume opened
+
+    def member(self, path: str) -> tuple[FileVolume, bool]:
+        """The volume for a member being added: (volume, True) when the set still holds it
+        open (a member removed earlier), else a newly opened and claimed one."""
+        key = store_key(path)
+        if key in self.opened:
+            return self.opened[key], True
+        return self._open_member(path), False
+
+    def _open_member(self, path: str, **kw: Any) -> FileVolume:
+        """follow_symlinks covers the members the config names, not those added at run time."""
+        follow = self.cfg.follow_symlinks and path in self.cfg.members
+        vol = open_member(path, follow_symlinks=follow, **kw)
+        self.opened[store_key(f"/proc/self/fd/{vol.fileno()}")] = vol
+        return vol
 
     def added(self) -> list[str]:
         """Members added at run time (they are not in the config file)."""
@@ -67,7 +88,8 @@ class Assembly:
         try:
             for i, path in enumerate(cfg.members):
                 try:
-                    vols.append(open_member(path, cfg.size, cfg.block_size, cfg.create))
+                    vols.append(self._open_member(
+                        path, size=cfg.size, block_size=cfg.block_size, create=cfg.create))
                 except StoreConfigError as e:
                     raise ConfigError(f"{cfg.where}.members[{i}]: {e}") from None
             vols += self._added_members()
@@ -83,7 +105,7 @@ class Assembly:
         found: list[Volume] = []
         for path in self.added():
             try:
-                found.append(open_member(path))
+                found.append(self._open_member(path))
             except StoreConfigError as e:  # gone: the set carries on without it
                 log.warning("shadow set %s: member %s added earlier is missing: %s",
                             self.cfg.name, path, e)  # fmt: skip

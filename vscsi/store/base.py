@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 
+class StoreConfigError(ValueError):
+    """A backing path that cannot serve as configured; `field` names the config key at fault."""
+
+    def __init__(self, message: str, field: str = "path") -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class VolumeError(Exception):
     """Base for errors a volume reports to the SCSI layer."""
 

@@ -16,7 +16,10 @@ import stat
 import struct
 from collections.abc import Sequence
 
-from vscsi.store.base import Extent, MediumError
+from vscsi.store.base import Extent, MediumError, StoreConfigError
+from vscsi.store.claim import MissingStoreError, open_store
+
+__all__ = ["FileVolume", "StoreConfigError"]
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -27,14 +30,6 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-class StoreConfigError(ValueError):
-    """A backing path that cannot serve as configured; `field` names the config key at fault."""
-
-    def __init__(self, message: str, field: str = "path") -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -52,7 +47,10 @@ def _address(view: memoryview) -> int:
 
 
 class FileVolume:
-    """A volume on a regular file or a block device, with the `Volume` interface."""
+    """A volume on a regular file or a block device, with the `Volume` interface.
+
+    The store is opened and claimed as `vscsi.store.claim` describes, from the open to close().
+    """
 
     def __init__(
         self,
@@ -64,6 +62,7 @@ class FileVolume:
         write_cache: bool = True,
         create: bool = False,
         read_only: bool = False,
+        follow_symlinks: bool = False,
     ) -> None:
         self.name = name
         self.path = path
@@ -71,34 +70,29 @@ class FileVolume:
         self._read_only = read_only
         self._fd = -1
         self._direct_fd = -1
-        self._open(size, block_size, create)
+        self._open(size, block_size, create, follow_symlinks)
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def _open(self, size: int | None, block_size: int | None, create: bool) -> None:
-        if not os.path.exists(self.path):
-            if not create:
-                raise StoreConfigError(
-                    f"{self.path} does not exist (create it or set create = true)"
-                )
-            if size is None:
-                raise StoreConfigError(f"{self.path} does not exist and no size is given")
-        flags = os.O_RDONLY if self._read_only else os.O_RDWR
-        if create and not os.path.exists(self.path):
-            flags |= os.O_CREAT
+    def _open(
+        self, size: int | None, block_size: int | None, create: bool, follow_symlinks: bool
+    ) -> None:
         try:
-            self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StoreConfigError(f"{self.path}: {e.strerror}") from None
+            self._fd, _ = open_store(
+                self.path,
+                not self._read_only,
+                create=create and size is not None,
+                follow_symlinks=follow_symlinks,
+            )
+        except MissingStoreError:
+            hint = "and no size is given" if create else "(create it or set create = true)"
+            raise StoreConfigError(f"{self.path} does not exist {hint}") from None
         mode = os.fstat(self._fd).st_mode
         self.is_block_device = stat.S_ISBLK(mode)
         if self.is_block_device:
             self._open_block_device(size, block_size)
-        elif stat.S_ISREG(mode):
-            self._open_file(size, block_size)
         else:
-            self.close()
-            raise StoreConfigError(f"{self.path} is neither a regular file nor a block device")
+            self._open_file(size, block_size)
 
     def _open_file(self, size: int | None, block_size: int | None) -> None:
         self.block_size = block_size or 512
@@ -136,9 +130,9 @@ class FileVolume:
         self._check_geometry(size)
         self._size = size
         self._supports_unmap = self._discard_supported()
-        try:
+        try:  # the same device, not the path again; not O_EXCL: our claim is self._fd's
             flags = (os.O_RDONLY if self._read_only else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
-            self._direct_fd = os.open(self.path, flags)
+            self._direct_fd = os.open(f"/proc/self/fd/{self._fd}", flags)
         except OSError:
             self._direct_fd = -1
 
@@ -164,6 +158,10 @@ class FileVolume:
             raise StoreConfigError(
                 f"{size} bytes is not a positive multiple of block size {self.block_size}", "size"
             )
+
+    def fileno(self) -> int:
+        """The claimed descriptor (-1 once closed)."""
+        return self._fd
 
     # -- the Volume interface --------------------------------------------------------------------
 

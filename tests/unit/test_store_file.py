@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vscsi.store import file as file_mod
 from vscsi.store.base import MediumError, Volume
 from vscsi.store.file import FileVolume, StoreConfigError
 
@@ -70,3 +71,19 @@ def test_geometry_errors(tmp_path: Path) -> None:
     assert e.value.field == "path"
     with pytest.raises(StoreConfigError):
         FileVolume("dir", str(tmp_path))
+
+
+@pytest.mark.parametrize("write_cache", [False, True])
+def test_unmap_is_durable_when_the_write_cache_is_off(
+    vol: FileVolume, monkeypatch: pytest.MonkeyPatch, write_cache: bool
+) -> None:
+    """D11: with WCE=0 an acknowledged UNMAP must be on stable storage like any write: the
+    deallocation is followed by a data sync of the store before UNMAP returns."""
+    vol.write(0, [memoryview(bytearray(b"\xaa" * 8192))], fua=True)
+    vol.write_cache = write_cache
+    calls: list[str] = []
+    real_punch = file_mod._punch_hole
+    monkeypatch.setattr(file_mod, "_punch_hole", lambda *a: (calls.append("punch"), real_punch(*a)))
+    monkeypatch.setattr(file_mod.os, "fdatasync", lambda fd: calls.append("sync"))
+    vol.unmap(0, 4096)
+    assert calls == (["punch"] if write_cache else ["punch", "sync"])

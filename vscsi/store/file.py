@@ -250,11 +250,15 @@ class FileVolume:
             raise MediumError("flush", 0, 0, e.errno) from None
 
     def unmap(self, offset: int, length: int) -> None:
+        """Deallocate. With the write cache off the zeroes are durable before it returns, as
+        every write then is (LBPRZ=1 promises them)."""
         try:
-            if not self.is_block_device:
+            if self.is_block_device:
+                self._unmap_block_device(offset, length)
+            else:
                 _punch_hole(self._fd, offset, length)
-                return
-            self._unmap_block_device(offset, length)
+            if not self.write_cache:
+                os.fdatasync(self._fd)
         except OSError as e:
             raise MediumError("unmap", offset, length, e.errno) from None
 

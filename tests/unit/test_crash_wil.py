@@ -254,7 +254,7 @@ def _until_crash(fn: Callable[[Mirror, int], None], m: Mirror, n: int) -> None:
 def test_threads_racing_the_cleaner_and_a_crash_at_a_random_point() -> None:
     """Writers and a cleaner in threads; the process dies at a random fault point."""
     rnd = random.Random(99)
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + 2
     runs = 0
     while time.monotonic() < deadline or runs < 5:
         runs += 1

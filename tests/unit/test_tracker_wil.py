@@ -78,6 +78,103 @@ def test_close_keeps_regions_that_are_not_idle(tmp_path: Path) -> None:
     again.close()
 
 
+def _recovered(path: str, size: int, region: int) -> list[tuple[int, int]]:
+    """What the next start would merge (the log reopened as after a SIGKILL)."""
+    with WriteIntentLog.open_existing(path, size, region=region) as again:
+        return list(again.recover().extents())
+
+
+def test_write_begun_during_checkpoint_stays_marked(tmp_path: Path) -> None:
+    """A write beginning on an idle, marked region while before_clear runs does no I/O; the
+    region must not be cleared under it."""
+    path = str(tmp_path / "wil")
+    log: WriteIntentLog | None = None
+
+    def checkpoint() -> None:
+        assert log is not None
+        log.begin(0, 4096)  # a host write starts while the checkpoint flushes the members
+
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, before_clear=checkpoint)
+    log.begin(0, 4096)
+    log.end(0, 4096)
+    assert log.flush_idle(time.monotonic() + 7200) == 0
+    assert _recovered(path, 64 * MiB, MiB) == [(0, MiB)]  # the write is still in flight
+    log.before_clear = None
+    log.end(0, 4096)
+    assert log.flush_idle(time.monotonic() + 7200) == 1
+    log.close()
+    assert _recovered(path, 64 * MiB, MiB) == []
+
+
+def test_write_begun_and_ended_during_checkpoint_keeps_region(tmp_path: Path) -> None:
+    """Its data may have missed the checkpoint's flush: the region waits for the next one."""
+    path = str(tmp_path / "wil")
+    log: WriteIntentLog | None = None
+    calls: list[int] = []
+
+    def checkpoint() -> None:
+        assert log is not None
+        calls.append(1)
+        if len(calls) == 1:
+            log.begin(MiB, 512)
+            log.end(MiB, 512)
+
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, before_clear=checkpoint)
+    for off in (0, MiB):
+        log.begin(off, 512)
+        log.end(off, 512)
+    later = time.monotonic() + 7200
+    assert log.flush_idle(later) == 1  # region 0 only
+    assert _recovered(path, 64 * MiB, MiB) == [(MiB, MiB)]
+    assert log.flush_idle(later) == 1  # the next checkpoint covers it
+    assert log.dirty_regions() == 0
+    log.close()
+
+
+def test_failed_checkpoint_keeps_regions_and_the_cleaner_retries(tmp_path: Path) -> None:
+    path = str(tmp_path / "wil")
+    failures = [OSError(5, "pair record save failed")] * 3
+    attempts: list[float] = []
+
+    def checkpoint() -> None:
+        attempts.append(time.monotonic())
+        if failures:
+            raise failures.pop()
+
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=0.01, before_clear=checkpoint)
+    log.begin(0, 512)
+    log.end(0, 512)
+    deadline = time.monotonic() + 10
+    while failures and time.monotonic() < deadline:
+        assert _recovered(path, 64 * MiB, MiB) == [(0, MiB)]
+        time.sleep(0.005)
+    while log.dirty_regions() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert log.dirty_regions() == 0  # the cleaner survived the failures and cleared it
+    assert len(attempts) == 4
+    log.close()
+    assert _recovered(path, 64 * MiB, MiB) == []
+
+
+def test_failed_checkpoint_raises_to_a_direct_caller_and_keeps_every_region(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "wil")
+
+    def checkpoint() -> None:
+        raise OSError(5, "volume flush failed")
+
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, before_clear=checkpoint)
+    for off in (0, 2 * MiB, 7 * MiB):
+        log.begin(off, 512)
+        log.end(off, 512)
+    with pytest.raises(OSError, match="volume flush failed"):
+        log.flush_idle(time.monotonic() + 7200)
+    assert log.dirty_regions() == 3
+    log.close()  # logs the failure, keeps the marks
+    assert _recovered(path, 64 * MiB, MiB) == [(0, MiB), (2 * MiB, MiB), (7 * MiB, MiB)]
+
+
 def test_torn_page_counts_as_all_dirty(tmp_path: Path) -> None:
     path = tmp_path / "wil"
     nregions = _BITS_PER_PAGE + 1000
@@ -106,10 +203,19 @@ def test_lost_or_foreign_log_is_invalid(tmp_path: Path) -> None:
     log.close()
 
 
-def _writer(path: str, size: int, region: int, out: int, seed: int) -> None:
-    """The child: 4 threads write forever, reporting each begun and each ending range."""
-    log = WriteIntentLog(path, size, region=region, idle_delay=0.005)
+def _writer(path: str, size: int, region: int, out: int, seed: int, checkpoint: float) -> None:
+    """The child: 4 threads write forever, reporting each begun and each ending range. With a
+    `checkpoint` time, before_clear takes that long (as a member flush does) and writes last
+    longer than it, so writes begin during the checkpoint and are still in flight after it."""
+    log = WriteIntentLog(
+        path,
+        size,
+        region=region,
+        idle_delay=0.005,
+        before_clear=(lambda: time.sleep(checkpoint)) if checkpoint else None,
+    )
     log.mark_clean()
+    longest = max(checkpoint * 3, 0.0005)
 
     def work(k: int) -> None:
         rnd = random.Random(seed * 10 + k)
@@ -118,7 +224,7 @@ def _writer(path: str, size: int, region: int, out: int, seed: int) -> None:
             length = rnd.choice([512, 4096, 65536, 3 * region])
             log.begin(off, length)
             os.write(out, f"b {k} {off} {length}\n".encode())
-            time.sleep(rnd.random() / 2000)
+            time.sleep(rnd.random() * longest)
             os.write(out, f"e {k}\n".encode())
             log.end(off, length)
 
@@ -138,11 +244,18 @@ def _in_flight(report: bytes) -> list[tuple[int, int]]:
     return list(current.values())
 
 
-def test_sigkill_never_loses_an_in_flight_write(tmp_path: Path) -> None:
-    path, size, region = str(tmp_path / "wil"), 64 * MiB, MiB
+@pytest.mark.parametrize(
+    ("size", "checkpoint", "seconds"),
+    [(64 * MiB, 0.0, 15), (8 * MiB, 0.001, 10)],
+    ids=["no-checkpoint", "writes-race-the-checkpoint"],
+)
+def test_sigkill_never_loses_an_in_flight_write(
+    tmp_path: Path, size: int, checkpoint: float, seconds: float
+) -> None:
+    path, region = str(tmp_path / "wil"), MiB
     rnd = random.Random(1234)
     checked = 0
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + seconds
     for i in range(300):
         if time.monotonic() > deadline:
             break
@@ -151,7 +264,7 @@ def test_sigkill_never_loses_an_in_flight_write(tmp_path: Path) -> None:
         if pid == 0:
             os.close(r)
             try:
-                _writer(path, size, region, w, i)
+                _writer(path, size, region, w, i, checkpoint)
             finally:
                 os._exit(1)
         os.close(w)

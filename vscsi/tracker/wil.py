@@ -16,22 +16,44 @@ each write carrying the newest in-memory state, serialised, then fdatasync'd (gr
 concurrent `begin` callers share one flush). Every page remembers the flush generation that will
 carry its latest change, so `begin` on regions already durable does no I/O at all.
 
+Forgetting a region is the dangerous step. A region is cleared only when nothing is in flight in
+it *and* the data (and every record derived from it) of the writes that marked it is durable at
+a generation taken after the region went idle: `flush_idle` picks the idle regions, then calls
+the owner's `before_clear` (which flushes the members and checkpoints the dependent records, all
+stamped after the pick), then clears only the regions with no `begin` since the pick. A `begin`
+on a marked region does no I/O, so a per-region begin epoch, not the I/O, tells that a write
+raced the checkpoint. A `before_clear` that raises keeps every region.
+
 Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
 are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
 differently shaped log is formatted afresh with `valid` False; `recover()` then raises
 `InvalidLogError` and the caller must fall back to a full merge (`open_existing` raises at once).
+
+The log does its I/O through a `LogFile` (`OsFile` by default) so a crash-model test can put
+a file with a volatile cache under it. Fault points (`vscsi.durable.faults`): ``wil.begin.flush``
+(marked in memory, before the flush that makes the mark durable), ``wil.flush.page`` (before
+each page write), ``wil.flush.sync`` (pages written, before fdatasync), ``wil.flush.synced``
+(durable, not yet acknowledged), ``wil.clear.checkpointed`` (after `before_clear` returned,
+before the re-check), ``wil.clear.flush`` (bits cleared in memory, before their flush) and
+``wil.mark_clean.flush``.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Callable
+from typing import Protocol
 
+from vscsi.durable.faults import fault_point
 from vscsi.tracker.dirtymap import DirtyMap
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 _MAGIC = b"VSCSIWIL"
@@ -39,14 +61,58 @@ _VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQQ")
 _PAGE_HEAD = struct.Struct("<II")
 _BITS_PER_PAGE = (PAGE - _PAGE_HEAD.size) * 8
+_RETRY_MAX = 30.0  # seconds between cleaner attempts while before_clear keeps failing
 
 
 class InvalidLogError(ValueError):
     """The log is missing, unreadable or of another geometry: fall back to a full merge."""
 
 
+class LogFile(Protocol):
+    """The file (or device) the log lives in; `fdatasync` makes every earlier pwrite durable."""
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    def pwrite(self, data: bytes, offset: int) -> None: ...
+
+    def fdatasync(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class OsFile:
+    """A `LogFile` on a real path: each method is one system call."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def pwrite(self, data: bytes, offset: int) -> None:
+        if os.pwrite(self.fd, data, offset) != len(data):
+            raise OSError(errno.EIO, "short write to the write-intent log")
+
+    def fdatasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class WriteIntentLog:
-    """Regions (of `region` bytes) of a `size`-byte volume with writes that may be in flight."""
+    """Regions (of `region` bytes) of a `size`-byte volume with writes that may be in flight.
+
+    `before_clear` is called (unlocked, from the cleaner thread or whoever calls `flush_idle`)
+    before idle regions are forgotten. Its contract: when it returns, the data of every write
+    that ended before it was called is durable on every member, and so is every record that
+    depends on those writes (e.g. a pair's change map), saved at a generation taken during the
+    call. Writes may begin and end while it runs; their regions are kept. If it cannot make
+    that true it must raise: every region stays marked, and the cleaner retries later.
+
+    `file` replaces the file opened at `path` (a crash-model test's fake); `background=False`
+    starts no cleaner thread, so only explicit `flush_idle` calls clear regions.
+    """
 
     def __init__(
         self,
@@ -58,6 +124,8 @@ class WriteIntentLog:
         offset: int = 0,
         idle_delay: float = 1.0,
         before_clear: Callable[[], None] | None = None,
+        file: LogFile | None = None,
+        background: bool = True,
     ) -> None:
         if size <= 0:
             raise ValueError(f"volume size must be positive, not {size}")
@@ -67,12 +135,15 @@ class WriteIntentLog:
         self.offset = offset
         self.idle_delay = idle_delay
         self.before_clear = before_clear
+        self.background = background
         self.nregions = max(-(-size // region), 1)
         self.npages = -(-self.nregions // _BITS_PER_PAGE)
         self._bits = bytearray(self.npages * (PAGE - _PAGE_HEAD.size))
         self._page_gen = [0] * self.npages
         self._inflight: dict[int, int] = {}
         self._idle_since: dict[int, float] = {}
+        self._epoch = 0  # counts begins; never reused, so a pick can tell a begin happened since
+        self._begun: dict[int, int] = {}  # region -> epoch of its latest begin (until cleared)
         self._dirty_pages: set[int] = set()
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()
@@ -84,19 +155,20 @@ class WriteIntentLog:
         self.flushes = 0
         self.generation = 0
         self.valid = False
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._io: LogFile = OsFile(path) if file is None else file
+        self._closed = False
         try:
-            self._load()
-            self.valid = True
-        except InvalidLogError:
-            self._format()
+            self._adopt()
+        except BaseException:
+            self._io.close()
+            raise
 
     @classmethod
     def open_existing(
         cls, path: str, size: int, region: int = 4 << 20, grain: int = 65536, **kw: object
     ) -> WriteIntentLog:
         """Open a log that must already exist with this geometry, or raise InvalidLogError."""
-        if not os.path.exists(path):
+        if kw.get("file") is None and not os.path.exists(path):
             raise InvalidLogError(f"{path}: no write-intent log")
         log = cls(path, size, region, grain, **kw)  # type: ignore[arg-type]
         if not log.valid:
@@ -110,8 +182,16 @@ class WriteIntentLog:
         head = _HEADER.pack(_MAGIC, _VERSION, PAGE, self.size, self.region, self.grain, generation)
         return (head + struct.pack("<I", zlib.crc32(head))).ljust(PAGE, b"\0")
 
+    def _adopt(self) -> None:
+        """Take over the log on disk, or format a fresh one (then `valid` stays False)."""
+        try:
+            self._load()
+            self.valid = True
+        except InvalidLogError:
+            self._format()
+
     def _load(self) -> None:
-        raw = os.pread(self._fd, PAGE, self.offset)
+        raw = self._io.pread(PAGE, self.offset)
         if len(raw) < _HEADER.size + 4:
             raise InvalidLogError(f"{self.path}: no header")
         head = raw[: _HEADER.size]
@@ -122,24 +202,24 @@ class WriteIntentLog:
         if (page, size, region, grain) != (PAGE, self.size, self.region, self.grain):
             raise InvalidLogError(f"{self.path}: geometry differs")
         self.generation = gen + 1
-        os.pwrite(self._fd, self._header(self.generation), self.offset)
+        self._io.pwrite(self._header(self.generation), self.offset)
         span = PAGE - _PAGE_HEAD.size
         for p in range(self.npages):
-            data = os.pread(self._fd, PAGE, self.offset + PAGE * (1 + p))
+            data = self._io.pread(PAGE, self.offset + PAGE * (1 + p))
             crc_p, num = _PAGE_HEAD.unpack_from(data.ljust(PAGE, b"\0"))
             body = data[_PAGE_HEAD.size :]
             if len(data) != PAGE or num != p or zlib.crc32(body) != crc_p:
                 self._bits[p * span : (p + 1) * span] = b"\xff" * span
             else:
                 self._bits[p * span : (p + 1) * span] = body
-        os.fdatasync(self._fd)
+        self._io.fdatasync()
 
     def _format(self) -> None:
         self.generation = 1
-        os.pwrite(self._fd, self._header(self.generation), self.offset)
+        self._io.pwrite(self._header(self.generation), self.offset)
         for p in range(self.npages):
-            os.pwrite(self._fd, self._page(p), self.offset + PAGE * (1 + p))
-        os.fdatasync(self._fd)
+            self._io.pwrite(self._page(p), self.offset + PAGE * (1 + p))
+        self._io.fdatasync()
 
     def _page(self, p: int) -> bytes:
         span = PAGE - _PAGE_HEAD.size
@@ -147,7 +227,11 @@ class WriteIntentLog:
         return _PAGE_HEAD.pack(zlib.crc32(body), p) + body
 
     def _flush(self, need: int) -> None:
-        """Write every changed page (its newest state) unless a flush already covered `need`."""
+        """Write every changed page (its newest state) unless a flush already covered `need`.
+
+        A failed flush puts its pages back, so the next one rewrites them: after a failed
+        fdatasync the kernel may have dropped them, and a later success proves nothing.
+        """
         with self._io_lock:
             with self._lock:
                 if self._durable_gen >= need:
@@ -156,9 +240,17 @@ class WriteIntentLog:
                 self._next_gen += 1
                 pages = [(p, self._page(p)) for p in sorted(self._dirty_pages)]
                 self._dirty_pages.clear()
-            for p, data in pages:
-                os.pwrite(self._fd, data, self.offset + PAGE * (1 + p))
-            os.fdatasync(self._fd)
+            try:
+                for p, data in pages:
+                    fault_point("wil.flush.page")
+                    self._io.pwrite(data, self.offset + PAGE * (1 + p))
+                fault_point("wil.flush.sync")
+                self._io.fdatasync()
+            except BaseException:
+                with self._lock:
+                    self._dirty_pages.update(p for p, _ in pages)
+                raise
+            fault_point("wil.flush.synced")
             self.flushes += 1
             with self._lock:
                 self._durable_gen = max(self._durable_gen, gen)
@@ -177,25 +269,36 @@ class WriteIntentLog:
         self._page_gen[page] = self._next_gen
 
     def begin(self, offset: int, length: int) -> None:
-        """Mark the regions of a write about to be issued; returns once the mark is durable."""
+        """Mark the regions of a write about to be issued; returns once the mark is durable.
+
+        If the mark cannot be made durable this raises and the write counts as never begun.
+        """
         need = 0
         with self._lock:
+            self._epoch += 1
             for r in self._regions(offset, length):
                 self._inflight[r] = self._inflight.get(r, 0) + 1
+                self._begun[r] = self._epoch
                 byte, bit = divmod(r, 8)
                 page = r // _BITS_PER_PAGE
                 if not self._bits[byte] >> bit & 1:
                     self._bits[byte] |= 1 << bit
                     self._changed(page)
                 need = max(need, self._page_gen[page])
-            if self._cleaner is None:
+            if self._cleaner is None and self.background:
                 self._start_cleaner()
             if need <= self._durable_gen:
                 return
-        self._flush(need)
+        try:
+            fault_point("wil.begin.flush")
+            self._flush(need)
+        except BaseException:
+            self.end(offset, length)  # the caller will not issue the write, nor call end
+            raise
 
     def end(self, offset: int, length: int) -> None:
-        """The write completed on every member; its regions may be cleared once idle."""
+        """The write completed (or failed) on every member; its regions may be cleared once
+        idle, after `before_clear` made its data durable."""
         now = time.monotonic()
         with self._lock:
             for r in self._regions(offset, length):
@@ -222,48 +325,70 @@ class WriteIntentLog:
         self._cleaner.start()
 
     def _clean_loop(self) -> None:
-        while not self._stop.wait(max(self.idle_delay / 2, 0.01)):
-            self.flush_idle()
+        """Clear idle regions until closed; a failure keeps them and backs off, never stops."""
+        delay = base = max(self.idle_delay / 2, 0.01)
+        while not self._stop.wait(delay):
+            try:
+                self.flush_idle()
+                delay = base
+            except Exception as e:
+                delay = min(delay * 2, max(_RETRY_MAX, base))
+                log.warning("%s: regions kept, clearing retried in %.1fs: %s", self.path, delay, e)
 
     def flush_idle(self, now: float | None = None) -> int:
-        """Clear regions idle for `idle_delay`; returns how many were cleared."""
+        """Clear regions idle for `idle_delay`; returns how many were cleared.
+
+        Raises what `before_clear` or the log's own flush raised; the regions then stay marked.
+        """
         now = time.monotonic() if now is None else now
         with self._lock:
             if self._held:
                 return 0
-            idle = {
-                r: t
+            picked = {
+                r: self._begun.get(r, 0)
                 for r, t in self._idle_since.items()
                 if now - t >= self.idle_delay and r not in self._inflight
             }
-        if not idle:
+        if not picked:
             return 0
         if self.before_clear is not None:
-            self.before_clear()  # e.g. flush the members: the data must be durable first
+            self.before_clear()  # makes durable what the picked regions' writes left behind
+        fault_point("wil.clear.checkpointed")
         with self._lock:
             if self._held:
                 return 0
-            # a write that began and ended meanwhile moved its region's idle time: keep it
-            cleared = [r for r, t in idle.items() if self._idle_since.get(r) == t]
+            # a write that began since the pick (in flight or not) raced the checkpoint: keep it
+            cleared = [
+                r
+                for r, e in picked.items()
+                if self._begun.get(r, 0) == e and r not in self._inflight
+            ]
             for r in cleared:
-                del self._idle_since[r]
+                self._idle_since.pop(r, None)
+                self._begun.pop(r, None)
                 byte, bit = divmod(r, 8)
                 self._bits[byte] &= ~(1 << bit) & 0xFF
                 self._changed(r // _BITS_PER_PAGE)
             need = self._next_gen
+        fault_point("wil.clear.flush")
         self._flush(need)
         return len(cleared)
 
     def mark_clean(self) -> bool:
-        """Clear everything (clean dismount, or a finished merge) unless a write is in flight."""
+        """Clear everything (clean dismount, or a finished merge) unless a write is in flight.
+
+        The caller must already have made every member durable and equal.
+        """
         with self._lock:
             if self._inflight or self._held:
                 return False
             self._bits[:] = bytes(len(self._bits))
             self._idle_since.clear()
+            self._begun.clear()
             for page in range(self.npages):
                 self._changed(page)
             need = self._next_gen
+        fault_point("wil.mark_clean.flush")
         self._flush(need)
         return True
 
@@ -298,15 +423,20 @@ class WriteIntentLog:
         return len(self._marked())
 
     def close(self) -> None:
-        """Stop the cleaner and close; only regions already idle are cleared on the way."""
-        if self._fd < 0:
+        """Stop the cleaner and close; only regions already idle are cleared on the way (a
+        failure to clear them is logged: they stay marked, which is safe)."""
+        if self._closed:
             return
         self._stop.set()
         if self._cleaner is not None:
             self._cleaner.join()
-        self.flush_idle()
-        os.close(self._fd)
-        self._fd = -1
+        try:
+            self.flush_idle()
+        except Exception as e:
+            log.warning("%s: idle regions kept at close: %s", self.path, e)
+        finally:
+            self._closed = True
+            self._io.close()
 
     def __enter__(self) -> WriteIntentLog:
         return self

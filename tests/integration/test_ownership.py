@@ -35,6 +35,7 @@ volume_id = {volume_id}
 @pytest.fixture
 def loop(workdir: Path) -> Iterator[str]:
     """A loop device of its own (64 MiB), detached afterwards."""
+    run("modprobe", "loop")  # this module may run before any other test loaded it
     img = workdir / "own-loop.img"
     with img.open("wb") as f:
         f.truncate(64 * MIB)

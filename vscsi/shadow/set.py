@@ -379,7 +379,12 @@ class ShadowSet:
         """Members that failed an I/O of [offset, offset+length) leave the set: a full member
         with its bitmap started (the range marked; everything when `length` is None), a copy
         target with its copy abandoned. Returns the error to give the host when the last full
-        member failed. The caller commits."""
+        member failed. The caller commits.
+
+        A member another thread removed meanwhile (the I/O chose its targets before) gets the
+        range added to its bitmap here: the I/O did not reach it, and its minicopy must copy
+        it. A member removed while a merge is pending may differ anywhere the merge has not
+        reached, so its bitmap covers everything."""
         error = None
         with self._lock:
             for m, e in failed:
@@ -388,10 +393,13 @@ class ShadowSet:
                     self._apply(Event.COPY_TARGET_FAILED, m.id)
                 elif st is MemberState.FULL and self._apply(Event.MEMBER_FAILED, m.id):
                     log.warning("shadow set %s: %s removed: %s", self.name, m.name, e)
-                    m.bitmap = self._new_bitmap(everything=length is None)
+                    merging = self.state.merge_op() is not None
+                    m.bitmap = self._new_bitmap(everything=length is None or merging)
                     m.bitmap.mark(offset, length or 0)
                 elif st is MemberState.FULL:
                     error = e
+                elif st is MemberState.REMOVED and m.bitmap is not None:
+                    m.bitmap.mark(offset, self.size - offset if length is None else length)
         return error
 
     def _fail_and_commit(

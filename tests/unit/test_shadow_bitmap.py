@@ -1,0 +1,96 @@
+"""Every write a removed member missed is in its minicopy bitmap, whatever the interleaving:
+a host write that chose its targets before another I/O removed the member, and a member
+removed while a merge has not yet made it identical."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from vscsi.shadow import ShadowSet
+from vscsi.store.base import MediumError
+
+from .test_shadow_support import (
+    CHUNK,
+    CONTROL_READS,
+    GRAIN,
+    SIZE,
+    Member,
+    crash,
+    create,
+    data_of,
+    members,
+    open_set,
+    reopen,
+    scribble,
+    write,
+)
+
+W2 = 40 * GRAIN  # in another chunk than offset 0
+
+
+class Dying(Member):
+    """A member whose write at `at` waits (`entered` set) until `go`, then fails: the write
+    chose this member as a target, and the member fails under it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.at: int | None = None
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        if offset == self.at and not self.go.is_set():
+            self.entered.set()
+            assert self.go.wait(10)
+            raise MediumError("write", offset, 4096, 5)
+        super().write(offset, bufs, fua)
+
+
+def _member(s: ShadowSet, name: str) -> dict[str, object]:
+    return next(m for m in s.show()["members"] if m["name"] == name)
+
+
+def test_write_in_flight_on_a_member_another_write_removes_is_in_its_bitmap(
+    tmp_path: Path,
+) -> None:
+    a = Member(tmp_path / "a.img")
+    b = Dying(tmp_path / "b.img")
+    s = create(tmp_path, [a, b])
+    b.at = W2
+    host = threading.Thread(target=write, args=(s, W2, b"W" * 4096))
+    host.start()  # W2 is on a, and waits on b
+    assert b.entered.wait(5)
+    b.bad_write.append((0, 4096))
+    write(s, 0, b"X" * 4096)  # another write fails on b first: b is removed
+    assert _member(s, "b.img")["state"] == "Removed"
+    b.go.set()  # W2 now fails on b too: it is acknowledged from a alone
+    host.join(5)
+    assert not host.is_alive()
+    b.bad_write.clear()
+    s.add(b)  # the minicopy back must copy W2
+    assert s.wait(10)
+    assert data_of(tmp_path, "a") == data_of(tmp_path, "b")
+    s.close()
+
+
+def test_member_removed_during_a_merge_gets_everything_copied_back(tmp_path: Path) -> None:
+    s = create(tmp_path, members(tmp_path, "a", "b"))
+    write(s, 0, b"a" * SIZE)
+    crash(s)
+    scribble(tmp_path, "b", 3 * CHUNK, b"b" * 4096)  # differs where the merge has not been
+    a, b = reopen(tmp_path, "a", "b")
+    a.stall_after(CONTROL_READS)  # the merge stalls in its first chunk
+    s = open_set(tmp_path, [a, b], wil=False)
+    assert a.stalled.wait(5)
+    b.bad_write.append((CHUNK, 4096))
+    write(s, CHUNK, b"h" * 4096)  # b fails and leaves the set, not yet merged
+    assert _member(s, "b.img")["display"] == f"Removed, {SIZE} bytes changed since"
+    a.release.set()
+    assert s.wait(10)
+    b.bad_write.clear()
+    s.add(b)
+    assert s.wait(10)
+    assert data_of(tmp_path, "a") == data_of(tmp_path, "b")
+    s.close()

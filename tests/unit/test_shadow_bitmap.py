@@ -94,3 +94,34 @@ def test_member_removed_during_a_merge_gets_everything_copied_back(tmp_path: Pat
     assert s.wait(10)
     assert data_of(tmp_path, "a") == data_of(tmp_path, "b")
     s.close()
+
+
+
+def test_no_write_is_acknowledged_before_a_removal_it_depends_on_is_durable(
+    tmp_path: Path,
+) -> None:
+    s = create(tmp_path, members(tmp_path, "a", "b"))
+    (b,) = [v for v in s._volumes() if v.name == "b.img"]
+    entered, go = threading.Event(), threading.Event()
+    commit = s._commit
+
+    def slow_commit(clean: bool = False) -> None:  # the removal's commit starts late
+        entered.set()
+        assert go.wait(10)
+        commit(clean)
+
+    s._commit = slow_commit  # type: ignore[method-assign]
+    b.bad_write.append((0, 4096))
+    failing = threading.Thread(target=write, args=(s, 0, b"X" * 4096))
+    failing.start()  # b fails and leaves the set in memory; its commit waits
+    assert entered.wait(5)
+    s._commit = commit  # type: ignore[method-assign]
+    host = threading.Thread(target=write, args=(s, W2, b"W" * 4096))
+    host.start()  # must not go to a alone and be acknowledged while b is current on disk
+    host.join(0.5)
+    acknowledged_early = not host.is_alive()
+    go.set()
+    failing.join(5)
+    host.join(5)
+    assert not acknowledged_early
+    s.close()

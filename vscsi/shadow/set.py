@@ -480,11 +480,17 @@ class ShadowSet:
     def _fail_and_commit(
         self, failed: Sequence[tuple[Member, VolumeError]], offset: int, length: int | None
     ) -> None:
-        """`_failed`, the new membership made durable, and the last member's error raised."""
+        """`_failed`, the new membership made durable, and the last member's error raised.
+
+        One step under the state lock: a host write that chose its targets from the new
+        membership (without the member that left) must not be acknowledged before that
+        membership is durable and recorded, or a crash would leave the member that missed the
+        write current on disk."""
         if not failed:
             return
-        error = self._failed(failed, offset, length)
-        self._commit()
+        with self._lock:
+            error = self._failed(failed, offset, length)
+            self._commit()
         if error is not None:
             raise error
 

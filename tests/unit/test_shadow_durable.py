@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from vscsi.config import ConfigError, parse
 from vscsi.durable import faults
 from vscsi.shadow import ShadowSet
+from vscsi.shadow.assemble import Assembly
 from vscsi.shadow.control import read_block
 from vscsi.shadow.set import KIND, MAP_KIND, default_committer
 from vscsi.shadow.states import ShadowError
@@ -153,4 +155,26 @@ def test_minicopy_bitmap_is_kept_by_the_committer_and_used_once(tmp_path: Path) 
     s = open_set(tmp_path, reopen(tmp_path, "a", "b"))
     assert committer.load(MAP_KIND, key) is None  # read once: a crash now must not reuse it
     assert _member(s, "b.img")["display"] == f"Removed, {GRAIN} bytes changed since"
+    s.close()
+
+
+def test_assembly_refuses_the_stale_member_alone_unless_forced(tmp_path: Path) -> None:
+    def assembly(*names: str) -> Assembly:
+        shadow = {"name": "dsa1", "members": [f"{n}.img" for n in names], "size": "4MiB",
+                  "create": True, "identity": {"serial": 410003, "volume_id": 0x300}}  # fmt: skip
+        cfg = parse({"daemon": {"socket": str(tmp_path / "ctl.sock"), "state_dir": "state"},
+                     "shadow_set": [shadow]}, base=tmp_path)  # fmt: skip
+        return Assembly(cfg.shadow_sets[0], str(tmp_path / "state"))
+
+    s = assembly("m0", "m1").open()
+    assert s.wait(10)
+    s.close()
+    assembly("m0").open().close()  # m1 is missing: the set goes on without it
+    with pytest.raises(ConfigError) as e:
+        assembly("m1").open()
+    assert str(e.value).startswith("shadow_set[0]: shadow set 'dsa1': the members given carry")
+    assert "\n" not in str(e.value)
+    s = assembly("m1").open(force=True)
+    full = [m["name"] for m in s.show()["members"] if m["state"] == "ShadowSetMember"]
+    assert full == [str(tmp_path / "m1.img")]
     s.close()

@@ -13,7 +13,7 @@ region not yet merged merges that region first, so the host never gets two answe
 Lock order, outermost first: the write gate, region locks, the state lock.
 
 Durable state outside the members goes through the state directory's `Committer`: the set's
-generation (kind `shadow`, keyed by set id), so a mount from stale members alone is refused,
+generation (kind `shadow-set`, keyed by set id), so a mount from stale members alone is refused,
 and the minicopy bitmaps saved at a clean dismount (kind `shadow-map`).
 """
 
@@ -62,7 +62,7 @@ IN_SET = (MemberState.FULL, MemberState.COPY_TARGET)
 ReadPolicy = Literal["balanced", "master"]
 READ_POLICIES: tuple[ReadPolicy, ...] = ("balanced", "master")
 SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one region lock
-KIND = "shadow"  # committer kind of a set's recorded generation, keyed by set id
+KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
 MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
 
 _committers: dict[Path, Committer] = {}

@@ -125,3 +125,33 @@ def test_no_write_is_acknowledged_before_a_removal_it_depends_on_is_durable(
     host.join(5)
     assert not acknowledged_early
     s.close()
+
+
+def test_writes_not_yet_flushed_are_in_the_bitmap_of_a_member_that_fails(
+    tmp_path: Path,
+) -> None:
+    s = create(tmp_path, members(tmp_path, "a", "b"))
+    s.flush()
+    (b,) = [v for v in s._volumes() if v.name == "b.img"]
+    write(s, W2, b"W" * 4096)  # acknowledged by a and b, in b's cache only
+    b.bad_write.append((0, 4096))
+    write(s, 0, b"X" * 4096)  # b fails: its cache, W2 with it, may be gone
+    scribble(tmp_path, "b", W2, bytes(4096))  # and it is
+    write(s, 2 * W2, b"Y" * 4096)
+    s.flush()  # flushed after b left: vouches for nothing b missed
+    b.bad_write.clear()
+    s.add(b)
+    assert s.wait(10)
+    assert data_of(tmp_path, "a") == data_of(tmp_path, "b")
+    s.close()
+
+
+def test_a_flush_of_every_member_empties_what_a_later_failure_copies(tmp_path: Path) -> None:
+    s = create(tmp_path, members(tmp_path, "a", "b"))
+    (b,) = [v for v in s._volumes() if v.name == "b.img"]
+    write(s, W2, b"W" * 4096)
+    s.flush()  # W2 is durable on b
+    b.bad_write.append((0, 4096))
+    write(s, 0, b"X" * 4096)
+    assert _member(s, "b.img")["display"] == f"Removed, {GRAIN} bytes changed since"
+    s.close()

@@ -184,6 +184,11 @@ class ShadowSet:
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
         self._stop = False
+        # host writes not yet covered by a flush of every member: a member that fails may have
+        # lost them from its cache, so they go into its bitmap (see `_failed`); `_flushing`
+        # holds what each flush in progress will vouch for once it succeeds
+        self._unflushed = DirtyMap(block.size, tuning.grain)
+        self._flushing: list[DirtyMap] = []
         self._mounted = True
         self._wil = self._open_log() if wil else None
         self.log_valid = self._log_valid()
@@ -459,7 +464,8 @@ class ShadowSet:
         A member another thread removed meanwhile (the I/O chose its targets before) gets the
         range added to its bitmap here: the I/O did not reach it, and its minicopy must copy
         it. A member removed while a merge is pending may differ anywhere the merge has not
-        reached, so its bitmap covers everything."""
+        reached, so its bitmap covers everything. Host writes it took since the last flush
+        of every member may be lost from its cache: they are in its bitmap too."""
         error = None
         with self._lock:
             for m, e in failed:
@@ -471,6 +477,8 @@ class ShadowSet:
                     merging = self.state.merge_op() is not None
                     m.bitmap = self._new_bitmap(everything=length is None or merging)
                     m.bitmap.mark(offset, length or 0)
+                    for unflushed in (self._unflushed, *self._flushing):
+                        m.bitmap |= unflushed
                 elif st is MemberState.FULL:
                     error = e
                 elif st is MemberState.REMOVED and m.bitmap is not None:
@@ -755,6 +763,7 @@ class ShadowSet:
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
             with self._lock:
                 targets = self._in_set()
+                self._unflushed.mark(offset, length)
                 for m in self._members.values():
                     if m.bitmap is not None:
                         m.bitmap.mark(offset, length)
@@ -784,15 +793,23 @@ class ShadowSet:
         self._fail_and_commit(self._flush_members(), 0, None)
 
     def _flush_members(self) -> list[tuple[Member, VolumeError]]:
+        """Flush every member in the set; the writes done before it started are durable on
+        those that succeed (the ones that fail leave with a bitmap of everything)."""
         failed = []
         with self._lock:
             targets = self._in_set()
-        for m in targets:
-            assert m.volume is not None
-            try:
-                m.volume.flush()
-            except VolumeError as e:
-                failed.append((m, e))
+            covered, self._unflushed = self._unflushed, DirtyMap(self.size, self.tuning.grain)
+            self._flushing.append(covered)
+        try:
+            for m in targets:
+                assert m.volume is not None
+                try:
+                    m.volume.flush()
+                except VolumeError as e:
+                    failed.append((m, e))
+        finally:
+            with self._lock:
+                self._flushing = [f for f in self._flushing if f is not covered]
         return failed
 
     def extent_at(self, offset: int) -> Extent:

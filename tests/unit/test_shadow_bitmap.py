@@ -8,6 +8,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from vscsi.shadow import ShadowSet
 from vscsi.store.base import MediumError
 
@@ -154,4 +156,48 @@ def test_a_flush_of_every_member_empties_what_a_later_failure_copies(tmp_path: P
     b.bad_write.append((0, 4096))
     write(s, 0, b"X" * 4096)
     assert _member(s, "b.img")["display"] == f"Removed, {GRAIN} bytes changed since"
+    s.close()
+
+
+class Slow(Member):
+    """A member whose write at `at` waits (`entered` set) until `go`, then succeeds."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.at: int | None = None
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        if offset == self.at:
+            self.at = None
+            self.entered.set()
+            assert self.go.wait(10)
+        super().write(offset, bufs, fua)
+
+
+@pytest.mark.parametrize("fails_before_it_lands", [False, True])
+def test_a_write_in_flight_during_a_flush_is_not_taken_as_flushed(
+    tmp_path: Path, fails_before_it_lands: bool
+) -> None:
+    a, b = Member(tmp_path / "a.img"), Slow(tmp_path / "b.img")
+    s = create(tmp_path, [a, b])
+    b.at = W2
+    host = threading.Thread(target=write, args=(s, W2, b"W" * 4096))
+    host.start()  # W2 is on a, and in flight on b
+    assert b.entered.wait(5)
+    s.flush()  # started before W2 reached b: it does not vouch for W2 there
+    b.bad_write.append((0, 4096))
+    if fails_before_it_lands:
+        write(s, 0, b"X" * 4096)  # b leaves; W2 then lands in its cache only
+    b.go.set()
+    host.join(5)
+    assert not host.is_alive()
+    if not fails_before_it_lands:
+        write(s, 0, b"X" * 4096)  # b leaves with W2 in its cache only
+    scribble(tmp_path, "b", W2, bytes(4096))  # the cache is lost
+    b.bad_write.clear()
+    s.add(b)
+    assert s.wait(10)
+    assert data_of(tmp_path, "a") == data_of(tmp_path, "b")
     s.close()

@@ -760,6 +760,10 @@ class ShadowSet:
         self._mutate(offset, length, lambda v: v.unmap(offset, length))
 
     def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+        """The range is marked unflushed before the I/O (a member failing meanwhile counts
+        it) and again after it (a flush that started while it was in flight does not cover
+        it); a target removed meanwhile gets it in its bitmap even where the I/O succeeded,
+        as only a flush, which it no longer gets, would make it durable there."""
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
             with self._lock:
                 targets = self._in_set()
@@ -773,6 +777,11 @@ class ShadowSet:
                     io(m.volume)
                 except VolumeError as e:
                     failed.append((m, e))
+            with self._lock:
+                self._unflushed.mark(offset, length)
+                for m in targets:
+                    if m.bitmap is not None and self.state.members.get(m.id) is MemberState.REMOVED:
+                        m.bitmap.mark(offset, length)
             self._fail_and_commit(failed, offset, length)
 
     @contextlib.contextmanager

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vscsi.config import ConfigError, ShadowSetConfig
+from vscsi.durable.committer import Committer
 from vscsi.pair.persist import atomic_write
 from vscsi.shadow.control import AREA, ControlBlockError, read_block
 from vscsi.shadow.set import ShadowSet
@@ -81,8 +82,10 @@ class Assembly:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.path, json.dumps([*paths, path]).encode())
 
-    def open(self) -> ShadowSet:
-        """Mount the set. A config error names the member; a refusal of the set is one line."""
+    def open(self, force: bool = False, committer: Committer | None = None) -> ShadowSet:
+        """Mount the set. A config error names the member; a refusal of the set is one line.
+        `force` and `committer` go to `ShadowSet.open` (force: mount below the generation the
+        state directory recorded)."""
         cfg = self.cfg
         vols: list[Volume] = []
         try:
@@ -93,7 +96,7 @@ class Assembly:
                 except StoreConfigError as e:
                     raise ConfigError(f"{cfg.where}.members[{i}]: {e}") from None
             vols += self._added_members()
-            return self._mount(vols)
+            return self._mount(vols, force, committer)
         except ShadowError as e:
             _close(vols)
             raise ConfigError(f"{cfg.where}: {e}") from None
@@ -111,11 +114,14 @@ class Assembly:
                             self.cfg.name, path, e)  # fmt: skip
         return found
 
-    def _mount(self, vols: Sequence[Volume]) -> ShadowSet:
+    def _mount(
+        self, vols: Sequence[Volume], force: bool, committer: Committer | None
+    ) -> ShadowSet:
         cfg = self.cfg
-        kw = {"state_dir": self.dir, "wil": cfg.write_intent_log, "read_policy": cfg.read_policy}
+        kw = {"state_dir": self.dir, "wil": cfg.write_intent_log, "read_policy": cfg.read_policy,
+              "committer": committer}  # fmt: skip
         if any(_has_block(v) for v in vols):
-            return ShadowSet.open(cfg.name, vols, **kw)  # type: ignore[arg-type]
+            return ShadowSet.open(cfg.name, vols, force=force, **kw)  # type: ignore[arg-type]
         return ShadowSet.create(cfg.name, vols, block_size=cfg.block_size, **kw)  # type: ignore[arg-type]
 
 

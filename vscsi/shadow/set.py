@@ -11,10 +11,15 @@ sparse set is merged in the time its data takes. While a merge is pending, a hos
 region not yet merged merges that region first, so the host never gets two answers for a block.
 
 Lock order, outermost first: the write gate, region locks, the state lock.
+
+Durable state outside the members goes through the state directory's `Committer`: the set's
+generation (kind `shadow-set`, keyed by set id), so a mount from stale members alone is refused,
+and the minicopy bitmaps saved at a clean dismount (kind `shadow-map`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import logging
@@ -25,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vscsi.durable.committer import Committer
+from vscsi.durable.faults import fault_point
 from vscsi.pair.locks import RegionLocks, WriteGate
-from vscsi.pair.persist import atomic_write
 from vscsi.shadow.control import (
     AREA,
     MAX_MEMBERS,
@@ -56,6 +62,21 @@ IN_SET = (MemberState.FULL, MemberState.COPY_TARGET)
 ReadPolicy = Literal["balanced", "master"]
 READ_POLICIES: tuple[ReadPolicy, ...] = ("balanced", "master")
 SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one region lock
+KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
+MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
+
+_committers: dict[Path, Committer] = {}
+_committers_lock = threading.Lock()
+
+
+def default_committer(state_dir: str | os.PathLike[str]) -> Committer:
+    """The committer of `state_dir/durable`, one per directory in this process: two committers
+    over one directory would delete each other's temp files and keep separate counters."""
+    root = (Path(state_dir) / "durable").resolve()
+    with _committers_lock:
+        if root not in _committers:
+            _committers[root] = Committer(root)
+        return _committers[root]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +148,8 @@ class ShadowSet:
         wil: bool,
         tuning: Tuning,
         read_policy: str,
+        committer: Committer | None,
+        opened_at: int,
     ) -> None:
         if read_policy not in READ_POLICIES:
             raise ShadowError(
@@ -139,6 +162,11 @@ class ShadowSet:
         self.tuning = tuning
         self.stats = Stats()
         self._block = block
+        self._committer = committer or default_committer(state_dir)
+        # generations above this one on a member were written by this mount (see `_written`)
+        # or by a history it never saw
+        self._opened_at = opened_at
+        self._written: dict[str, int] = {}  # member id -> last generation this mount wrote
         labels = {mid: v.name for mid, v in [*others, *members.items()] if mid is not None}
         self._members = {
             mid: Member(mid, members.get(mid), labels.get(mid, mid)) for mid in block.state.members
@@ -156,6 +184,11 @@ class ShadowSet:
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
         self._stop = False
+        # host writes not yet covered by a flush of every member: a member that fails may have
+        # lost them from its cache, so they go into its bitmap (see `_failed`); `_flushing`
+        # holds what each flush in progress will vouch for once it succeeds
+        self._unflushed = DirtyMap(block.size, tuning.grain)
+        self._flushing: list[DirtyMap] = []
         self._mounted = True
         self._wil = self._open_log() if wil else None
         self.log_valid = self._log_valid()
@@ -177,9 +210,10 @@ class ShadowSet:
         block_size: int | None = None,
         tuning: Tuning | None = None,
         read_policy: ReadPolicy = "balanced",
+        committer: Committer | None = None,
     ) -> ShadowSet:
         """A new set whose content is the first volume's; the others are mounted into it and
-        receive a copy (row 1)."""
+        receive a copy (row 1). `committer` defaults to `default_committer(state_dir)`."""
         if not volumes:
             raise ShadowError(f"shadow set {name!r} needs at least one member")
         first, *rest = volumes
@@ -196,6 +230,8 @@ class ShadowSet:
             wil=wil,
             tuning=tuning or Tuning(),
             read_policy=read_policy,
+            committer=committer,
+            opened_at=0,
         )
         for v in rest:
             shadow.add(v)
@@ -211,10 +247,18 @@ class ShadowSet:
         wil: bool = True,
         tuning: Tuning | None = None,
         read_policy: ReadPolicy = "balanced",
+        committer: Committer | None = None,
+        force: bool = False,
     ) -> ShadowSet:
-        """Assemble a set from its members alone: the highest valid generation is the truth;
-        a volume that carries an older one (or none) is stale and not a member. A set that was
-        not dismounted cleanly is merged (minimerge when the log is valid)."""
+        """Assemble a set from its members: the highest valid generation is the truth; a
+        volume that carries an older one (or none) is stale and not a member. A set that was
+        not dismounted cleanly is merged (minimerge when the log is valid).
+
+        The truth must not be older than the generation recorded in the state directory: then
+        a member holding acknowledged writes is missing, and the mount is refused unless
+        `force` (the operator accepts losing those writes; the set then continues above the
+        recorded generation, so the missing member, added back later, receives a full copy)."""
+        committer = committer or default_committer(state_dir)
         found: list[tuple[ControlBlock, bytes]] = []
         readable: list[Volume] = []
         others: list[tuple[str | None, Volume]] = []
@@ -230,6 +274,13 @@ class ShadowSet:
             truth = newest(found)
         except ControlBlockError as e:
             raise ShadowError(f"shadow set {name!r}: {e}") from None
+        recorded = _recorded(committer, truth.set_id)
+        if truth.generation < recorded and not force:
+            raise ShadowError(
+                f"shadow set {name!r}: the members given carry generation {truth.generation} "
+                f"but generation {recorded} was recorded: a newer member is missing; give it, "
+                f"or mount with force to lose the writes only it holds"
+            )
         members: dict[str, Volume] = {}
         for (blk, self_id), v in zip(found, readable, strict=True):
             mid = self_id.hex()
@@ -238,6 +289,12 @@ class ShadowSet:
                 members[mid] = v
             else:
                 others.append((mid, v))
+        if recorded > truth.generation:
+            log.warning("shadow set %s: forced mount at generation %d below the recorded %d",
+                        name, truth.generation, recorded)  # fmt: skip
+            # a member may be one generation above the record (see `_commit`): go past it,
+            # so that member is never again taken for the newer one
+            truth.generation = recorded + 1
         return cls(
             name,
             truth,
@@ -247,6 +304,8 @@ class ShadowSet:
             wil=wil,
             tuning=tuning or Tuning(),
             read_policy=read_policy,
+            committer=committer,
+            opened_at=truth.generation,
         )
 
     def _open_log(self) -> WriteIntentLog:
@@ -285,15 +344,18 @@ class ShadowSet:
 
     def _load_bitmaps(self, clean: bool) -> None:
         """Minicopy bitmaps saved at the last clean dismount; after a crash they miss writes,
-        so they are dropped (those members get a full copy)."""
-        for m in self._members.values():
-            path = self._dir / f"{m.id}.map"
-            if not path.exists():
+        so they are dropped (those members get a full copy). Each is deleted once read: the
+        mount's own commit marks the set not clean, and a bitmap must never outlive that."""
+        prefix = f"{self._block.set_id.hex()}."
+        for key, payload in self._committer.items(MAP_KIND).items():
+            mid = key.removeprefix(prefix)
+            if mid == key:
                 continue
-            if clean and self._block.state.members[m.id] is MemberState.REMOVED:
-                with contextlib.suppress(ValueError):
-                    m.bitmap = DirtyMap.from_bytes(path.read_bytes())
-            path.unlink()
+            m = self._members.get(mid)
+            if clean and m is not None and self._block.state.members[mid] is MemberState.REMOVED:
+                with contextlib.suppress(ValueError, TypeError):
+                    m.bitmap = DirtyMap.from_bytes(base64.b64decode(payload, validate=True))
+            self._committer.delete(MAP_KIND, key)
 
     def _drop_absent(self) -> None:
         """Members the control block lists but that were not given (or are stale): a missing
@@ -354,8 +416,19 @@ class ShadowSet:
         return result
 
     def _commit(self, clean: bool = False) -> None:
-        """Write the next generation to every member in the set. A member that cannot take it
-        leaves the set (its older generation marks it stale) and the others get a new one."""
+        """Write the next generation to every member in the set, then record it in the state
+        directory. A member that cannot take it leaves the set (its older generation marks it
+        stale) and the others get a new one.
+
+        Members first, the record after: a crash between them leaves the record one generation
+        behind the newest members, which a mount accepts (it refuses only members *below* the
+        record), and no stale member can pass either, because nothing is acknowledged to the
+        host on the strength of a generation until `_commit` returns, record included. A member
+        that left at generation G+1 holds at most G; every write it misses comes after G+1 was
+        recorded, so a mount from it alone is refused. (Record first would refuse the newest
+        members after a crash between the two, and tolerating that lag would admit a member
+        that is exactly one generation stale.) Each attempt of the loop is recorded, so no
+        member is ever more than one generation above the record."""
         with self._lock:
             while True:
                 self._block.generation += 1
@@ -365,8 +438,15 @@ class ShadowSet:
                     assert m.volume is not None
                     try:
                         write_block(m.volume, self._block, bytes.fromhex(m.id))
+                        self._written[m.id] = self._block.generation
                     except VolumeError as e:
                         failed.append((m, e))
+                    fault_point("shadow.block.written")
+                fault_point("shadow.record.before")
+                self._committer.save(KIND, self._block.set_id.hex(), {
+                    "name": self.name, "generation": self._block.generation,
+                })  # fmt: skip
+                fault_point("shadow.record.after")
                 if not failed:
                     return
                 error = self._failed(failed, 0, 0)
@@ -379,7 +459,13 @@ class ShadowSet:
         """Members that failed an I/O of [offset, offset+length) leave the set: a full member
         with its bitmap started (the range marked; everything when `length` is None), a copy
         target with its copy abandoned. Returns the error to give the host when the last full
-        member failed. The caller commits."""
+        member failed. The caller commits.
+
+        A member another thread removed meanwhile (the I/O chose its targets before) gets the
+        range added to its bitmap here: the I/O did not reach it, and its minicopy must copy
+        it. A member removed while a merge is pending may differ anywhere the merge has not
+        reached, so its bitmap covers everything. Host writes it took since the last flush
+        of every member may be lost from its cache: they are in its bitmap too."""
         error = None
         with self._lock:
             for m, e in failed:
@@ -388,20 +474,31 @@ class ShadowSet:
                     self._apply(Event.COPY_TARGET_FAILED, m.id)
                 elif st is MemberState.FULL and self._apply(Event.MEMBER_FAILED, m.id):
                     log.warning("shadow set %s: %s removed: %s", self.name, m.name, e)
-                    m.bitmap = self._new_bitmap(everything=length is None)
+                    merging = self.state.merge_op() is not None
+                    m.bitmap = self._new_bitmap(everything=length is None or merging)
                     m.bitmap.mark(offset, length or 0)
+                    for unflushed in (self._unflushed, *self._flushing):
+                        m.bitmap |= unflushed
                 elif st is MemberState.FULL:
                     error = e
+                elif st is MemberState.REMOVED and m.bitmap is not None:
+                    m.bitmap.mark(offset, self.size - offset if length is None else length)
         return error
 
     def _fail_and_commit(
         self, failed: Sequence[tuple[Member, VolumeError]], offset: int, length: int | None
     ) -> None:
-        """`_failed`, the new membership made durable, and the last member's error raised."""
+        """`_failed`, the new membership made durable, and the last member's error raised.
+
+        One step under the state lock: a host write that chose its targets from the new
+        membership (without the member that left) must not be acknowledged before that
+        membership is durable and recorded, or a crash would leave the member that missed the
+        write current on disk."""
         if not failed:
             return
-        error = self._failed(failed, offset, length)
-        self._commit()
+        with self._lock:
+            error = self._failed(failed, offset, length)
+            self._commit()
         if error is not None:
             raise error
 
@@ -455,6 +552,7 @@ class ShadowSet:
                 f"{volume.name} ({volume.size} bytes, {volume.block_size}-byte blocks) cannot "
                 f"hold shadow set {self.name!r} ({self.size} bytes, {self.block_size}-byte blocks)"
             )
+        self._refuse_newer(volume)
         mid = self._identify(volume)
         with self._lock:
             self._make_room(mid)
@@ -470,6 +568,24 @@ class ShadowSet:
             self._work[op.seq] = self._plan(op)
             self._members[mid].bitmap = None
             self._commit()
+
+    def _refuse_newer(self, volume: Volume) -> None:
+        """A volume carrying this set's id at a generation this mount neither opened at nor
+        wrote holds writes the set never saw (it went on without the members the set was
+        mounted from): copying over it would lose them."""
+        try:
+            blk, self_id = read_block(volume)
+        except ControlBlockError:
+            return
+        if blk.set_id != self._block.set_id or blk.generation <= self._opened_at:
+            return
+        if self._written.get(self_id.hex()) == blk.generation:
+            return
+        raise ShadowError(
+            f"{volume.name} carries generation {blk.generation} of shadow set {self.name!r}, "
+            f"newer than the generation {self._opened_at} it was mounted at: it holds writes "
+            f"the set never saw; dismount the set and mount it with this member"
+        )
 
     def _make_room(self, mid: str) -> None:
         """The control block has room for MAX_MEMBERS entries: forget stale ones if needed."""
@@ -514,7 +630,9 @@ class ShadowSet:
             self._apply(Event.DISMOUNT)
             for m in self._members.values():
                 if m.bitmap is not None and self.state.members[m.id] is MemberState.REMOVED:
-                    atomic_write(self._dir / f"{m.id}.map", m.bitmap.to_bytes())
+                    key = f"{self._block.set_id.hex()}.{m.id}"
+                    payload = base64.b64encode(m.bitmap.to_bytes()).decode()
+                    self._committer.save(MAP_KIND, key, payload, create=True)
             if self._wil is not None and self.state.merge_op() is None:
                 self._wil.release()
                 self._wil.mark_clean()
@@ -642,9 +760,14 @@ class ShadowSet:
         self._mutate(offset, length, lambda v: v.unmap(offset, length))
 
     def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+        """The range is marked unflushed before the I/O (a member failing meanwhile counts
+        it) and again after it (a flush that started while it was in flight does not cover
+        it); a target removed meanwhile gets it in its bitmap even where the I/O succeeded,
+        as only a flush, which it no longer gets, would make it durable there."""
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
             with self._lock:
                 targets = self._in_set()
+                self._unflushed.mark(offset, length)
                 for m in self._members.values():
                     if m.bitmap is not None:
                         m.bitmap.mark(offset, length)
@@ -654,6 +777,11 @@ class ShadowSet:
                     io(m.volume)
                 except VolumeError as e:
                     failed.append((m, e))
+            with self._lock:
+                self._unflushed.mark(offset, length)
+                for m in targets:
+                    if m.bitmap is not None and self.state.members.get(m.id) is MemberState.REMOVED:
+                        m.bitmap.mark(offset, length)
             self._fail_and_commit(failed, offset, length)
 
     @contextlib.contextmanager
@@ -674,15 +802,23 @@ class ShadowSet:
         self._fail_and_commit(self._flush_members(), 0, None)
 
     def _flush_members(self) -> list[tuple[Member, VolumeError]]:
+        """Flush every member in the set; the writes done before it started are durable on
+        those that succeed (the ones that fail leave with a bitmap of everything)."""
         failed = []
         with self._lock:
             targets = self._in_set()
-        for m in targets:
-            assert m.volume is not None
-            try:
-                m.volume.flush()
-            except VolumeError as e:
-                failed.append((m, e))
+            covered, self._unflushed = self._unflushed, DirtyMap(self.size, self.tuning.grain)
+            self._flushing.append(covered)
+        try:
+            for m in targets:
+                assert m.volume is not None
+                try:
+                    m.volume.flush()
+                except VolumeError as e:
+                    failed.append((m, e))
+        finally:
+            with self._lock:
+                self._flushing = [f for f in self._flushing if f is not covered]
         return failed
 
     def extent_at(self, offset: int) -> Extent:
@@ -943,6 +1079,7 @@ class ShadowSet:
     def _checkpoint(self) -> None:
         """Make the copied/merged data durable, then record the fences."""
         self._fail_and_commit(self._flush_members(), 0, None)
+        fault_point("shadow.checkpoint.flushed")
         self._commit()
 
     def _finish(self, op: Operation) -> None:
@@ -973,3 +1110,9 @@ def _merge_kind(mapped: tuple[bool, ...]) -> str:
 def _copy_kind(mapped: tuple[bool, ...]) -> str:
     source, target = mapped
     return "copy" if source else "zero" if target else "skip"
+
+
+def _recorded(committer: Committer, set_id: bytes) -> int:
+    """The generation recorded for set `set_id` in the state directory (0: none)."""
+    entry = committer.load(KIND, set_id.hex())
+    return int(entry["generation"]) if isinstance(entry, dict) else 0

@@ -12,7 +12,8 @@ Storage (both thread-safe, both modelled at 512-byte sectors, which a power loss
   write, a write with `write_cache` False, and flush() make them durable. Any request can be
   made to fail with EIO (`MediumError`) by `fail()`.
 
-`power_loss(rng=None)` returns a fresh object holding only what is durable, to reopen with.
+`power_loss(rng=None)` returns a fresh object holding only what is durable, to reopen with;
+`restart()` one holding everything, cache included (the process ended, the power stayed on).
 Given an `rng`, every sector that was written but not yet durable (cached, or part of a write
 or flush caught by the crash) independently did or did not reach the medium: torn writes. A
 failed fdatasync / flush loses its cache (as Linux does after a writeback error): those sectors
@@ -182,6 +183,15 @@ class CrashableFile:
         with self._lock:
             return bytes(self._s.durable[: self._durable_size])
 
+    def restart(self) -> CrashableFile:
+        """The file as the next process opens it after this one exited without a power loss:
+        what was cached is still there (the cache is the kernel's), nothing fails."""
+        with self._lock:
+            f = CrashableFile(bytes(self._s.durable[: self._durable_size]), self.name)
+            f._s.cache, f._s.lost = dict(self._s.cache), dict(self._s.lost)
+            f._size = self._size
+            return f
+
     def power_loss(self, rng: random.Random | None = None) -> CrashableFile:
         """The file as the next boot finds it; with `rng`, unsynced sectors survive at random."""
         with self._lock:
@@ -236,6 +246,20 @@ class CrashableVolume:
         """The current contents (cache included), for checks."""
         with self._lock:
             return self._s.read(offset, length)
+
+    def restart(self) -> CrashableVolume:
+        """The volume as the next process opens it after this one exited without a power
+        loss: its write cache (the device's) still holds what it held; no injected errors."""
+        with self._lock:
+            v = CrashableVolume(
+                self._size,
+                self.block_size,
+                name=self.name,
+                write_cache=self.write_cache,
+                durable=bytes(self._s.durable),
+            )
+            v._s.cache, v._s.lost = dict(self._s.cache), dict(self._s.lost)
+            return v
 
     def power_loss(self, rng: random.Random | None = None) -> CrashableVolume:
         """The volume as the next boot finds it; with `rng`, unflushed sectors survive at

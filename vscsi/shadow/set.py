@@ -55,6 +55,7 @@ from vscsi.shadow.states import (
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
 from vscsi.tracker import DirtyMap, WriteIntentLog
+from vscsi.tracker.wil import LogFile
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class ShadowSet:
         read_policy: str,
         committer: Committer | None,
         opened_at: int,
+        wil_file: Callable[[], LogFile] | None = None,
     ) -> None:
         if read_policy not in READ_POLICIES:
             raise ShadowError(
@@ -190,7 +192,7 @@ class ShadowSet:
         self._unflushed = DirtyMap(block.size, tuning.grain)
         self._flushing: list[DirtyMap] = []
         self._mounted = True
-        self._wil = self._open_log() if wil else None
+        self._wil = self._open_log(wil_file) if wil else None
         self.log_valid = self._log_valid()
         self._write_cache = all(v.write_cache for v in members.values())
         self._mount()
@@ -211,9 +213,11 @@ class ShadowSet:
         tuning: Tuning | None = None,
         read_policy: ReadPolicy = "balanced",
         committer: Committer | None = None,
+        wil_file: Callable[[], LogFile] | None = None,
     ) -> ShadowSet:
         """A new set whose content is the first volume's; the others are mounted into it and
-        receive a copy (row 1). `committer` defaults to `default_committer(state_dir)`."""
+        receive a copy (row 1). `committer` defaults to `default_committer(state_dir)`;
+        `wil_file` is a crash-model test's log file (see `_open_log`)."""
         if not volumes:
             raise ShadowError(f"shadow set {name!r} needs at least one member")
         first, *rest = volumes
@@ -232,6 +236,7 @@ class ShadowSet:
             read_policy=read_policy,
             committer=committer,
             opened_at=0,
+            wil_file=wil_file,
         )
         for v in rest:
             shadow.add(v)
@@ -249,6 +254,7 @@ class ShadowSet:
         read_policy: ReadPolicy = "balanced",
         committer: Committer | None = None,
         force: bool = False,
+        wil_file: Callable[[], LogFile] | None = None,
     ) -> ShadowSet:
         """Assemble a set from its members: the highest valid generation is the truth; a
         volume that carries an older one (or none) is stale and not a member. A set that was
@@ -306,9 +312,13 @@ class ShadowSet:
             read_policy=read_policy,
             committer=committer,
             opened_at=truth.generation,
+            wil_file=wil_file,
         )
 
-    def _open_log(self) -> WriteIntentLog:
+    def _open_log(self, file: Callable[[], LogFile] | None) -> WriteIntentLog:
+        """The log in the state directory, or in `file()`: a crash-model test's fake, whose
+        cleaner then runs only when the test calls `flush_idle`, so every run of a scenario
+        passes the same fault points."""
         t = self.tuning
         return WriteIntentLog(
             str(self._dir / "intent.wil"),
@@ -317,6 +327,8 @@ class ShadowSet:
             grain=t.grain,
             idle_delay=t.log_idle,
             before_clear=self.flush,
+            file=None if file is None else file(),
+            background=file is None,
         )
 
     def _log_valid(self) -> bool:

@@ -613,12 +613,16 @@ class ShadowSet:
 
     def remove(self, name: str, minicopy: bool = False) -> None:
         """Dismount member `name`. With `minicopy` the set records what is written from this
-        moment (no host write is in flight when it starts), so its return copies only that."""
+        moment (no host write is in flight when it starts), so its return copies only that,
+        and the writes it took since the last flush of every member: no flush reaches it
+        now, so a power loss may take them from its cache."""
         with self._gate.exclusive(), self._lock:
             m = self._find(name)
             self._apply(Event.REMOVE_MEMBER, m.id, minicopy)
             if m.id in self.state.members:
                 m.bitmap = self._new_bitmap()
+                for unflushed in (self._unflushed, *self._flushing):
+                    m.bitmap |= unflushed
             else:
                 del self._members[m.id]
                 if m.volume is not None:

@@ -65,18 +65,9 @@ SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one 
 KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
 MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
 
-_committers: dict[Path, Committer] = {}
-_committers_lock = threading.Lock()
-
-
 def default_committer(state_dir: str | os.PathLike[str]) -> Committer:
-    """The committer of `state_dir/durable`, one per directory in this process: two committers
-    over one directory would delete each other's temp files and keep separate counters."""
-    root = (Path(state_dir) / "durable").resolve()
-    with _committers_lock:
-        if root not in _committers:
-            _committers[root] = Committer(root)
-        return _committers[root]
+    """The committer of `state_dir/durable` (one per directory in this process)."""
+    return Committer.at(Path(state_dir) / "durable")
 
 
 @dataclass(frozen=True, slots=True)

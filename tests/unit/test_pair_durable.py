@@ -279,15 +279,17 @@ def test_recovery_copy_of_a_lost_log_runs_in_the_background(tmp_path: Path) -> N
 
 
 class HeldRestore(LocalReplica):
-    """The copier's reads past `limit` wait for `go` (host reads pass)."""
+    """The copier's reads at or past `limit` set `entered` and wait for `go` (host reads
+    pass)."""
 
     def __init__(self, volume: Volume) -> None:
         super().__init__(volume)
-        self.go = threading.Event()
+        self.entered, self.go = threading.Event(), threading.Event()
         self.limit = 1 << 62
 
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         if threading.current_thread().name.startswith("pair-copy") and offset >= self.limit:
+            self.entered.set()
             assert self.go.wait(30)
         super().readinto(offset, bufs)
 
@@ -307,11 +309,13 @@ def test_pvol_reads_during_restore_see_the_restored_image(tmp_path: Path) -> Non
     paired(m)
     m.split("p")
     write(m.volume("v1"), 2 * GRAIN, b"S" * 4096)
+    write(m.volume("v1"), 8 * GRAIN, b"U" * 4096)  # the copier stops here (other region)
     write(m.volume("v1"), 40 * GRAIN, b"T" * 4096)
     write(m.volume("v0"), 41 * GRAIN, b"P" * 4096)
     reps["v1"].limit = 8 * GRAIN
     m.restore("p")
     pv = m.volume("v0")
+    assert reps["v1"].entered.wait(10)
     assert m.pair("p").status is Status.RCPY
     assert read(pv, 40 * GRAIN, 4096) == b"T" * 4096
     assert read(pv, 41 * GRAIN, 4096) == bytes(vols["v1"].data[41 * GRAIN : 41 * GRAIN + 4096])
@@ -371,3 +375,30 @@ def test_records_and_notes_of_an_older_release_are_adopted(tmp_path: Path) -> No
     assert not (tmp_path / "volumes.json").exists()
     m2.close()
     assert manager(str(tmp_path), vols).display_volume("v2")["content"] == "undefined"
+
+
+def test_suspend_without_a_writable_state_dir_stays_suspended(tmp_path: Path, monkeypatch) -> None:
+    """An S-VOL error while the record cannot be written: the host write still succeeds, the
+    pair is PSUE in memory, `checkpoint_volume` raises (the write-intent log keeps the region)
+    until the record can be written, and then it is."""
+    vols = volumes(2, SIZE)
+    m = manager(str(tmp_path), vols, wil_idle=60)
+    paired(m)
+    fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    vols["v1"].failing = True
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    write(m.volume("v0"), 0, b"w" * 4096)
+    assert m.pair("p").status is Status.PSUE
+    with pytest.raises(OSError):
+        m.checkpoint_volume("v0")
+    monkeypatch.setattr(os, "fsync", fsync)
+    m.checkpoint_volume("v0")
+    m2 = manager(str(tmp_path), vols)  # a crash after that checkpoint
+    assert m2.pair("p").status is Status.PSUE
+    assert m2.display("p")[0]["pvol"]["changed_bytes"] >= GRAIN
+    m2.close()
+    m.close()

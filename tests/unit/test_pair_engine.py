@@ -147,7 +147,7 @@ def test_rcpy_refuses_p_writes_not_ready(env) -> None:
     with pytest.raises(NotReadyError) as exc:
         write(m.volume("v0"), 0, b"q" * 512)
     assert (exc.value.asc, exc.value.ascq) == (0x04, 0x07)
-    assert read(m.volume("v0"), GRAIN, 512)  # reads still served
+    assert read(m.volume("v0"), 2 * MIB, 512)  # reads still served (outside the held chunk)
     with pytest.raises(WriteProtectedError):
         write(m.volume("v1"), 0, b"q" * 512)
     gate.set()
@@ -217,9 +217,11 @@ def test_pvol_error_fails_the_command_and_the_range_is_copied_again(env) -> None
     with pytest.raises(MediumError):
         write(m.volume("v0"), 0, b"x" * 4096)
     vols["v0"].failing = False
-    assert m.pair("p").status is Status.COPY
-    assert m.display("p")[0]["copy_total"] == GRAIN
-    m.replicas["v1"].gate.set()
+    try:
+        assert m.pair("p").status is Status.COPY
+        assert m.display("p")[0]["copy_total"] == GRAIN
+    finally:
+        m.replicas["v1"].gate.set()
     assert m.wait("p", 10)
     assert m.pair("p").status is Status.PAIR
     assert vols["v1"].data == vols["v0"].data

@@ -48,6 +48,7 @@ SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION
 PAIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 ChangeHook = Callable[[str], None]
+DIVERGING = frozenset({Event.SECONDARY_ERROR, Event.RECOVER})  # S may now differ from P
 
 
 class Replica(Protocol):
@@ -146,7 +147,8 @@ class Pair:
 
     def apply(self, event: Event, *, create: bool = False, **changes: Any) -> None:
         """Move to the next status, bump the generation, persist, and tell the host side.
-        If the record cannot be written the change is undone and the error raised."""
+        If the record cannot be written the error is raised and the change undone, except a
+        change saying P and S differ: memory keeps that (the safe side) for the next save."""
         with self.lock:
             status = next_status(self.name, self.rec.status, event)
             old = {k: getattr(self.rec, k) for k in ("status", "generation", *changes)}
@@ -157,8 +159,9 @@ class Pair:
             try:
                 self.save(create=create)
             except Exception:
-                for key, value in old.items():
-                    setattr(self.rec, key, value)
+                if event not in DIVERGING:
+                    for key, value in old.items():
+                        setattr(self.rec, key, value)
                 raise
         log.info("pair %s: %s -> %s", self.name, event.value, self.rec.status.value)
         self.manager.changed(self.rec.pvol, self.rec.svol)
@@ -281,7 +284,11 @@ class Pair:
                 return
             pending = DirtyMap(self.p.size, GRAIN)
             pending.mark(offset, length)
-            self.apply(Event.RECOVER, pending=pending, fence=0, copy_total=pending.dirty_bytes())
+            total = pending.dirty_bytes()
+            try:
+                self.apply(Event.RECOVER, pending=pending, fence=0, copy_total=total)
+            except (OSError, VolumeError) as e:  # COPY in memory; the copier saves it again
+                log.error("pair %s: record not written: %s", self.name, e)
         log.warning("pair %s: P-VOL write failed at %d+%d, copy again", self.name, offset, length)
         self.start_copier()
 
@@ -303,7 +310,10 @@ class Pair:
                 pdiff |= left
             self._stop.set()
             sdiff = self.rec.sdiff or DirtyMap(self.p.size, GRAIN)
-            self.apply(Event.SECONDARY_ERROR, pdiff=pdiff, sdiff=sdiff, pending=None, fence=0)
+            try:
+                self.apply(Event.SECONDARY_ERROR, pdiff=pdiff, sdiff=sdiff, pending=None, fence=0)
+            except (OSError, VolumeError) as e:  # PSUE in memory; the next checkpoint saves it
+                log.error("pair %s: record not written: %s", self.name, e)
 
     # -- host reads during a restore -----------------------------------------------------------
 
@@ -712,8 +722,13 @@ class PairManager:
             rec.copy_total = p.size
             with p.gate.exclusive(), s.gate.exclusive():
                 pair = self._adopt(rec)
-                self.store.set_note(svol, None)
-                pair.apply(Event.CREATE, create=True, pending=pending)
+                try:
+                    self.store.set_note(svol, None)
+                    pair.apply(Event.CREATE, create=True, pending=pending)
+                except Exception:
+                    del self.pairs[name]
+                    self._pairs_changed()
+                    raise
             pair.start_copier()
 
     def _check_create(self, name: str, p: PairVolume, s: PairVolume, mu: int) -> None:

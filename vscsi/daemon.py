@@ -168,6 +168,7 @@ class Daemon:
                 {u.name: u.identity for u in self._units()},
                 on_change=self._pair_changed,
                 copy_rate=self.config.copy_rate,
+                committer=committer,
             )
         except (PairError, OSError, ValueError, DaemonError) as e:
             for vol in volumes.values():

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
-from vscsi.pair.locks import RegionLocks, WriteGate
 from vscsi.pair.persist import PairRecord, PairStore
 from vscsi.pair.states import (
     Access,
@@ -33,6 +32,7 @@ from vscsi.pair.states import (
 from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Extent, NotReadyError, Volume, VolumeError, WriteProtectedError
+from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, InvalidLogError, WriteIntentLog
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
-from vscsi.pair.locks import RegionLocks, WriteGate
 from vscsi.shadow.control import (
     AREA,
     MAX_MEMBERS,
@@ -54,6 +53,7 @@ from vscsi.shadow.states import (
     apply,
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
+from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, WriteIntentLog
 
 log = logging.getLogger(__name__)

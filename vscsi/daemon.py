@@ -158,7 +158,7 @@ class Daemon:
             self._lock_state_dir()  # after the config's own errors, which come first
             committer = Committer.at(self.config.state_dir)
             for sc in self.config.shadow_sets:
-                assembly = Assembly(sc, self.config.state_dir, committer)
+                assembly = Assembly(sc, self.config.state_dir, committer, self.config.copy_rate)
                 shadow = assembly.open(force=sc.name in self.force_mount)
                 self.shadow_sets[sc.name] = (assembly, shadow)
                 volumes[sc.name] = shadow

@@ -30,6 +30,7 @@ from vscsi.pair.states import (
     next_status,
 )
 from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
+from vscsi.resync.pace import Pace
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Extent, NotReadyError, Volume, VolumeError, WriteProtectedError
 from vscsi.store.locks import RegionLocks, WriteGate
@@ -98,24 +99,6 @@ class LocalReplica:
             n = min(end - offset, len(zeroes))
             self.volume.write(offset, [zeroes[:n]])
             offset += n
-
-
-class Pace:
-    """The operator's copy rate (bytes/s, 0 = unlimited): sleep so the copy keeps to it, and
-    wake at once when the copier is told to stop."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    def after(self, length: int, stop: threading.Event) -> None:
-        if not self.rate:
-            return
-        self.done += length
-        ahead = self.start + self.done / self.rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)
 
 
 class Pair:

@@ -20,7 +20,7 @@ from typing import Any
 from vscsi.config import ConfigError, ShadowSetConfig
 from vscsi.durable.committer import Committer
 from vscsi.shadow.control import AREA, ControlBlockError, read_block
-from vscsi.shadow.set import ShadowSet
+from vscsi.shadow.set import ShadowSet, Tuning
 from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
 from vscsi.store.claim import store_key
@@ -52,8 +52,11 @@ class Assembly:
     kind `members`, keyed by set name; a `shadow/<name>.members.json` of an older version is
     adopted)."""
 
-    def __init__(self, cfg: ShadowSetConfig, state_dir: str, committer: Committer) -> None:
+    def __init__(
+        self, cfg: ShadowSetConfig, state_dir: str, committer: Committer, copy_rate: int = 0
+    ) -> None:
         self.cfg = cfg
+        self.copy_rate = copy_rate  # the daemon's copy_rate: copies are paced like pair copies
         self.dir = Path(state_dir) / "shadow"
         self.committer = committer
         self._lock = threading.Lock()  # one read-modify-write of the members list at a time
@@ -127,7 +130,7 @@ class Assembly:
     def _mount(self, vols: Sequence[Volume], force: bool) -> ShadowSet:
         cfg = self.cfg
         kw = {"state_dir": self.dir, "wil": cfg.write_intent_log, "read_policy": cfg.read_policy,
-              "committer": self.committer}  # fmt: skip
+              "committer": self.committer, "tuning": Tuning(copy_rate=self.copy_rate)}  # fmt: skip
         if any(_has_block(v) for v in vols):
             return ShadowSet.open(cfg.name, vols, force=force, **kw)  # type: ignore[arg-type]
         return ShadowSet.create(cfg.name, vols, block_size=cfg.block_size, **kw)  # type: ignore[arg-type]

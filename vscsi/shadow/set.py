@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
+from vscsi.resync.pace import Pace
 from vscsi.shadow.control import (
     AREA,
     MAX_MEMBERS,
@@ -81,6 +82,7 @@ class Tuning:
     log_region: int = 1 << 20
     log_idle: float = 1.0
     checkpoint_bytes: int = 64 << 20
+    copy_rate: int = 0  # bytes/s written by copies (the daemon's copy_rate); 0 = unlimited
 
 
 @dataclass(slots=True)
@@ -175,6 +177,7 @@ class ShadowSet:
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
         self._stop = False
+        self._stopping = threading.Event()
         # host writes not yet covered by a flush of every member: a member that fails may have
         # lost them from its cache, so they go into its bitmap (see `_failed`); `_flushing`
         # holds what each flush in progress will vouch for once it succeeds
@@ -1003,7 +1006,11 @@ class ShadowSet:
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Run the head of the queue a step at a time: copies paced to `copy_rate` (a crash
+        abandons a copy, as the seed says of a standalone system, so pacing costs no safety),
+        the fences checkpointed every `checkpoint_bytes`."""
         since_checkpoint = 0
+        pace: tuple[int, Pace] | None = None  # the operation being paced, and its pace
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stop or not self.state.steady)
@@ -1026,6 +1033,10 @@ class ShadowSet:
                 self._finish(op)
                 since_checkpoint = 0
                 continue
+            if op.kind.is_copy:
+                if pace is None or pace[0] != op.seq:
+                    pace = (op.seq, Pace(self.tuning.copy_rate))
+                pace[1].after(done, self._stopping)
             since_checkpoint += done
             if since_checkpoint >= self.tuning.checkpoint_bytes:
                 self._checkpoint()
@@ -1091,6 +1102,7 @@ class ShadowSet:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        self._stopping.set()  # wakes a paced copy at once
         self._worker.join()
 
 

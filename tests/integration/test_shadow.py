@@ -65,9 +65,8 @@ def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
         f"[shadow_set.identity]\nserial = 410004\nvolume_id = {vid}\n"
         for name, members, wil, vid in sets
     )
-    d = Daemon(
-        workdir, f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\ncopy_rate = "4MiB"\n{body}', "shadow"
-    )
+    daemon_keys = f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\ncopy_rate = "4MiB"\n'
+    d = Daemon(workdir, daemon_keys + body, "shadow")
     d.start()
     for name in ("dsa1", "dsa2", "dsa3"):
         wait_steady(d, name)

@@ -40,16 +40,27 @@ def main() -> None:
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, help="The TOML config file.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def up(config_path: str, verbose: int) -> None:
+@click.option(
+    "--force-mount",
+    multiple=True,
+    metavar="SET",
+    help="Mount shadow set SET from the members present although the state directory recorded "
+    "a newer generation: the writes only a missing member holds are given up.",
+)
+def up(config_path: str, verbose: int, force_mount: tuple[str, ...]) -> None:
     """Serve the configured volumes until Ctrl-C or SIGTERM, then tear everything down."""
     try:
         config = load(config_path)
     except ConfigError as e:
         fail(str(e), 2)
+    sets = {sc.name for sc in config.shadow_sets}
+    for name in force_mount:
+        if name not in sets:
+            fail(f"--force-mount {name}: {config_path} has no shadow set of that name", 2)
     from vscsi.daemon import Daemon, DaemonError  # the kernel-facing stack, only when serving
 
     try:
-        Daemon(config, verbose=verbose).run()
+        Daemon(config, verbose=verbose, force_mount=force_mount).run()
     except (ConfigError, DaemonError) as e:
         fail(str(e), 2 if isinstance(e, ConfigError) else e.exit_status)
 

@@ -94,7 +94,7 @@ class Config:
     shadow_sets: list[ShadowSetConfig] = field(default_factory=list)
     socket: str = DEFAULT_SOCKET
     state_dir: str = DEFAULT_STATE_DIR
-    copy_rate: int = 0  # bytes/s for pair copies; 0 = as fast as the devices go
+    copy_rate: int = 0  # bytes/s for pair and shadow-set copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
     socket_group: str | None = None  # may run read-only commands over the socket
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look

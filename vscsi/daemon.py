@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -30,6 +30,7 @@ from rich.logging import RichHandler
 
 from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
 from vscsi.control import Command, ControlError, ControlServer
+from vscsi.durable.committer import Committer
 from vscsi.pair.engine import PairManager
 from vscsi.pair.states import PairError
 from vscsi.scsi import sense
@@ -107,9 +108,12 @@ class Served:
 class Daemon:
     """Owns the served volumes, the netlink listener and the control socket."""
 
-    def __init__(self, config: Config, verbose: int = 0) -> None:
+    def __init__(
+        self, config: Config, verbose: int = 0, force_mount: Sequence[str] = ()
+    ) -> None:
         self.config = config
         self.verbose = verbose
+        self.force_mount = set(force_mount)  # shadow sets to mount below their recorded generation
         self.served: dict[str, Served] = {}
         self._stop = threading.Event()
         self._rings_stop = threading.Event()  # set only once the exports are gone
@@ -152,9 +156,10 @@ class Daemon:
         volumes: dict[str, Volume] = dict(open_volumes(self.config))  # every store, or none
         try:
             self._lock_state_dir()  # after the config's own errors, which come first
+            committer = Committer.at(self.config.state_dir)
             for sc in self.config.shadow_sets:
-                assembly = Assembly(sc, self.config.state_dir)
-                shadow = assembly.open()
+                assembly = Assembly(sc, self.config.state_dir, committer, self.config.copy_rate)
+                shadow = assembly.open(force=sc.name in self.force_mount)
                 self.shadow_sets[sc.name] = (assembly, shadow)
                 volumes[sc.name] = shadow
             self.pairs = PairManager(
@@ -163,6 +168,7 @@ class Daemon:
                 {u.name: u.identity for u in self._units()},
                 on_change=self._pair_changed,
                 copy_rate=self.config.copy_rate,
+                committer=committer,
             )
         except (PairError, OSError, ValueError, DaemonError) as e:
             for vol in volumes.values():

@@ -65,9 +65,8 @@ def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
         f"[shadow_set.identity]\nserial = 410004\nvolume_id = {vid}\n"
         for name, members, wil, vid in sets
     )
-    d = Daemon(
-        workdir, f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\n{body}', "shadow"
-    )
+    daemon_keys = f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\ncopy_rate = "4MiB"\n'
+    d = Daemon(workdir, daemon_keys + body, "shadow")
     d.start()
     for name in ("dsa1", "dsa2", "dsa3"):
         wait_steady(d, name)
@@ -226,6 +225,30 @@ def test_sigkill_under_writes_minimerge_with_log_full_merge_without(
     assert two["stats"]["merge_scanned"] + two["stats"]["merge_skipped"] == SIZE, two["stats"]
     cmp_members(devices["loopA"], devices["loopB"], f"{workdir}/c.img")
     cmp_members(f"{workdir}/d0.img", f"{workdir}/d1.img")
+
+
+def test_sigkill_during_a_copy_leaves_the_original_members(
+    daemon: Daemon, devices: dict[str, str], workdir: Path
+) -> None:
+    """The seed: a standalone system that fails during a copy comes back with the original
+    members; mounting the target again copies it afresh."""
+    member = f"{workdir}/c.img"
+    request(daemon.socket, "shadow_remove", name="dsa1", member=member)
+    run("dd", "if=/dev/urandom", f"of={daemon.sd('dsa1')}", "bs=1M", "count=16", "oflag=direct")
+    request(daemon.socket, "shadow_add", name="dsa1", member=member)
+    deadline = time.monotonic() + 120
+    while not 10 <= show(daemon, "dsa1")["operations"][0]["percent"] < 100:  # paced: 4 MiB/s
+        assert time.monotonic() < deadline, show(daemon, "dsa1")
+        time.sleep(0.2)
+    daemon.kill()
+    daemon.start()
+    wait_steady(daemon, "dsa1")
+    assert displays(show(daemon, "dsa1"))[member] != "ShadowSetMember"
+    cmp_members(devices["loopA"], devices["loopB"])
+    request(daemon.socket, "shadow_add", name="dsa1", member=member)
+    wait_steady(daemon, "dsa1")
+    assert displays(show(daemon, "dsa1"))[member] == "ShadowSetMember"
+    cmp_members(devices["loopA"], devices["loopB"], member)
 
 
 def test_member_that_starts_failing_is_removed_and_the_host_sees_no_error(

@@ -16,15 +16,20 @@ MIB = 1 << 20
 
 
 class FaultyVolume(MemVolume):
-    """A MemVolume whose every write fails while `failing` is set (a dead device), and whose
-    flush fails while `flush_failing` is set."""
+    """A MemVolume whose every write fails while `failing` is set (a dead device; with `torn`
+    the first half of the write lands before the error), and whose flush fails while
+    `flush_failing` is set."""
 
     failing = False
+    torn = False
     flush_failing = False  # a device whose write cache cannot be written back
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         if self.failing:
-            raise MediumError("write", offset, sum(len(b) for b in bufs), 5)
+            data = b"".join(bytes(b) for b in bufs)
+            if self.torn:
+                self.data[offset : offset + len(data) // 2] = data[: len(data) // 2]
+            raise MediumError("write", offset, len(data), 5)
         super().write(offset, bufs, fua)
 
     def flush(self) -> None:

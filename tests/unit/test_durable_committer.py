@@ -140,3 +140,10 @@ def test_unreadable_record_is_one_line(tmp_path):
     (tmp_path / "pairs" / "x.json").write_text("{not json")
     with pytest.raises(CommitError, match=r"x\.json: unreadable durable record"):
         Committer(tmp_path)
+
+
+def test_one_committer_per_directory_in_a_process(tmp_path):
+    """Two committers over one directory would keep two counters: `at` hands out one."""
+    a = Committer.at(tmp_path / "state")
+    assert Committer.at(str(tmp_path / "state" / ".." / "state")) is a
+    assert Committer.at(tmp_path / "other") is not a

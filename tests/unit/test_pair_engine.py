@@ -147,7 +147,7 @@ def test_rcpy_refuses_p_writes_not_ready(env) -> None:
     with pytest.raises(NotReadyError) as exc:
         write(m.volume("v0"), 0, b"q" * 512)
     assert (exc.value.asc, exc.value.ascq) == (0x04, 0x07)
-    assert read(m.volume("v0"), GRAIN, 512)  # reads still served
+    assert read(m.volume("v0"), 2 * MIB, 512)  # reads still served (outside the held chunk)
     with pytest.raises(WriteProtectedError):
         write(m.volume("v1"), 0, b"q" * 512)
     gate.set()
@@ -207,13 +207,39 @@ def test_svol_error_during_copy_keeps_the_rest_to_copy(env) -> None:
     assert vols["v1"].data == vols["v0"].data
 
 
-def test_pvol_error_fails_the_command(env) -> None:
+def test_pvol_error_fails_the_command_and_the_range_is_copied_again(env) -> None:
+    """D11a: half of the failed write is on the P-VOL, none on the S-VOL: the pair re-copies
+    the range (COPY) instead of believing P == S."""
     m, vols = env
     paired(m)
-    vols["v0"].failing = True
+    m.replicas["v1"].gate.clear()  # hold the re-copy so its status can be seen
+    vols["v0"].failing = vols["v0"].torn = True
     with pytest.raises(MediumError):
-        write(m.volume("v0"), 0, b"x" * 512)
+        write(m.volume("v0"), 0, b"x" * 4096)
+    vols["v0"].failing = False
+    try:
+        assert m.pair("p").status is Status.COPY
+        assert m.display("p")[0]["copy_total"] == GRAIN
+    finally:
+        m.replicas["v1"].gate.set()
+    assert m.wait("p", 10)
     assert m.pair("p").status is Status.PAIR
+    assert vols["v1"].data == vols["v0"].data
+
+
+def test_pvol_error_while_split_is_a_pvol_change(env) -> None:
+    """D11a in PSUS: the failed range counts as changed, so a resync makes S == P."""
+    m, vols = env
+    paired(m)
+    m.split("p")
+    vols["v0"].failing = vols["v0"].torn = True
+    with pytest.raises(MediumError):
+        write(m.volume("v0"), 5 * GRAIN, b"x" * 4096)
+    vols["v0"].failing = False
+    assert m.display("p")[0]["pvol"]["changed_bytes"] == GRAIN
+    m.resync("p")
+    assert m.wait("p", 10)
+    assert vols["v1"].data == vols["v0"].data
 
 
 def test_three_mus_at_once(env) -> None:
@@ -341,6 +367,7 @@ def test_crash_in_pair_with_a_write_in_flight_recopies_it(tmp_path: Path) -> Non
     crash_with_write_in_flight(m, vols, "v0", 3 * GRAIN)
     assert vols["v1"].data != vols["v0"].data
     m2 = manager(str(tmp_path), vols)
+    assert m2.wait("p", 10)  # the recovery copy runs in the background (COPY)
     assert m2.pair("p").status is Status.PAIR
     assert vols["v1"].data == vols["v0"].data
     m2.close()

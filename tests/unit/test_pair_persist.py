@@ -63,7 +63,7 @@ def _run_and_kill(tmp_path: Path, mode: str, status: str) -> None:
     deadline = time.monotonic() + 30
     record = tmp_path / "state" / "pairs" / "x.json"
     while time.monotonic() < deadline:  # until a checkpoint shows progress
-        rec = json.loads(record.read_bytes())
+        rec = json.loads(record.read_bytes())["payload"]
         if rec["status"] == status and rec["fence"] > 0:
             break
         time.sleep(0.02)
@@ -117,14 +117,14 @@ def test_record_round_trip(tmp_path: Path) -> None:
     pending = DirtyMap(1 << 20)
     pending.mark(65536, 100)
     rec = PairRecord("x", "p", "s", 2, Status.COPY, generation=5, fence=65536, pending=pending)
-    store.save(rec)
-    (back,) = store.load_all()
+    assert store.commit(rec, store.stamp(), create=True)
+    (back,) = PairStore(tmp_path).load_all()
     assert (back.name, back.mu, back.status, back.generation, back.fence) == (
         "x", 2, Status.COPY, 5, 65536,
     )  # fmt: skip
     assert back.pending == pending and back.pdiff is None
-    store.remove("x")
-    assert store.load_all() == []
+    store.delete("x", store.stamp())
+    assert store.load_all() == [] and PairStore(tmp_path).load_all() == []
 
 
 def test_identity_unused_defaults(tmp_path: Path) -> None:

@@ -159,3 +159,16 @@ def test_bad_shadow_config_names_the_field(tmp_path: Path) -> None:
     d = Daemon(parse(cfg, base=tmp_path))
     with pytest.raises(ConfigError, match=r"^shadow_set\[0\]\.members\[0\]: "):
         d.open()
+
+
+def test_pairs_and_shadow_sets_commit_through_the_daemons_one_committer(
+    running: Running, tmp_path: Path
+) -> None:
+    """One committer per state directory: one generation counter over every record, and no
+    second instance removing the first one's temp files."""
+    d = running.daemon
+    assert d.pairs is not None
+    shadow = d.shadow_sets["dsa1"][1]
+    assert d.pairs.store.committer is shadow._committer
+    assert shadow._committer.root == (tmp_path / "state").resolve()
+    assert (tmp_path / "state" / "shadow-set").is_dir()  # the set's generation, recorded there

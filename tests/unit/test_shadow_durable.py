@@ -5,12 +5,14 @@ the set never saw is not copied over, and minicopy bitmaps are kept by the commi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from vscsi.config import ConfigError, parse
 from vscsi.durable import faults
+from vscsi.durable.committer import Committer
 from vscsi.shadow import ShadowSet
 from vscsi.shadow.assemble import Assembly
 from vscsi.shadow.control import read_block
@@ -166,7 +168,8 @@ def test_assembly_refuses_the_stale_member_alone_unless_forced(tmp_path: Path) -
                   "create": True, "identity": {"serial": 410003, "volume_id": 0x300}}  # fmt: skip
         cfg = parse({"daemon": {"socket": str(tmp_path / "ctl.sock"), "state_dir": "state"},
                      "shadow_set": [shadow]}, base=tmp_path)  # fmt: skip
-        return Assembly(cfg.shadow_sets[0], str(tmp_path / "state"))
+        state = str(tmp_path / "state")
+        return Assembly(cfg.shadow_sets[0], state, Committer.at(state))
 
     s = assembly("m0", "m1").open()
     assert s.wait(10)
@@ -180,3 +183,37 @@ def test_assembly_refuses_the_stale_member_alone_unless_forced(tmp_path: Path) -
     full = [m["name"] for m in s.show()["members"] if m["state"] == "ShadowSetMember"]
     assert full == [str(tmp_path / "m1.img")]
     s.close()
+
+
+def test_members_added_at_run_time_are_committed_and_an_old_list_adopted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "shadow").mkdir(parents=True)
+    (state / "shadow" / "dsa1.members.json").write_text(json.dumps(["/srv/old.img"]))
+    shadow = {"name": "dsa1", "members": ["m0.img"], "size": "4MiB", "create": True,
+              "identity": {"serial": 410003, "volume_id": 0x300}}  # fmt: skip
+    cfg = parse({"daemon": {"socket": str(tmp_path / "ctl.sock"), "state_dir": "state"},
+                 "shadow_set": [shadow]}, base=tmp_path).shadow_sets[0]  # fmt: skip
+    committer = Committer.at(state)
+    a = Assembly(cfg, str(state), committer)
+    assert a.added() == ["/srv/old.img"]  # adopted from the file an older version wrote
+    assert not (state / "shadow" / "dsa1.members.json").exists()
+    a.remember("/srv/new.img")
+    a.remember("/srv/new.img")
+    a.remember(str(tmp_path / "m0.img"))  # in the config: not an addition
+    assert Committer(state).load("members", "dsa1") == ["/srv/old.img", "/srv/new.img"]
+
+
+def test_force_mount_of_a_set_the_config_lacks_is_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vscsi.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/s.sock"\nstate_dir = "{tmp_path}/st"\n'
+                   f'[[volume]]\nname = "v"\npath = "{tmp_path}/v.img"\nsize = "1MiB"\n'
+                   "create = true\n")
+    r = CliRunner().invoke(main, ["up", "-c", str(cfg), "--force-mount", "dsa9"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines() == [
+        f"vscsi: --force-mount dsa9: {cfg} has no shadow set of that name"
+    ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -385,4 +387,34 @@ def test_a_set_holds_at_most_sixteen_members(tmp_path: Path) -> None:
     with pytest.raises(ShadowError, match="16 members already"):
         s.add(vols[16])
     vols[16].close()
+    s.close()
+
+
+def test_copy_is_paced_and_a_crash_during_it_leaves_the_original_members(
+    tmp_path: Path,
+) -> None:
+    """copy_rate paces a shadow copy as it paces pair copies. A crash during the (slow) copy
+    aborts it: the set comes back with its original members, and mounting the target again
+    starts a new copy (the seed, for a standalone system)."""
+    a, b = members(tmp_path, "a", "b")
+    paced = replace(TUNING, copy_rate=2 * CHUNK)
+    s = ShadowSet.create("dsa1", [a], state_dir=tmp_path / "state", tuning=paced)
+    data = os.urandom(SIZE)
+    write(s, 0, data)  # all data: every chunk is copied, none skipped as a hole
+    s.add(b)
+    deadline = time.monotonic() + 10
+    while s.show()["operations"][0]["percent"] < 25:
+        assert time.monotonic() < deadline, "the copy made no progress"
+        time.sleep(0.02)
+    crash(s)
+    vols = reopen(tmp_path, "a", "b")
+    (op,) = read_block(vols[0])[0].state.queue
+    assert op.kind is OpKind.COPY and op.fence < SIZE  # paced: far from done at the crash
+    s = open_set(tmp_path, vols)
+    assert s.wait(10)
+    assert states(s)["b.img"] != "ShadowSetMember"
+    assert read(s, 0, SIZE) == data
+    s.add(vols[1])
+    assert s.wait(10)
+    assert data_of(tmp_path, "a") == data_of(tmp_path, "b") == data
     s.close()

@@ -109,6 +109,7 @@ def crash(s: ShadowSet, *stalled: Member) -> None:
     with s._cond:
         s._stop = True
         s._cond.notify_all()
+    s._stopping.set()
     for m in stalled:
         m.release.set()
     s._worker.join()

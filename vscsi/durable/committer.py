@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vscsi.durable.faults import fault_point
 
@@ -58,7 +58,20 @@ class Entry:
 
 
 class Committer:
-    """All durable objects under `root`. Thread-safe; one instance per state directory."""
+    """All durable objects under `root`. Thread-safe; one instance per directory in a process
+    (`Committer.at`): two would keep separate counters and remove each other's temp files."""
+
+    _instances: ClassVar[dict[Path, Committer]] = {}
+    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> Committer:
+        """The committer of `root` in this process, made on first use."""
+        path = Path(root).resolve()
+        with cls._instances_lock:
+            if path not in cls._instances:
+                cls._instances[path] = cls(path)
+            return cls._instances[path]
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)

@@ -16,12 +16,24 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Protocol
 
-from vscsi.pair.locks import RegionLocks, WriteGate
+from vscsi.durable.committer import Committer
+from vscsi.durable.faults import fault_point
 from vscsi.pair.persist import PairRecord, PairStore
-from vscsi.pair.states import Access, Event, PairError, Role, Status, access, next_status
+from vscsi.pair.states import (
+    Access,
+    Event,
+    PairError,
+    Role,
+    Status,
+    access,
+    copying,
+    next_status,
+)
 from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
+from vscsi.resync.pace import Pace
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Extent, NotReadyError, Volume, VolumeError, WriteProtectedError
+from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, InvalidLogError, WriteIntentLog
 
 log = logging.getLogger(__name__)
@@ -29,6 +41,7 @@ log = logging.getLogger(__name__)
 GRAIN = 65536
 WIL_REGION = 1 << 20  # fixed, so a restart with another copy chunk still reads the log
 MUS = 3
+ZERO_CHUNK = 1 << 20  # zeroes written per call for an UNMAP an S-VOL cannot deallocate
 # NOT READY causes (SPC-4 additional sense codes), see docs/pairs.md:
 RESTORE_IN_PROGRESS = (0x04, 0x07)  # LOGICAL UNIT NOT READY, OPERATION IN PROGRESS
 SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED
@@ -36,6 +49,7 @@ SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION
 PAIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 ChangeHook = Callable[[str], None]
+DIVERGING = frozenset({Event.SECONDARY_ERROR, Event.RECOVER})  # S may now differ from P
 
 
 class Replica(Protocol):
@@ -49,6 +63,10 @@ class Replica(Protocol):
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None: ...
 
     def flush(self) -> None: ...
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Make the range read as zeroes (the P-VOL advertises LBPRZ=1)."""
+        ...
 
 
 class LocalReplica:
@@ -70,23 +88,17 @@ class LocalReplica:
     def flush(self) -> None:
         self.volume.flush()
 
-
-class Pace:
-    """The operator's copy rate (bytes/s, 0 = unlimited): sleep so the copy keeps to it, and
-    wake at once when the copier is told to stop."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.done = 0
-
-    def after(self, length: int, stop: threading.Event) -> None:
-        if not self.rate:
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate when the S-VOL can; otherwise write the zeroes a deallocated range reads."""
+        if self.volume.supports_unmap:
+            self.volume.unmap(offset, length)
             return
-        self.done += length
-        ahead = self.start + self.done / self.rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)
+        zeroes = memoryview(bytes(min(length, ZERO_CHUNK)))
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(zeroes))
+            self.volume.write(offset, [zeroes[:n]])
+            offset += n
 
 
 class Pair:
@@ -104,6 +116,7 @@ class Pair:
         self._thread: threading.Thread | None = None
         self.inflight: tuple[int, int] | None = None  # the chunk the copier claimed
         self.copied = 0  # bytes the running copy copied in this process (pairdisplay --json)
+        self.deleted = False  # set under `lock` by delete: the record is never written again
 
     @property
     def name(self) -> str:
@@ -115,19 +128,41 @@ class Pair:
 
     # -- state changes -----------------------------------------------------------------------
 
-    def apply(self, event: Event, **changes: Any) -> None:
-        """Move to the next status, bump the generation, persist, and tell the host side."""
+    def apply(self, event: Event, *, create: bool = False, **changes: Any) -> None:
+        """Move to the next status, bump the generation, persist, and tell the host side.
+        If the record cannot be written the error is raised and the change undone, except a
+        change saying P and S differ: memory keeps that (the safe side) for the next save."""
         with self.lock:
-            self.rec.status = next_status(self.name, self.rec.status, event)
+            status = next_status(self.name, self.rec.status, event)
+            old = {k: getattr(self.rec, k) for k in ("status", "generation", *changes)}
+            self.rec.status = status
             for key, value in changes.items():
                 setattr(self.rec, key, value)
             self.rec.generation += 1
-            self.save()
+            try:
+                self.save(create=create)
+            except Exception:
+                if event not in DIVERGING:
+                    for key, value in old.items():
+                        setattr(self.rec, key, value)
+                raise
         log.info("pair %s: %s -> %s", self.name, event.value, self.rec.status.value)
         self.manager.changed(self.rec.pvol, self.rec.svol)
 
-    def save(self) -> None:
-        self.manager.store.save(self.snapshot())
+    def stamped(self) -> tuple[int, PairRecord] | None:
+        """A generation and the snapshot it stamps, taken together under the pair's lock, so
+        stamp order is snapshot order; None once the pair is deleted."""
+        with self.lock:
+            if self.deleted:
+                return None
+            return self.manager.store.stamp(), self.snapshot()
+
+    def save(self, *, create: bool = False) -> None:
+        """Make the state as of now durable (dropped by the committer if a later snapshot
+        already is)."""
+        taken = self.stamped()
+        if taken is not None:
+            self.manager.store.commit(taken[1], taken[0], create=create)
 
     def snapshot(self) -> PairRecord:
         """The record with the chunk being copied still counted as to copy."""
@@ -145,14 +180,30 @@ class Pair:
             return left
 
     def checkpoint(self) -> bool:
-        """Snapshot first, then make the copied data durable, then write the snapshot: the
-        record never claims a copy that is not on disk. False when the S-VOL failed the flush:
-        the pair is then PSUE."""
-        rec = self.snapshot()
-        if not self.flush_replica():
-            return False
-        self.p.base.flush()
-        self.manager.store.save(rec)
+        """Stamp a snapshot, then make the copied data durable, then commit the snapshot: the
+        record never claims a copy that is not on disk, and every mark made before the call is
+        durable when it returns (the write-intent log relies on that). False when the S-VOL
+        failed the flush: the pair is then PSUE, and that record is the one made durable."""
+        taken = self.stamped()
+        if taken is None:
+            return True  # deleted: nothing of it may be written
+        gen, rec = taken
+        try:
+            fault_point("pair.checkpoint.stamped")
+            mirrored = copying(rec.status) or rec.status is Status.PAIR
+            if mirrored and not self.flush_replica():
+                self.manager.store.abandon(gen)
+                self.save()  # the suspended record, with every mark made so far
+                return False
+            self.p.base.flush()
+            fault_point("pair.checkpoint.flushed")
+            if rec.status is Status.RCPY:
+                self.manager.save_restore_marks(self)  # before the record says it was restored
+        except BaseException:
+            self.manager.store.abandon(gen)
+            raise
+        self.manager.store.commit(rec, gen)
+        fault_point("pair.checkpoint.committed")
         return True
 
     def flush_replica(self) -> bool:
@@ -182,12 +233,14 @@ class Pair:
 
     # -- host writes -------------------------------------------------------------------------
 
-    def primary_written(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
-        """A host write landed on the P-VOL: mirror it (COPY/PAIR) or track it (PSUS/PSUE).
+    def primary_written(
+        self, offset: int, length: int, mirror: Callable[[Replica], None]
+    ) -> None:
+        """A host write or UNMAP landed on the P-VOL: `mirror` it to the S-VOL (COPY/PAIR) or
+        track it (PSUS/PSUE).
 
-        An S-VOL failure suspends the pair (PSUE) and the write still succeeds for the host.
+        An S-VOL failure suspends the pair (PSUE) and the command still succeeds for the host.
         """
-        length = sum(len(b) for b in bufs)
         with self.lock:
             status = self.rec.status
             if status not in (Status.COPY, Status.PAIR):
@@ -195,9 +248,32 @@ class Pair:
                 self.rec.pdiff.mark(offset, length)
                 return
         try:
-            self.replica.write(offset, bufs, fua)
+            mirror(self.replica)
         except Exception as e:  # any S-side failure, local or (later) remote link
             self.suspend(offset, length, e)
+
+    def primary_failed(self, offset: int, length: int) -> None:
+        """The P-VOL failed a host write: the range may hold part of it on P and nothing on S.
+        Copy it again: in COPY it is marked still to copy; in PAIR a recovery copy of it runs
+        (status COPY until it is done); split or suspended, it is a P-VOL change."""
+        with self.lock:
+            rec = self.rec
+            if rec.status is Status.COPY and rec.pending is not None:
+                rec.pending.mark(offset, length)
+                return
+            if rec.status is not Status.PAIR:
+                if rec.pdiff is not None:
+                    rec.pdiff.mark(offset, length)
+                return
+            pending = DirtyMap(self.p.size, GRAIN)
+            pending.mark(offset, length)
+            total = pending.dirty_bytes()
+            try:
+                self.apply(Event.RECOVER, pending=pending, fence=0, copy_total=total)
+            except (OSError, VolumeError) as e:  # COPY in memory; the copier saves it again
+                log.error("pair %s: record not written: %s", self.name, e)
+        log.warning("pair %s: P-VOL write failed at %d+%d, copy again", self.name, offset, length)
+        self.start_copier()
 
     def secondary_written(self, offset: int, length: int) -> None:
         with self.lock:
@@ -217,7 +293,28 @@ class Pair:
                 pdiff |= left
             self._stop.set()
             sdiff = self.rec.sdiff or DirtyMap(self.p.size, GRAIN)
-            self.apply(Event.SECONDARY_ERROR, pdiff=pdiff, sdiff=sdiff, pending=None, fence=0)
+            try:
+                self.apply(Event.SECONDARY_ERROR, pdiff=pdiff, sdiff=sdiff, pending=None, fence=0)
+            except (OSError, VolumeError) as e:  # PSUE in memory; the next checkpoint saves it
+                log.error("pair %s: record not written: %s", self.name, e)
+
+    # -- host reads during a restore -----------------------------------------------------------
+
+    def read_restoring(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """A P-VOL read during RCPY: grains not restored yet come from the S-VOL (the image
+        the P-VOL is being made into; neither side takes host writes meanwhile). Under the
+        region lock, so no copy of the range is half done while it is read."""
+        length = sum(len(b) for b in bufs)
+        with self.p.regions.hold(offset, length):
+            self.p.base.readinto(offset, bufs)
+            left = self.remaining()
+            if left is None:  # the restore ended: the P-VOL is whole
+                return
+            end = offset + length
+            for start, n in left.extents(offset - offset % GRAIN, end):
+                lo, hi = max(start, offset), min(start + n, end)
+                if lo < hi:
+                    self.replica.readinto(lo, _window(bufs, lo - offset, hi - lo))
 
     # -- the copier ----------------------------------------------------------------------------
 
@@ -244,9 +341,16 @@ class Pair:
         return True
 
     def _copy_loop(self) -> None:
+        """Copy until done, stopped or suspended. A record that cannot be written does not stop
+        the copy: it is logged and retried (the durable record stays behind: the safe side)."""
         try:
-            if self.copy_pending():
-                self._finish()
+            while self.copy_pending():
+                try:
+                    if self._finish():
+                        return
+                except (OSError, VolumeError) as e:
+                    log.warning("pair %s: copy end not recorded, retrying: %s", self.name, e)
+                    self._stop.wait(self.manager.checkpoint_interval)
         except Exception:  # a P-VOL failure: the copy stays pending and resumes on restart
             log.exception("pair %s: copy stopped", self.name)
 
@@ -277,11 +381,20 @@ class Pair:
             since_checkpoint += length
             pace.after(length, self._stop)
             if since_checkpoint >= m.checkpoint_bytes or time.monotonic() >= next_checkpoint:
-                if not self.checkpoint():
+                if not self._copier_checkpoint():
                     return False
                 since_checkpoint = 0
                 next_checkpoint = time.monotonic() + m.checkpoint_interval
         return False
+
+    def _copier_checkpoint(self) -> bool:
+        """A checkpoint that cannot be written is retried at the next one; the copy goes on.
+        False only when the pair suspended."""
+        try:
+            return self.checkpoint()
+        except (OSError, VolumeError) as e:
+            log.warning("pair %s: checkpoint failed, retrying at the next one: %s", self.name, e)
+            return True
 
     def _copy_chunk(self, offset: int, length: int) -> bool:
         buf = memoryview(mmap.mmap(-1, length))  # page aligned: block devices take O_DIRECT
@@ -299,16 +412,38 @@ class Pair:
                 return False
         return True
 
-    def _finish(self) -> None:
+    def _finish(self) -> bool:
+        """Record the end of the copy once its data is durable. False when something was
+        marked to copy meanwhile (copy again); True when done or suspended."""
         if not self.flush_replica():
-            return
+            return True
         self.p.base.flush()
         size = self.p.size
         if self.rec.status is Status.RCPY:
-            clean = {"pdiff": DirtyMap(size, GRAIN), "sdiff": DirtyMap(size, GRAIN)}
-            self.apply(Event.RESTORE_DONE, pending=None, fence=0, **clean)
-        else:
-            self.apply(Event.COPY_DONE, pending=None, fence=0, pdiff=None, sdiff=None)
+            self.manager.save_restore_marks(self)  # durable before the restore is recorded done
+        with self.lock:
+            assert self.rec.pending is not None
+            if self.rec.pending.count():
+                return False
+            if self.rec.status is Status.RCPY:
+                clean = {"pdiff": DirtyMap(size, GRAIN), "sdiff": DirtyMap(size, GRAIN)}
+                self.apply(Event.RESTORE_DONE, pending=None, fence=0, **clean)
+            else:
+                self.apply(Event.COPY_DONE, pending=None, fence=0, pdiff=None, sdiff=None)
+        return True
+
+
+def _window(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """The part [start, start+length) of a scatter list, as views into it."""
+    out = []
+    for b in bufs:
+        n = len(b)
+        if start < n and length > 0:
+            piece = b[start : start + length]
+            out.append(piece)
+            length -= len(piece)
+        start = max(start - n, 0)
+    return out
 
 
 class PairVolume:
@@ -354,7 +489,9 @@ class PairVolume:
 
     @property
     def supports_unmap(self) -> bool:
-        return self.base.supports_unmap and not self.manager.pairs_of(self.name)
+        """The backstore's answer, for the life of the LUN: paired or not (a host reads
+        LBPME once); a paired UNMAP is mirrored or tracked like a write."""
+        return self.base.supports_unmap
 
     @property
     def read_only(self) -> bool:
@@ -372,6 +509,11 @@ class PairVolume:
 
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_ready()
+        primaries, _ = self.manager.roles(self.name)
+        for pair in primaries:
+            if pair.status is Status.RCPY:
+                pair.read_restoring(offset, bufs)
+                return
         self.base.readinto(offset, bufs)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
@@ -383,11 +525,50 @@ class PairVolume:
                 return
             length = sum(len(b) for b in bufs)
             with self._tracked(offset, length):
-                self.base.write(offset, bufs, fua)  # a P-VOL error fails the command here
-                for pair in primaries:
-                    pair.primary_written(offset, bufs, fua)
-                if secondary is not None:
-                    secondary.secondary_written(offset, length)
+                self._paired(
+                    offset, length, primaries, secondary,
+                    lambda: self.base.write(offset, bufs, fua),
+                    lambda replica: replica.write(offset, bufs, fua),
+                )  # fmt: skip
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate; while paired, the same access rules and mirroring as a write."""
+        with self.gate.shared():
+            self._check_writable()
+            primaries, secondary = self.manager.roles(self.name)
+            if not primaries and secondary is None:
+                self.base.unmap(offset, length)
+                return
+            with self._tracked(offset, length):
+                self._paired(
+                    offset, length, primaries, secondary,
+                    lambda: self.base.unmap(offset, length),
+                    lambda replica: replica.unmap(offset, length),
+                )  # fmt: skip
+
+    @staticmethod
+    def _paired(
+        offset: int,
+        length: int,
+        primaries: list[Pair],
+        secondary: Pair | None,
+        local: Callable[[], None],
+        mirror: Callable[[Replica], None],
+    ) -> None:
+        """Change this volume (`local`), then each pair: mirror or track. When `local` fails
+        the command fails, but part of it may be on this volume: the range is tracked too."""
+        try:
+            local()
+        except Exception:
+            for pair in primaries:
+                pair.primary_failed(offset, length)
+            if secondary is not None:
+                secondary.secondary_written(offset, length)
+            raise
+        for pair in primaries:
+            pair.primary_written(offset, length, mirror)
+        if secondary is not None:
+            secondary.secondary_written(offset, length)
 
     @contextmanager
     def _tracked(self, offset: int, length: int) -> Iterator[None]:
@@ -414,13 +595,6 @@ class PairVolume:
         for pair in primaries:
             if pair.status in (Status.COPY, Status.PAIR):
                 pair.flush_replica()
-
-    def unmap(self, offset: int, length: int) -> None:
-        """Only simplex volumes deallocate (`supports_unmap` is False while paired)."""
-        with self.gate.shared():
-            if self.manager.pairs_of(self.name):
-                raise WriteProtectedError(f"{self.name}: unmap while paired")
-            self.base.unmap(offset, length)
 
     def extent_at(self, offset: int) -> Extent:
         return self.base.extent_at(offset)
@@ -451,8 +625,9 @@ class PairManager:
         wil_idle: float = 1.0,
         copy_rate: int = 0,
         checkpoint_interval: float = 1.0,
+        committer: Committer | None = None,
     ) -> None:
-        self.store = PairStore(state_dir)
+        self.store = PairStore(state_dir, committer)  # the state dir's committer, if shared
         self.identities = dict(identities)
         self.on_change = on_change
         self.replica_factory = replica_factory
@@ -530,8 +705,13 @@ class PairManager:
             rec.copy_total = p.size
             with p.gate.exclusive(), s.gate.exclusive():
                 pair = self._adopt(rec)
-                self.store.set_note(svol, None)
-                pair.apply(Event.CREATE, pending=pending)
+                try:
+                    self.store.set_note(svol, None)
+                    pair.apply(Event.CREATE, create=True, pending=pending)
+                except Exception:
+                    del self.pairs[name]
+                    self._pairs_changed()
+                    raise
             pair.start_copier()
 
     def _check_create(self, name: str, p: PairVolume, s: PairVolume, mu: int) -> None:
@@ -568,6 +748,7 @@ class PairManager:
             size = pair.p.size
             with self._quiesced(pair):
                 pair.replica.flush()
+                fault_point("pair.split.flushed")
                 pair.apply(
                     Event.SPLIT,
                     split_read_only=read_only,
@@ -617,9 +798,12 @@ class PairManager:
                 target = {Status.COPY: pair.rec.svol, Status.RCPY: pair.rec.pvol}.get(pair.status)
                 if target is not None:
                     self.store.set_note(target, {"content": "undefined (copy abandoned)"})
+                with pair.lock:  # no snapshot of it is stamped after this one
+                    pair.deleted = True
+                    tombstone = self.store.stamp()
                 del self.pairs[name]
                 self._pairs_changed()
-                self.store.remove(name)
+                self.store.delete(name, tombstone)
                 pair.rec.generation += 1
             self.changed(pair.rec.pvol, pair.rec.svol)
 
@@ -628,6 +812,13 @@ class PairManager:
         for other in self.roles(pair.rec.pvol)[0]:
             if other is not pair and other.rec.pdiff is not None:
                 other.rec.pdiff.mark(offset, length)
+
+    def save_restore_marks(self, pair: Pair) -> None:
+        """Make the marks `restored` left on the P-VOL's other pairs durable (before the
+        restoring pair's record may claim the grains restored)."""
+        for other in self.roles(pair.rec.pvol)[0]:
+            if other is not pair:
+                other.save()
 
     def wait(self, name: str, timeout: float | None = None) -> bool:
         """Wait for the pair's copy (COPY/RCPY) to end; True when none is running."""
@@ -731,7 +922,8 @@ class PairManager:
                 log.exception("on_change hook failed for %s", v)
 
     def checkpoint_volume(self, volume: str) -> None:
-        """Before the write-intent log forgets a region: persist the maps of its pairs."""
+        """Before the write-intent log forgets a region: every pair record of the volume is
+        made durable from a snapshot taken now, or this raises (the log then keeps it)."""
         for pair in self.pairs_of(volume):
             try:
                 pair.checkpoint()
@@ -766,11 +958,11 @@ class PairManager:
 
     def _recover_primary(self, pair: Pair, regions: DirtyMap) -> None:
         rec = pair.rec
-        if rec.status is Status.PAIR:  # in flight on P, maybe not on S: copy them now
-            rec.pending, rec.fence = regions.copy(), 0
-            pair.copy_pending()
-            rec.pending = None
-        elif rec.status is Status.COPY and rec.pending is not None:
+        if rec.status is Status.PAIR:  # in flight on P, maybe not on S: copy them again
+            pending = regions.copy()  # in the background: COPY until done (docs/pairs.md)
+            pair.apply(Event.RECOVER, pending=pending, fence=0, copy_total=pending.dirty_bytes())
+            return
+        if rec.status is Status.COPY and rec.pending is not None:
             rec.pending |= regions
             rec.fence = 0
         elif rec.pdiff is not None:
@@ -778,14 +970,22 @@ class PairManager:
         pair.save()
 
     def close(self) -> None:
-        """Stop copiers at a checkpoint (a later start resumes them), close every volume."""
+        """Clean stop, in an order where nothing is closed while something may still need it:
+        stop the copiers, then the write-intent logs (their last clear checkpoints against
+        volumes all still open), then a final checkpoint of every pair (a later start resumes
+        a copy from it), and only then close the volumes."""
         with self.lock:
             for pair in self.pairs.values():
                 pair.stop_copier()
-                if pair.status in (Status.COPY, Status.RCPY):
-                    try:
-                        pair.checkpoint()
-                    except (OSError, VolumeError) as e:  # P-VOL: the last record stands
-                        log.error("pair %s: final checkpoint failed: %s", pair.name, e)
             for pv in self.volumes.values():
-                pv.close()
+                try:
+                    pv.wil.close()
+                except Exception as e:  # its regions stay marked: the next start recovers them
+                    log.error("%s: write-intent log not cleared: %s", pv.name, e)
+            for pair in self.pairs.values():
+                try:
+                    pair.checkpoint()
+                except (OSError, VolumeError) as e:  # the last durable record stands
+                    log.error("pair %s: final checkpoint failed: %s", pair.name, e)
+            for pv in self.volumes.values():
+                pv.base.close()

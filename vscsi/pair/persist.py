@@ -1,8 +1,11 @@
-"""Durable pair records: one JSON file per pair, replaced atomically (write, fsync, rename,
-fsync the directory) so a crash leaves either the old or the new record, never a torn one.
+"""Durable pair records and per-volume notes, through the state directory's committer.
 
-The change maps and the remaining-to-copy map travel inside the record (DirtyMap.to_bytes,
-base64), so a record is always a consistent snapshot: status, copy fence and maps together.
+A record is a snapshot: status, copy fence and maps together (DirtyMap.to_bytes, base64).
+Every snapshot is stamped by the committer while the pair's lock is held, so an older snapshot
+(a slow checkpoint) can never land over a newer one (a split), and a deleted pair's tombstone
+stops any late checkpoint from bringing it back. On disk: `pairs/<name>.json` and
+`notes/<volume>.json` (see vscsi/durable/committer.py); a `volumes.json` of an older release
+is migrated into `notes/` on start.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vscsi.durable.committer import Committer
 from vscsi.pair.states import Status
 from vscsi.tracker import DirtyMap
 
@@ -59,17 +63,64 @@ class PairRecord:
         return cls(status=Status(d["status"]), **plain, **maps)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` durably: fsync the file, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+class PairStore:
+    """Pair records (kind `pairs`) and volume notes (kind `notes`) in the committer of the
+    state directory, and the write-intent logs `wil/<volume>.wil` the engine keeps there."""
+
+    def __init__(
+        self, state_dir: str | os.PathLike[str], committer: Committer | None = None
+    ) -> None:
+        self.root = Path(state_dir)
+        self.wil_dir = self.root / "wil"
+        self.wil_dir.mkdir(parents=True, exist_ok=True)
+        self.committer = committer if committer is not None else Committer(self.root)
+        self._migrate_notes()
+
+    def stamp(self) -> int:
+        """A generation for a snapshot about to be taken: call it holding the pair's lock."""
+        return self.committer.stamp()
+
+    def abandon(self, generation: int) -> None:
+        self.committer.abandon(generation)
+
+    def commit(self, rec: PairRecord, generation: int, *, create: bool = False) -> bool:
+        """Make the snapshot `rec` stamped `generation` durable; False when a newer snapshot
+        (or the pair's tombstone) already is."""
+        return self.committer.commit("pairs", rec.name, rec.to_json(), generation, create=create)
+
+    def delete(self, name: str, generation: int) -> None:
+        """The pair's tombstone: no later checkpoint of the deleted pair can bring it back."""
+        self.committer.delete("pairs", name, generation)
+
+    def load_all(self) -> list[PairRecord]:
+        return [PairRecord.from_json(d) for d in self.committer.items("pairs").values()]
+
+    def wil_path(self, volume: str) -> str:
+        return str(self.wil_dir / f"{volume}.wil")
+
+    def notes(self) -> dict[str, dict[str, Any]]:
+        """Per-volume notes that outlive a pair (e.g. S-VOL content undefined after delete)."""
+        return self.committer.items("notes")
+
+    def set_note(self, volume: str, note: dict[str, Any] | None) -> None:
+        """Each volume's note is its own key: no read-modify-write shared between volumes."""
+        if note is None:
+            if self.committer.load("notes", volume) is not None:
+                self.committer.delete("notes", volume)
+        else:
+            self.committer.save("notes", volume, note, create=True)
+
+    def _migrate_notes(self) -> None:
+        """`volumes.json` (one file for every volume's note) -> one `notes` key per volume;
+        the old file goes only once every note in it is durable in its new place."""
+        legacy = self.root / "volumes.json"
+        if not legacy.exists():
+            return
+        for volume, note in json.loads(legacy.read_bytes()).items():
+            if self.committer.get("notes", volume) is None:
+                self.committer.save("notes", volume, note, create=True)
+        legacy.unlink()
+        _fsync_dir(self.root)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,48 +129,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class PairStore:
-    """The state directory: `pairs/<name>.json`, `volumes.json` (per-volume notes), and the
-    write-intent logs `wil/<volume>.wil` the engine keeps there."""
-
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
-        self.root = Path(state_dir)
-        self.pairs_dir = self.root / "pairs"
-        self.wil_dir = self.root / "wil"
-        for d in (self.root, self.pairs_dir, self.wil_dir):
-            d.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, name: str) -> Path:
-        return self.pairs_dir / f"{name}.json"
-
-    def save(self, rec: PairRecord) -> None:
-        atomic_write(self._path(rec.name), json.dumps(rec.to_json()).encode())
-
-    def load_all(self) -> list[PairRecord]:
-        return [
-            PairRecord.from_json(json.loads(p.read_bytes()))
-            for p in sorted(self.pairs_dir.glob("*.json"))
-        ]
-
-    def remove(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
-        _fsync_dir(self.pairs_dir)
-
-    def wil_path(self, volume: str) -> str:
-        return str(self.wil_dir / f"{volume}.wil")
-
-    def notes(self) -> dict[str, dict[str, Any]]:
-        """Per-volume notes that outlive a pair (e.g. S-VOL content undefined after delete)."""
-        path = self.root / "volumes.json"
-        return json.loads(path.read_bytes()) if path.exists() else {}
-
-    def set_note(self, volume: str, note: dict[str, Any] | None) -> None:
-        notes = self.notes()
-        if note is None:
-            if notes.pop(volume, None) is None:
-                return
-        else:
-            notes[volume] = note
-        atomic_write(self.root / "volumes.json", json.dumps(notes).encode())

@@ -42,6 +42,7 @@ class Event(Enum):
     RESTORE = "restore"
     RESTORE_DONE = "restore done"
     SECONDARY_ERROR = "secondary error"
+    RECOVER = "recover"  # a PAIR's P and S may differ (crash, failed P-VOL write): copy again
     DELETE = "delete"
 
 
@@ -65,6 +66,7 @@ TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (S.COPY, E.DELETE): S.SMPL,
     (S.PAIR, E.SPLIT): S.PSUS,
     (S.PAIR, E.SECONDARY_ERROR): S.PSUE,
+    (S.PAIR, E.RECOVER): S.COPY,
     (S.PAIR, E.DELETE): S.SMPL,
     (S.PSUS, E.RESYNC): S.COPY,
     (S.PSUS, E.RESTORE): S.RCPY,
@@ -86,6 +88,7 @@ _NEEDS: dict[Event, str] = {
     E.COPY_DONE: "COPY",
     E.RESTORE_DONE: "RCPY",
     E.SECONDARY_ERROR: "COPY, PAIR or RCPY",
+    E.RECOVER: "PAIR",
 }
 
 

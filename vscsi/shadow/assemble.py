@@ -12,21 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from vscsi.config import ConfigError, ShadowSetConfig
 from vscsi.durable.committer import Committer
-from vscsi.pair.persist import atomic_write
 from vscsi.shadow.control import AREA, ControlBlockError, read_block
-from vscsi.shadow.set import ShadowSet
+from vscsi.shadow.set import ShadowSet, Tuning
 from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
 from vscsi.store.claim import store_key
 from vscsi.store.file import FileVolume, StoreConfigError
 
 log = logging.getLogger(__name__)
+
+MEMBERS = "members"  # committer kind: members added at run time, keyed by set name
 
 
 def open_member(path: str, size: int | None = None, block_size: int | None = None,
@@ -46,12 +48,19 @@ def open_member(path: str, size: int | None = None, block_size: int | None = Non
 
 
 class Assembly:
-    """The members file of one set: `state_dir/shadow/<name>.members.json`."""
+    """One configured set: its member stores, and the members added at run time (committer
+    kind `members`, keyed by set name; a `shadow/<name>.members.json` of an older version is
+    adopted)."""
 
-    def __init__(self, cfg: ShadowSetConfig, state_dir: str) -> None:
+    def __init__(
+        self, cfg: ShadowSetConfig, state_dir: str, committer: Committer, copy_rate: int = 0
+    ) -> None:
         self.cfg = cfg
+        self.copy_rate = copy_rate  # the daemon's copy_rate: copies are paced like pair copies
         self.dir = Path(state_dir) / "shadow"
-        self.path = self.dir / f"{cfg.name}.members.json"
+        self.committer = committer
+        self._lock = threading.Lock()  # one read-modify-write of the members list at a time
+        self._adopt_legacy()
         self.opened: dict[object, FileVolume] = {}  # store_key -> every member volume opened
 
     def member(self, path: str) -> tuple[FileVolume, bool]:
@@ -71,21 +80,25 @@ class Assembly:
 
     def added(self) -> list[str]:
         """Members added at run time (they are not in the config file)."""
-        try:
-            return [str(p) for p in json.loads(self.path.read_text())]
-        except FileNotFoundError:
-            return []
+        return list(self.committer.load(MEMBERS, self.cfg.name) or [])
 
     def remember(self, path: str) -> None:
-        paths = self.added()
-        if path not in paths and path not in self.cfg.members:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.path, json.dumps([*paths, path]).encode())
+        with self._lock:
+            paths = self.added()
+            if path not in paths and path not in self.cfg.members:
+                self.committer.save(MEMBERS, self.cfg.name, [*paths, path], create=True)
 
-    def open(self, force: bool = False, committer: Committer | None = None) -> ShadowSet:
+    def _adopt_legacy(self) -> None:
+        legacy = self.dir / f"{self.cfg.name}.members.json"
+        if legacy.exists() and self.committer.get(MEMBERS, self.cfg.name) is None:
+            paths = [str(p) for p in json.loads(legacy.read_text())]
+            self.committer.save(MEMBERS, self.cfg.name, paths, create=True)
+            legacy.unlink()
+
+    def open(self, force: bool = False) -> ShadowSet:
         """Mount the set. A config error names the member; a refusal of the set is one line.
-        `force` and `committer` go to `ShadowSet.open` (force: mount below the generation the
-        state directory recorded)."""
+        `force` mounts below the generation the state directory recorded (`vscsi up
+        --force-mount`): the writes only a missing member holds are given up."""
         cfg = self.cfg
         vols: list[Volume] = []
         try:
@@ -96,7 +109,7 @@ class Assembly:
                 except StoreConfigError as e:
                     raise ConfigError(f"{cfg.where}.members[{i}]: {e}") from None
             vols += self._added_members()
-            return self._mount(vols, force, committer)
+            return self._mount(vols, force)
         except ShadowError as e:
             _close(vols)
             raise ConfigError(f"{cfg.where}: {e}") from None
@@ -114,12 +127,10 @@ class Assembly:
                             self.cfg.name, path, e)  # fmt: skip
         return found
 
-    def _mount(
-        self, vols: Sequence[Volume], force: bool, committer: Committer | None
-    ) -> ShadowSet:
+    def _mount(self, vols: Sequence[Volume], force: bool) -> ShadowSet:
         cfg = self.cfg
         kw = {"state_dir": self.dir, "wil": cfg.write_intent_log, "read_policy": cfg.read_policy,
-              "committer": committer}  # fmt: skip
+              "committer": self.committer, "tuning": Tuning(copy_rate=self.copy_rate)}  # fmt: skip
         if any(_has_block(v) for v in vols):
             return ShadowSet.open(cfg.name, vols, force=force, **kw)  # type: ignore[arg-type]
         return ShadowSet.create(cfg.name, vols, block_size=cfg.block_size, **kw)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
-from vscsi.pair.locks import RegionLocks, WriteGate
+from vscsi.resync.pace import Pace
 from vscsi.shadow.control import (
     AREA,
     MAX_MEMBERS,
@@ -54,6 +54,7 @@ from vscsi.shadow.states import (
     apply,
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
+from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, WriteIntentLog
 from vscsi.tracker.wil import LogFile
 
@@ -66,18 +67,9 @@ SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one 
 KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
 MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
 
-_committers: dict[Path, Committer] = {}
-_committers_lock = threading.Lock()
-
-
 def default_committer(state_dir: str | os.PathLike[str]) -> Committer:
-    """The committer of `state_dir/durable`, one per directory in this process: two committers
-    over one directory would delete each other's temp files and keep separate counters."""
-    root = (Path(state_dir) / "durable").resolve()
-    with _committers_lock:
-        if root not in _committers:
-            _committers[root] = Committer(root)
-        return _committers[root]
+    """The committer of `state_dir/durable` (one per directory in this process)."""
+    return Committer.at(Path(state_dir) / "durable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +83,7 @@ class Tuning:
     log_region: int = 1 << 20
     log_idle: float = 1.0
     checkpoint_bytes: int = 64 << 20
+    copy_rate: int = 0  # bytes/s written by copies (the daemon's copy_rate); 0 = unlimited
 
 
 @dataclass(slots=True)
@@ -186,6 +179,7 @@ class ShadowSet:
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
         self._stop = False
+        self._stopping = threading.Event()
         # host writes not yet covered by a flush of every member: a member that fails may have
         # lost them from its cache, so they go into its bitmap (see `_failed`); `_flushing`
         # holds what each flush in progress will vouch for once it succeeds
@@ -1028,7 +1022,11 @@ class ShadowSet:
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Run the head of the queue a step at a time: copies paced to `copy_rate` (a crash
+        abandons a copy, as the seed says of a standalone system, so pacing costs no safety),
+        the fences checkpointed every `checkpoint_bytes`."""
         since_checkpoint = 0
+        pace: tuple[int, Pace] | None = None  # the operation being paced, and its pace
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._stop or not self.state.steady)
@@ -1051,6 +1049,10 @@ class ShadowSet:
                 self._finish(op)
                 since_checkpoint = 0
                 continue
+            if op.kind.is_copy:
+                if pace is None or pace[0] != op.seq:
+                    pace = (op.seq, Pace(self.tuning.copy_rate))
+                pace[1].after(done, self._stopping)
             since_checkpoint += done
             if since_checkpoint >= self.tuning.checkpoint_bytes:
                 self._checkpoint()
@@ -1116,6 +1118,7 @@ class ShadowSet:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        self._stopping.set()  # wakes a paced copy at once
         self._worker.join()
 
 

@@ -1,0 +1,1 @@
+"""What pair copies and shadow-set copies share: pacing to the operator's copy rate."""

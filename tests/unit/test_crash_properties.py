@@ -35,9 +35,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.crashmodel import SECTOR, CrashableFile, CrashableVolume, CrashAt, Recorder
+from tests.unit.pairvolumes import identities
 from vscsi.durable import faults
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import Crash
+from vscsi.pair import PairManager, Status
 from vscsi.shadow import AREA, ShadowSet, Tuning
 from vscsi.shadow.control import read_block
 from vscsi.shadow.states import MemberState
@@ -71,9 +73,9 @@ class Model:
     """Per sector: `base`, what may be there durably, and `pending`, the writes issued since
     ([write id, acknowledged])."""
 
-    def __init__(self) -> None:
-        self.base: list[set[int]] = [{0} for _ in range(SECTORS)]
-        self.pending: list[list[list[int | bool]]] = [[] for _ in range(SECTORS)]
+    def __init__(self, sectors: int = SECTORS) -> None:
+        self.base: list[set[int]] = [{0} for _ in range(sectors)]
+        self.pending: list[list[list[int | bool]]] = [[] for _ in range(sectors)]
 
     def issued(self, wid: int, first: int, n: int) -> None:
         for s in range(first, first + n):
@@ -110,7 +112,7 @@ class Model:
 
     def settled(self, data: bytes) -> None:
         """A check read the whole set after recovery: what it saw is durable now."""
-        for s in range(SECTORS):
+        for s in range(len(self.base)):
             self.base[s] = {identify(data[s * SECTOR : (s + 1) * SECTOR], s)}
             self.pending[s] = []
 
@@ -460,3 +462,271 @@ def test_a_member_removed_with_minicopy_gets_back_the_writes_its_cache_lost() ->
             run.apply(op)
         run.check()
         run.live.close()
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+PSIZE = 1 << 20  # of each pair volume (one write-intent log region)
+ALLOWED_AFTER = {  # statuses an acknowledged operation leaves, whatever a restart does later
+    "create": {Status.COPY, Status.PAIR},  # a restart may re-copy what was in flight
+    "resync": {Status.COPY, Status.PAIR},
+    "split": {Status.PSUS},
+    "restore": {Status.RCPY, Status.PSUS},
+    "delete": {None},
+}
+
+
+class PairRun:
+    """A pair v0 -> v1 under the crash model: what the test knows of P's data (S is checked
+    against P after a resync), and which statuses a restart may show."""
+
+    def __init__(self, root: Path, write_cache: bool, seed: int) -> None:
+        self.state = root / "state"
+        self.vols = {
+            n: CrashableVolume(PSIZE, name=n, write_cache=write_cache) for n in ("v0", "v1")
+        }
+        self.logs = {n: CrashableFile(name=f"{n}.wil") for n in self.vols}
+        self.write_cache = write_cache
+        self.model: Model | None = Model(PSIZE // SECTOR)  # None: P is being restored
+        self.rng = random.Random(seed)
+        self.m: PairManager | None = None
+        self.allowed: set[Status | None] = {None}
+        self.generation = 0  # the pair's last acknowledged generation
+        self.wid = 0
+        self.dead: Callable[[], bool] = lambda: False
+
+    def open(self) -> None:
+        logs = self.logs
+        self.m = PairManager(
+            str(self.state), self.vols, identities(list(self.vols)), chunk=128 << 10,
+            checkpoint_bytes=256 << 10, checkpoint_interval=1e9,
+            committer=Committer(self.state / "durable"), wil_file=lambda n: logs[n],
+        )  # fmt: skip
+        self.settle()
+
+    @property
+    def live(self) -> PairManager:
+        assert self.m is not None
+        return self.m
+
+    def status(self) -> Status | None:
+        pair = self.live.pairs.get("p")
+        return None if pair is None else pair.status
+
+    def settle(self) -> None:
+        """Let a copy end; the copier crashing kills the run."""
+        pair = self.live.pairs.get("p")
+        if pair is not None:
+            assert pair.wait(30)
+        if self.dead():
+            raise Crash("the copier crashed")
+        st = self.status()
+        assert st in self.allowed, f"pair is {st}, expected one of {self.allowed}"
+        assert st is not Status.PSUE, "the pair suspended without an error injected"
+        if pair is not None:
+            assert pair.rec.generation >= self.generation
+            self.generation = pair.rec.generation
+        if st is Status.PSUS and self.allowed == ALLOWED_AFTER["restore"]:
+            self.allowed = {Status.PSUS}  # the restore is done: never again RCPY
+        if st is Status.PSUS and self.model is None:
+            self.model = Model(PSIZE // SECTOR)  # P is S's image now, and durable
+            self.model.settled(self.vols["v0"].read(0, PSIZE))
+
+    def die(self) -> None:
+        """Stop the copier (it crashes at its next fault point); drop the dead manager."""
+        if self.m is not None:
+            for pair in self.m.pairs.values():
+                pair._stop.set()
+                pair.wait()
+            self.m = None
+        self.dead = lambda: False
+
+    def power_loss(self, tear: bool) -> None:
+        rng = self.rng if tear else None
+        self.vols = {n: v.power_loss(rng) for n, v in self.vols.items()}
+        self.logs = {n: f.power_loss(rng) for n, f in self.logs.items()}
+
+    def recover(self) -> None:
+        """Reopen; P holds its durable writes; a resync (if split) makes S == P."""
+        self.open()
+        if self.model is not None:
+            self.model.check(self.vols["v0"].read(0, PSIZE))
+        if self.status() in (Status.PSUS, Status.PSUE):
+            self.live.resync("p")
+            self.allowed = ALLOWED_AFTER["resync"]
+            self.settle()
+        if self.status() is not None:
+            assert self.status() is Status.PAIR
+            assert self.vols["v0"].read(0, PSIZE) == self.vols["v1"].read(0, PSIZE), "S != P"
+
+    # -- operations -----------------------------------------------------------------------
+
+    def apply(self, op: tuple) -> None:
+        getattr(self, f"op_{op[0]}")(*op[1:])
+        self.settle()
+
+    def _operate(self, name: str, call: Callable[[], None]) -> None:
+        """An operator command: while it runs a crash may leave either status."""
+        self.allowed = self.allowed | ALLOWED_AFTER[name]
+        call()
+        self.allowed = set(ALLOWED_AFTER[name])
+
+    def op_create(self) -> None:
+        if self.status() is None:
+            self._operate("create", lambda: self.live.create("p", "v0", "v1", 0))
+
+    def op_split(self, read_only: bool) -> None:
+        if self.status() is Status.PAIR:
+            self._operate("split", lambda: self.live.split("p", read_only))
+
+    def op_resync(self) -> None:
+        if self.status() is Status.PSUS:
+            self._operate("resync", lambda: self.live.resync("p"))
+
+    def op_restore(self) -> None:
+        if self.status() is Status.PSUS:
+            self.model = None
+            self._operate("restore", lambda: self.live.restore("p"))
+
+    def op_delete(self) -> None:
+        if self.status() is not None:
+            self._operate("delete", lambda: self.live.delete("p"))
+
+    def op_write(self, first: int, n: int, fua: bool) -> None:
+        n = min(n, PSIZE // SECTOR - first)
+        self.wid += 1
+        wid = self.wid
+        data = b"".join(pattern(wid, s) for s in range(first, first + n))
+        if self.model is not None:
+            self.model.issued(wid, first, n)
+        self.live.volume("v0").write(first * SECTOR, [memoryview(data)], fua)
+        if self.model is not None:
+            self.model.acknowledged(wid, first, n, fua or not self.write_cache)
+
+    def op_write_s(self, first: int, n: int) -> None:
+        """The S-VOL of a split pair written by its host (a resync undoes it)."""
+        pair = self.live.pairs.get("p")
+        if pair is not None and pair.status is Status.PSUS and not pair.rec.split_read_only:
+            n = min(n, PSIZE // SECTOR - first)
+            self.live.volume("v1").write(first * SECTOR, [memoryview(bytes([7]) * n * SECTOR)])
+
+    def op_flush(self) -> None:
+        self.live.volume("v0").flush()
+        if self.model is not None:
+            self.model.flushed()
+
+    def op_clean(self) -> None:
+        for pv in self.live.volumes.values():
+            pv.wil.flush_idle(LATER)
+
+    def op_restart(self) -> None:
+        """A clean stop and a new process over the same devices (caches intact)."""
+        self.live.close()
+        self.vols = {n: v.restart() for n, v in self.vols.items()}
+        self.logs = {n: f.restart() for n, f in self.logs.items()}
+        self.m = None
+        self.open()
+
+
+_psector = st.integers(0, PSIZE // SECTOR - 1)
+PAIR_OPS = st.one_of(
+    st.tuples(st.just("write"), _psector, st.integers(1, 600), st.booleans()),
+    st.tuples(st.just("write"), _psector, st.integers(1, 600), st.booleans()),
+    st.tuples(st.just("write_s"), _psector, st.integers(1, 600)),
+    st.just(("create",)),
+    st.just(("create",)),
+    st.tuples(st.just("split"), st.booleans()),
+    st.just(("resync",)),
+    st.just(("restore",)),
+    st.just(("delete",)),
+    st.just(("flush",)),
+    st.just(("clean",)),
+    st.just(("restart",)),
+)
+
+
+def play_pair(ops: list[tuple], hook: Callable[[str], None], root: Path, wc: bool) -> PairRun:
+    run = PairRun(root, wc, seed=len(ops))
+    run.dead = lambda: getattr(hook, "fired", None) is not None
+    with faults.installed(hook):
+        try:
+            run.open()
+            for op in ops:
+                run.apply(op)
+        except Crash:
+            pass
+        run.die()
+    return run
+
+
+def crash_pair_everywhere(
+    ops: list[tuple], ks: Callable[[int], list[int]], tear: bool, write_cache: bool
+) -> int:
+    """As `crash_everywhere`, for a pair."""
+    with tempfile.TemporaryDirectory(dir=FAST_DIR) as tmp:
+        rec = Recorder()
+        run = play_pair(ops, rec, Path(tmp) / "all", write_cache)
+        run.power_loss(tear)
+        run.recover()
+        run.live.close()
+        for k in ks(len(rec.names)):
+            hook = CrashAt(k)
+            run = play_pair(ops, hook, Path(tmp) / f"k{k}", write_cache)
+            assert hook.fired == rec.names[k], (k, hook.fired, rec.names[k])
+            run.power_loss(tear)
+            run.recover()
+            run.live.close()
+        return len(rec.names)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    ops=st.lists(PAIR_OPS, max_size=10),
+    write_cache=st.booleans(),
+    tear=st.booleans(),
+    data=st.data(),
+)
+def test_pair_keeps_its_status_and_data_across_a_crash_anywhere(
+    ops: list[tuple], write_cache: bool, tear: bool, data: st.DataObject
+) -> None:
+    def some(n: int) -> list[int]:
+        return data.draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True)) if n else []
+
+    with quiet_crashes():
+        crash_pair_everywhere(ops, some, tear, write_cache)
+
+
+PAIR_SCENARIO = [
+    ("create",),
+    ("write", 0, 300, False),
+    ("clean",),
+    ("split", False),
+    ("write", 500, 40, True),
+    ("write_s", 1000, 30),
+    ("resync",),
+    ("write", 9, 9, False),
+    ("split", False),
+    ("restore",),
+    ("restart",),
+    ("delete",),
+]
+
+
+def test_pair_crashed_at_every_fault_point_of_a_scenario() -> None:
+    with quiet_crashes():
+        n = crash_pair_everywhere(PAIR_SCENARIO, lambda n: list(range(n)), True, True)
+    assert n > 50
+
+
+def test_a_restore_crashed_copies_again_what_p_lost_from_its_cache() -> None:
+    """P's last write (mirrored in PAIR) is still in P's cache when the split flushes only S;
+    the restore is recorded, the power goes: P lost the write, S has it, and the restore that
+    resumes must copy it back, as its end declares P and S identical."""
+    ops = [("create",), ("write", 9, 9, False), ("split", False), ("restore",)]
+    with quiet_crashes():
+        crash_pair_everywhere(ops, lambda n: list(range(n)), False, True)

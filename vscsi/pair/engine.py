@@ -35,6 +35,7 @@ from vscsi.scsi.identity import Identity
 from vscsi.store.base import Extent, NotReadyError, Volume, VolumeError, WriteProtectedError
 from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, InvalidLogError, WriteIntentLog
+from vscsi.tracker.wil import LogFile
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +464,8 @@ class PairVolume:
             grain=GRAIN,
             idle_delay=manager.wil_idle,
             before_clear=lambda: manager.checkpoint_volume(base.name),
+            file=None if manager.wil_file is None else manager.wil_file(base.name),
+            background=manager.wil_file is None,
         )
 
     # -- Volume attributes -----------------------------------------------------------------
@@ -626,8 +629,12 @@ class PairManager:
         copy_rate: int = 0,
         checkpoint_interval: float = 1.0,
         committer: Committer | None = None,
+        wil_file: Callable[[str], LogFile] | None = None,
     ) -> None:
         self.store = PairStore(state_dir, committer)  # the state dir's committer, if shared
+        # a crash-model test's write-intent log file per volume name; their cleaners then run
+        # only when the test calls flush_idle, so every run passes the same fault points
+        self.wil_file = wil_file
         self.identities = dict(identities)
         self.on_change = on_change
         self.replica_factory = replica_factory
@@ -962,7 +969,8 @@ class PairManager:
             pending = regions.copy()  # in the background: COPY until done (docs/pairs.md)
             pair.apply(Event.RECOVER, pending=pending, fence=0, copy_total=pending.dirty_bytes())
             return
-        if rec.status is Status.COPY and rec.pending is not None:
+        if copying(rec.status) and rec.pending is not None:
+            # a restore too: P may differ from S there, and its end clears the change maps
             rec.pending |= regions
             rec.fence = 0
         elif rec.pdiff is not None:

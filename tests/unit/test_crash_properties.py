@@ -1,7 +1,11 @@
-"""Shadow sets under the crash model: random operations, a crash at a fault point, a power
-loss that tears what was not durable, a reopen from the surviving volumes; then the set must
-still hold every write it acknowledged as durable, its full members must be identical, its
-generation must not go back, and no stale member may serve.
+"""Shadow sets and pairs under the crash model: random operations, a crash at a fault point, a
+power loss that tears what was not durable, a reopen from the surviving volumes.
+
+A shadow set must then still hold every write it acknowledged as durable, its full members
+must be identical (checked after every operation too), its generation must not go back, and no
+stale member may serve. A pair's status must not be older than the last operation acknowledged
+(a split is never PAIR again, a delete never comes back, a finished restore never resumes), its
+P-VOL must hold every durable write, and a resync must make S == P byte for byte.
 
 "Acknowledged durable" is SCSI's rule (SBC-4, 4.15 and SYNCHRONIZE CACHE): a WRITE that
 completed is durable if it had FUA set or the write cache was disabled (WCE=0); otherwise it
@@ -591,6 +595,7 @@ class PairRun:
     def op_delete(self) -> None:
         if self.status() is not None:
             self._operate("delete", lambda: self.live.delete("p"))
+            self.generation = 0  # a pair created later under its name starts again
 
     def op_write(self, first: int, n: int, fua: bool) -> None:
         n = min(n, PSIZE // SECTOR - first)
@@ -634,9 +639,10 @@ PAIR_OPS = st.one_of(
     st.tuples(st.just("write"), _psector, st.integers(1, 600), st.booleans()),
     st.tuples(st.just("write_s"), _psector, st.integers(1, 600)),
     st.just(("create",)),
-    st.just(("create",)),
+    st.tuples(st.just("split"), st.booleans()),
     st.tuples(st.just("split"), st.booleans()),
     st.just(("resync",)),
+    st.just(("restore",)),
     st.just(("restore",)),
     st.just(("delete",)),
     st.just(("flush",)),
@@ -698,7 +704,7 @@ def test_pair_keeps_its_status_and_data_across_a_crash_anywhere(
         return data.draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True)) if n else []
 
     with quiet_crashes():
-        crash_pair_everywhere(ops, some, tear, write_cache)
+        crash_pair_everywhere([("create",), *ops], some, tear, write_cache)
 
 
 PAIR_SCENARIO = [

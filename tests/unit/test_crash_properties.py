@@ -47,6 +47,7 @@ from vscsi.pair import PairManager, Status
 from vscsi.shadow import AREA, ShadowSet, Tuning
 from vscsi.shadow.control import read_block
 from vscsi.shadow.states import MemberState
+from vscsi.store.base import VolumeError
 
 SIZE = 512 << 10  # of the virtual unit
 SECTORS = SIZE // SECTOR
@@ -409,7 +410,7 @@ def image(nmembers: int, write_cache: bool) -> Image:
 
 
 @settings(
-    max_examples=150,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -525,8 +526,11 @@ class PairRun:
         if self.dead():
             raise Crash("the copier crashed")
         st = self.status()
+        if self.vols["v1"]._failing:  # S fails: the pair may suspend by error at any time
+            self.allowed.add(Status.PSUE)
         assert st in self.allowed, f"pair is {st}, expected one of {self.allowed}"
-        assert st is not Status.PSUE, "the pair suspended without an error injected"
+        if st is Status.PSUE:
+            self.allowed = {Status.PSUE}  # suspended and recorded: it stays so until a resync
         if pair is not None:
             assert pair.rec.generation >= self.generation
             self.generation = pair.rec.generation
@@ -570,9 +574,16 @@ class PairRun:
         self.settle()
 
     def _operate(self, name: str, call: Callable[[], None]) -> None:
-        """An operator command: while it runs a crash may leave either status."""
-        self.allowed = self.allowed | ALLOWED_AFTER[name]
-        call()
+        """An operator command: while it runs a crash may leave either status. One refused
+        because the S-VOL fails (a split's flush) changed nothing."""
+        before, self.allowed = self.allowed, self.allowed | ALLOWED_AFTER[name]
+        try:
+            call()
+        except VolumeError:
+            if not self.vols["v1"]._failing:
+                raise
+            self.allowed = before
+            return
         self.allowed = set(ALLOWED_AFTER[name])
 
     def op_create(self) -> None:
@@ -584,8 +595,14 @@ class PairRun:
             self._operate("split", lambda: self.live.split("p", read_only))
 
     def op_resync(self) -> None:
-        if self.status() is Status.PSUS:
+        if self.status() in (Status.PSUS, Status.PSUE):
+            self.vols["v1"].heal()
             self._operate("resync", lambda: self.live.resync("p"))
+
+    def op_fail_s(self, what: str) -> None:
+        """The S-VOL starts failing every write or flush (a resync heals it first)."""
+        if self.status() is Status.PAIR:
+            self.vols["v1"].fail(what)
 
     def op_restore(self) -> None:
         if self.status() is Status.PSUS:
@@ -611,6 +628,8 @@ class PairRun:
     def op_write_s(self, first: int, n: int) -> None:
         """The S-VOL of a split pair written by its host (a resync undoes it)."""
         pair = self.live.pairs.get("p")
+        if self.vols["v1"]._failing:
+            return
         if pair is not None and pair.status is Status.PSUS and not pair.rec.split_read_only:
             n = min(n, PSIZE // SECTOR - first)
             self.live.volume("v1").write(first * SECTOR, [memoryview(bytes([7]) * n * SECTOR)])
@@ -648,6 +667,7 @@ PAIR_OPS = st.one_of(
     st.just(("flush",)),
     st.just(("clean",)),
     st.just(("restart",)),
+    st.tuples(st.just("fail_s"), st.sampled_from(["write", "flush"])),
 )
 
 
@@ -686,7 +706,7 @@ def crash_pair_everywhere(
 
 
 @settings(
-    max_examples=100,
+    max_examples=150,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -756,3 +756,16 @@ def test_a_restore_crashed_copies_again_what_p_lost_from_its_cache() -> None:
     ops = [("create",), ("write", 9, 9, False), ("split", False), ("restore",)]
     with quiet_crashes():
         crash_pair_everywhere(ops, lambda n: list(range(n)), False, True)
+
+
+def test_a_stale_volume_added_back_is_shown_once_as_a_member() -> None:
+    with tempfile.TemporaryDirectory(dir=FAST_DIR) as tmp:
+        run = Run(image(2, True), Path(tmp), seed=0)
+        run.open()
+        for op in [("remove", 0, False), ("restart",)]:
+            run.apply(op)
+        assert sorted(run.states().values()) == [FULL, STALE]
+        run.apply(("add", 0))
+        shown = [(m["name"], m["state"]) for m in run.live.show()["members"]]
+        assert sorted(shown) == [("m0", FULL), ("m1", FULL)]
+        run.live.close()

@@ -569,6 +569,8 @@ class ShadowSet:
                 self._others.append(old.volume)
             if volume in self._others:
                 self._others.remove(volume)
+            if volume.name in self._stale:  # a member now: show() must not list it stale too
+                self._stale.remove(volume.name)
             volume.write_cache = self._write_cache
             self._members[mid] = Member(mid, volume, volume.name, bitmap)
             self._work[op.seq] = self._plan(op)

@@ -970,7 +970,14 @@ class PairManager:
             pair.apply(Event.RECOVER, pending=pending, fence=0, copy_total=pending.dirty_bytes())
             return
         if copying(rec.status) and rec.pending is not None:
-            # a restore too: P may differ from S there, and its end clears the change maps
+            if rec.status is Status.RCPY:
+                # the change maps are in the restore already; outside them P held writes
+                # mirrored before the split that its cache may have lost (the split flushes
+                # only S): S has them, and the restore's end declares P == S
+                regions = regions.copy()  # the volume's other pairs get all of it
+                for changed in (rec.pdiff, rec.sdiff):
+                    if changed is not None:
+                        regions -= changed
             rec.pending |= regions
             rec.fence = 0
         elif rec.pdiff is not None:

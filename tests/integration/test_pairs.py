@@ -41,7 +41,7 @@ def daemon(workdir: Path, baddev: str) -> Iterator[Daemon]:
         f'\n[[volume]]\nname = "sbad"\npath = "{baddev}"\n'
         f"[volume.identity]\nserial = 410002\nvolume_id = 0x211\n"
     )
-    d = Daemon(workdir, f'state_dir = "{workdir}/pairstate"\ncopy_rate = "2MiB"\n{vols}', "pairs")
+    d = Daemon(workdir, f'state_dir = "{workdir}/pairstate"\ncopy_rate = "1MiB"\n{vols}', "pairs")
     d.start()
     yield d
     if d.proc is not None:

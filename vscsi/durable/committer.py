@@ -192,7 +192,7 @@ class Committer:
         new_dir = not directory.exists()
         directory.mkdir(mode=0o700, exist_ok=True)
         if new_dir:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         fd, tmp = _mkstemp(directory, name)
         try:
             try:
@@ -207,7 +207,7 @@ class Committer:
             Path(tmp).unlink(missing_ok=True)
             raise
         fault_point("commit.renamed")
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _key(kind: str, name: str) -> tuple[str, str]:
@@ -246,7 +246,8 @@ def _read(path: Path) -> Entry:
         raise CommitError(f"{path}: unreadable durable record: {e}") from None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

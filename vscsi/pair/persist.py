@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vscsi.durable.committer import Committer
+from vscsi.durable.committer import Committer, fsync_dir
 from vscsi.pair.states import Status
 from vscsi.tracker import DirtyMap
 
@@ -120,12 +120,5 @@ class PairStore:
             if self.committer.get("notes", volume) is None:
                 self.committer.save("notes", volume, note, create=True)
         legacy.unlink()
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vscsi.config import ConfigError, ShadowSetConfig
-from vscsi.durable.committer import Committer
+from vscsi.durable.committer import Committer, fsync_dir
 from vscsi.shadow.control import AREA, ControlBlockError, read_block
 from vscsi.shadow.set import ShadowSet, Tuning
 from vscsi.shadow.states import ShadowError
@@ -94,6 +94,7 @@ class Assembly:
             paths = [str(p) for p in json.loads(legacy.read_text())]
             self.committer.save(MEMBERS, self.cfg.name, paths, create=True)
             legacy.unlink()
+            fsync_dir(self.dir)
 
     def open(self, force: bool = False) -> ShadowSet:
         """Mount the set. A config error names the member; a refusal of the set is one line.

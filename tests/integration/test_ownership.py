@@ -53,7 +53,7 @@ def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) 
         for body, held in ((volume("ownc", img, 0x12), f"{img} is held by another process"),
                            (volume("ownd", loop, 0x13), f"{loop} is in use by another process")):
             second = Daemon(workdir, f'state_dir = "{workdir}/own-b"\n' + body, "own-b")
-            rc, out = run_rc(VSCSI, "up", "-c", str(second.config), timeout=60)
+            rc, out = run_rc(VSCSI, "up", "-c", str(second.config), timeout=180)
             assert rc != 0 and f"volume[0].path: {held}" in out, out
             assert len(out.strip().splitlines()) == 1, out
     finally:

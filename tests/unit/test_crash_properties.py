@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -359,10 +360,9 @@ def quiet_crashes() -> Iterator[None]:
         threading.excepthook = previous
 
 
-def play(image: Image, ops: list[tuple], hook: Callable[[str], None], root: Path) -> Run:
-    """Run `ops` on a copy of `image` with `hook` at every fault point; on a crash the
-    process dies there (nothing it does afterwards reaches storage)."""
-    run = Run(image, root, seed=len(ops))
+def _replay(run: Any, ops: list[tuple], hook: Callable[[str], None]) -> Any:
+    """Open `run` and apply `ops` with `hook` at every fault point; on a crash the process
+    dies there (nothing it does afterwards reaches storage)."""
     run.dead = lambda: getattr(hook, "fired", None) is not None
     with faults.installed(hook):
         try:
@@ -373,6 +373,11 @@ def play(image: Image, ops: list[tuple], hook: Callable[[str], None], root: Path
             pass
         run.die()
     return run
+
+
+def play(image: Image, ops: list[tuple], hook: Callable[[str], None], root: Path) -> Run:
+    """Run `ops` on a copy of `image` (see `_replay`)."""
+    return _replay(Run(image, root, seed=len(ops)), ops, hook)
 
 
 def crash_everywhere(
@@ -672,17 +677,7 @@ PAIR_OPS = st.one_of(
 
 
 def play_pair(ops: list[tuple], hook: Callable[[str], None], root: Path, wc: bool) -> PairRun:
-    run = PairRun(root, wc, seed=len(ops))
-    run.dead = lambda: getattr(hook, "fired", None) is not None
-    with faults.installed(hook):
-        try:
-            run.open()
-            for op in ops:
-                run.apply(op)
-        except Crash:
-            pass
-        run.die()
-    return run
+    return _replay(PairRun(root, wc, seed=len(ops)), ops, hook)
 
 
 def crash_pair_everywhere(

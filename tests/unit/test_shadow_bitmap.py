@@ -32,9 +32,8 @@ from .test_shadow_support import (
 W2 = 40 * GRAIN  # in another chunk than offset 0
 
 
-class Dying(Member):
-    """A member whose write at `at` waits (`entered` set) until `go`, then fails: the write
-    chose this member as a target, and the member fails under it."""
+class Gated(Member):
+    """A member whose write at `at` waits (`entered` set) until `go`, then succeeds."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -42,10 +41,21 @@ class Dying(Member):
         self.entered = threading.Event()
         self.go = threading.Event()
 
+    def gate(self, offset: int) -> bool:
+        """Hold a write at `at` until `go`; True when this write was held."""
+        if offset != self.at or self.go.is_set():
+            return False
+        self.entered.set()
+        assert self.go.wait(10)
+        return True
+
+
+class Dying(Gated):
+    """A member whose write at `at` waits until `go`, then fails: the write chose this member
+    as a target, and the member fails under it."""
+
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        if offset == self.at and not self.go.is_set():
-            self.entered.set()
-            assert self.go.wait(10)
+        if self.gate(offset):
             raise MediumError("write", offset, 4096, 5)
         super().write(offset, bufs, fua)
 
@@ -159,20 +169,12 @@ def test_a_flush_of_every_member_empties_what_a_later_failure_copies(tmp_path: P
     s.close()
 
 
-class Slow(Member):
-    """A member whose write at `at` waits (`entered` set) until `go`, then succeeds."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.at: int | None = None
-        self.entered = threading.Event()
-        self.go = threading.Event()
+class Slow(Gated):
+    """A member whose first write at `at` waits until `go`, then succeeds."""
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        if offset == self.at:
+        if self.gate(offset):
             self.at = None
-            self.entered.set()
-            assert self.go.wait(10)
         super().write(offset, bufs, fua)
 
 

@@ -31,7 +31,7 @@ from rich.logging import RichHandler
 from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
 from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
-from vscsi.pair.engine import PairManager
+from vscsi.pair.manager import PairManager
 from vscsi.pair.states import PairError
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun

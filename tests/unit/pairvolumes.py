@@ -64,6 +64,7 @@ def volumes(n: int = 4, size: int = 4 * MIB) -> dict[str, FaultyVolume]:
     for i in range(n):
         v = FaultyVolume(size, name=f"v{i}")
         v.data[:] = os.urandom(size)
+        v.mapped[:] = b"\1" * len(v.mapped)  # data everywhere: a copy skips only holes
         vols[v.name] = v
     return vols
 

@@ -199,10 +199,7 @@ class Run:
         """The process is gone: stop the worker (it crashes at its next fault point); the
         dead set's objects are dropped without another I/O."""
         if self.set is not None:
-            with self.set._cond:
-                self.set._stop = True
-                self.set._cond.notify_all()
-            self.set._worker.join()
+            self.set._stop_worker()
             self.set = None
         self.dead = lambda: False  # the next boot's process
 
@@ -549,7 +546,7 @@ class PairRun:
         """Stop the copier (it crashes at its next fault point); drop the dead manager."""
         if self.m is not None:
             for pair in self.m.pairs.values():
-                pair._stop.set()
+                pair.stopping.set()
                 pair.wait()
             self.m = None
         self.dead = lambda: False

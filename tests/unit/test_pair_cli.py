@@ -125,6 +125,7 @@ def test_split_resync_restore_delete_through_the_cli(daemon: Daemon) -> None:
 
 
 def test_delete_during_copy_says_content_undefined(tmp_path: Path) -> None:
+    (tmp_path / "v0.img").write_bytes(b"\x5a" * (4 * MIB))  # data: a copy skips holes
     d = Daemon(parse(config(tmp_path, copy_rate="64KiB"), base=tmp_path))
     d.open()
     srv = ControlServer(d.config.socket, d.handlers())

@@ -16,7 +16,7 @@ import pytest
 
 from tests.unit.pairvolumes import MIB, FaultyVolume, manager, read, volumes, write
 from vscsi.pair import LocalReplica, PairManager, Status
-from vscsi.pair.engine import GRAIN
+from vscsi.pair.volume import GRAIN
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Volume, WriteProtectedError
 from vscsi.store.file import FileVolume
@@ -336,6 +336,7 @@ def test_unmap_capability_is_constant_and_mirrored(tmp_path: Path) -> None:
     vols = volumes(3, SIZE)
     vols["v2"] = FaultyVolume(SIZE, name="v2", unmap=False)
     vols["v2"].data[:] = os.urandom(SIZE)
+    vols["v2"].mapped[:] = b"\1" * len(vols["v2"].mapped)
     m = manager(str(tmp_path), vols)
     p = m.volume("v0")
     assert p.supports_unmap

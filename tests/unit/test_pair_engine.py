@@ -12,7 +12,7 @@ import pytest
 
 from tests.unit.pairvolumes import MIB, manager, read, volumes, write
 from vscsi.pair import PairError, PairManager, Status
-from vscsi.pair.engine import GRAIN
+from vscsi.pair.volume import GRAIN
 from vscsi.store.base import MediumError, NotReadyError, WriteProtectedError
 
 SIZE = 4 * MIB

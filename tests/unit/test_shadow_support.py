@@ -106,10 +106,9 @@ def open_set(tmp_path: Path, vols: Sequence[Member], wil: bool = True) -> Shadow
 
 def crash(s: ShadowSet, *stalled: Member) -> None:
     """Abandon `s` without the clean dismount (releasing members stalled in the worker)."""
-    with s._cond:
-        s._stop = True
-        s._cond.notify_all()
     s._stopping.set()
+    with s._cond:
+        s._cond.notify_all()
     for m in stalled:
         m.release.set()
     s._worker.join()

@@ -4,8 +4,11 @@ The daemon builds one `PairManager` over its volumes and stacks `manager.volume(
 each LUN, with `vendor_pages=manager.vendor_pages(name)`.
 """
 
-from vscsi.pair.engine import LocalReplica, Pair, PairManager, PairVolume, Replica
+from vscsi.pair.manager import PairManager
+from vscsi.pair.pair import Pair
+from vscsi.pair.replica import LocalReplica, Replica
 from vscsi.pair.states import Access, Event, PairError, Role, Status
+from vscsi.pair.volume import PairVolume
 
 __all__ = [
     "Access",

@@ -4,7 +4,8 @@ Shadowing). It is a `Volume`, so a LUN can serve it and a pair can mirror it.
 Host writes go to every full member and every copy target and are acknowledged when all have
 them; reads come from one full member (round-robin, or always the master: the read policy),
 never from a copy target. One worker thread runs the head of the state machine's queue (copy,
-minicopy, merge, minimerge) a chunk at a time under the chunk's region lock, so a host write to
+minicopy, merge, minimerge: `jobs.py`) through the resync engine (`vscsi.resync.engine`), a
+chunk at a time under the chunk's region lock, so a host write to
 that region waits and lands after it: stale copy data never overwrites a host write. Where
 every volume involved has a hole (all zeroes), a merge or copy skips it without reading, so a
 sparse set is merged in the time its data takes. While a merge is pending, a host read of a
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
-from vscsi.resync.pace import Pace
+from vscsi.resync.engine import Resync, Settings
 from vscsi.shadow.control import (
     AREA,
     MAX_MEMBERS,
@@ -44,6 +45,7 @@ from vscsi.shadow.control import (
     virtual_size,
     write_block,
 )
+from vscsi.shadow.jobs import ShadowJob, merge_range
 from vscsi.shadow.states import (
     Event,
     MemberState,
@@ -63,7 +65,6 @@ log = logging.getLogger(__name__)
 IN_SET = (MemberState.FULL, MemberState.COPY_TARGET)
 ReadPolicy = Literal["balanced", "master"]
 READ_POLICIES: tuple[ReadPolicy, ...] = ("balanced", "master")
-SKIP_CHUNKS = 1024  # the most chunks one worker step skips as a hole under one region lock
 KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
 MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
 
@@ -178,8 +179,13 @@ class ShadowSet:
         self._regions = RegionLocks(tuning.chunk)
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
-        self._stop = False
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # the worker stops (dismount)
+        self._settings = Settings(
+            chunk=tuning.chunk,
+            grain=tuning.grain,
+            copy_rate=tuning.copy_rate,
+            checkpoint_bytes=tuning.checkpoint_bytes,
+        )
         # host writes not yet covered by a flush of every member: a member that fails may have
         # lost them from its cache, so they go into its bitmap (see `_failed`); `_flushing`
         # holds what each flush in progress will vouch for once it succeeds
@@ -628,7 +634,7 @@ class ShadowSet:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no operation is pending; True when the set is steady."""
         with self._cond:
-            self._cond.wait_for(lambda: self.state.steady or self._stop, timeout)
+            self._cond.wait_for(lambda: self.state.steady or self._stopping.is_set(), timeout)
             return self.state.steady
 
     def close(self) -> None:
@@ -889,212 +895,48 @@ class ShadowSet:
         hi = min(-(-(offset + length) // grain) * grain, self.size)
         with self._regions.hold(lo, hi - lo):
             for start, n in list(work.pending.extents(lo, hi)):
-                self._merge_range(start, n)
+                merge_range(self, start, n, self.tuning.chunk)
                 work.pending.clear(start, n)
-
-    def _merge_range(self, offset: int, length: int) -> int:
-        """Merge [offset, offset+length) where any member has data; where every member has a
-        hole they agree (zeroes) and nothing is read. Returns the bytes compared. Caller holds
-        the region lock, so no host write changes what a member maps meanwhile."""
-        volumes = [m.volume for m in self._in_set() if m.volume is not None]
-        scanned = 0
-        for pos, n, what in self._runs(volumes, offset, length, _merge_kind):
-            if what == "skip":
-                self.stats.merge_skipped += n
-                continue
-            for p, k in self._pieces(pos, n):
-                self._merge_piece(p, k)
-                scanned += k
-        return scanned
-
-    def _merge_piece(self, offset: int, length: int) -> None:
-        """Read the master (another full member if it fails), write every other member where
-        it differs. Bytearrays compare with memcmp, memoryviews byte by byte."""
-        data, peer = bytearray(length), bytearray(length)
-        buf = memoryview(data)
-        source = self._read_repairing(self._full(), offset, [buf])
-        failed = []
-        for m in self._in_set():
-            if m is source:
-                continue
-            assert m.volume is not None
-            try:
-                try:
-                    m.volume.readinto(offset, [memoryview(peer)])
-                    same = peer == data
-                except VolumeError:
-                    same = False
-                if not same:
-                    m.volume.write(offset, [buf])
-                    self.stats.merge_written += length
-            except VolumeError as e:
-                failed.append((m, e))
-        self.stats.merge_scanned += length
-        self._fail_and_commit(failed, offset, length)
-
-    def _copy_range(self, op: Operation, offset: int, length: int) -> int:
-        """Copy from the master (another full member if it fails) to the target. Where the
-        master has a hole nothing is read: the target's blocks there are left alone when they
-        are a hole too, else deallocated (written with zeroes when it cannot unmap). Returns
-        the bytes written to the target. Caller holds the region lock."""
-        target = self._members[op.target] if op.target else None
-        assert target is not None and target.volume is not None
-        source = self._full()[0].volume
-        assert source is not None
-        done = 0
-        for pos, n, what in self._runs([source, target.volume], offset, length, _copy_kind):
-            if what == "skip":
-                self.stats.copy_skipped += n
-                continue
-            for p, k in self._pieces(pos, n):
-                buf = memoryview(bytearray(k))
-                if what == "copy":
-                    self._read_repairing(self._full(), p, [buf])
-                try:
-                    if what == "zero" and target.volume.supports_unmap:
-                        target.volume.unmap(p, k)
-                    else:
-                        target.volume.write(p, [buf])
-                except VolumeError as e:
-                    self._fail_and_commit([(target, e)], p, k)
-                    return done
-                self.stats.copied += k
-                done += k
-        return done
-
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        """[offset, offset+length) in chunks, so no buffer outgrows one."""
-        chunk = self.tuning.chunk
-        for p in range(offset, offset + length, chunk):
-            yield p, min(chunk, offset + length - p)
-
-    # -- holes --------------------------------------------------------------------------------
-
-    def _extent(self, volume: Volume, offset: int, end: int) -> Extent:
-        """`volume`'s extent at `offset`, clipped to `end` and to whole blocks: a hole shrinks
-        to the blocks it covers, data grows to whole blocks, and a volume that cannot tell
-        counts as data, so a hole is only ever trusted where it really is one."""
-        bs = self.block_size
-        try:
-            ext = volume.extent_at(offset)
-        except VolumeError:
-            return Extent(offset, end - offset, True)
-        n = min(ext.length, end - offset)
-        if ext.mapped or n < bs:
-            return Extent(offset, min(max(bs, -(-n // bs) * bs), end - offset), True)
-        return Extent(offset, n - n % bs, False)
-
-    def _hole(self, volumes: Sequence[Volume], offset: int, length: int) -> int:
-        """How much of [offset, offset+length) from `offset` on is a hole on every volume."""
-        exts = [self._extent(v, offset, offset + length) for v in volumes]
-        return 0 if any(e.mapped for e in exts) else min(e.length for e in exts)
-
-    def _runs(
-        self,
-        volumes: Sequence[Volume],
-        offset: int,
-        length: int,
-        kind: Callable[[tuple[bool, ...]], str],
-    ) -> list[tuple[int, int, str]]:
-        """[offset, offset+length) as (offset, length, kind) runs, `kind` of which volumes
-        have data there (in the order given); neighbours of one kind are joined."""
-        runs: list[tuple[int, int, str]] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            exts = [self._extent(v, pos, end) for v in volumes]
-            n = min(e.length for e in exts)
-            what = kind(tuple(e.mapped for e in exts))
-            if runs and runs[-1][2] == what:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, what)
-            else:
-                runs.append((pos, n, what))
-            pos += n
-        return runs
-
-    def _involved(self, op: Operation) -> list[Volume]:
-        """The volumes whose holes decide what `op` may skip: the master and the target of a
-        copy, every member in the set for a merge."""
-        if op.kind.is_copy:
-            target = self._members[op.target] if op.target else None
-            members = [self._full()[0], *([target] if target is not None else [])]
-        else:
-            members = self._in_set()
-        return [m.volume for m in members if m.volume is not None]
 
     # -- the worker ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Run the head of the queue a step at a time: copies paced to `copy_rate` (a crash
-        abandons a copy, as the seed says of a standalone system, so pacing costs no safety),
-        the fences checkpointed every `checkpoint_bytes`."""
-        since_checkpoint = 0
-        pace: tuple[int, Pace] | None = None  # the operation being paced, and its pace
+        """Run the head of the queue through the resync engine, one operation after another,
+        until stopped."""
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stop or not self.state.steady)
-                if self._stop:
+                self._cond.wait_for(lambda: self._stopping.is_set() or not self.state.steady)
+                if self._stopping.is_set():
                     return
                 op = self.state.active()
                 assert op is not None
                 work = self._work[op.seq]
+            resync = Resync(
+                ShadowJob(self, op),
+                work.pending,
+                op,
+                regions=self._regions,
+                lock=self._lock,
+                block_size=self.block_size,
+                settings=self._settings,
+            )
             try:
-                done = self._step(op, work)
+                resync.run(self._stopping)
             except Exception:  # e.g. no member can read a block: leave it to the operator
                 log.exception("shadow set %s: %s stopped", self.name, op.kind.value)
-                with self._cond:
-                    self._stop = True
-                    self._cond.notify_all()
+                self._stop_running()
                 return
-            if self._stop:
+            with self._lock:
+                stuck = not self._stopping.is_set() and self.state.active() is op
+            if stuck:  # the job gave up but the operation is still queued: do not spin
+                log.error("shadow set %s: %s could not go on", self.name, op.kind.value)
+                self._stop_running()
                 return
-            if done is None:
-                self._finish(op)
-                since_checkpoint = 0
-                continue
-            if op.kind.is_copy:
-                if pace is None or pace[0] != op.seq:
-                    pace = (op.seq, Pace(self.tuning.copy_rate))
-                pace[1].after(done, self._stopping)
-            since_checkpoint += done
-            if since_checkpoint >= self.tuning.checkpoint_bytes:
-                self._checkpoint()
-                since_checkpoint = 0
 
-    def _step(self, op: Operation, work: Work) -> int | None:
-        """Do the next chunk of `op`, or skip the hole ahead (up to SKIP_CHUNKS chunks) when
-        every volume involved has one there: a sparse terabyte is a few thousand steps. The
-        hole is looked up again under the region lock before anything is skipped. Returns
-        the bytes read or written (what a checkpoint makes durable), None when nothing is left."""
-        t = self.tuning
-        ext = self._next_extent(work.pending, op.fence, SKIP_CHUNKS * t.chunk)
-        if ext is None:
-            return None
-        offset, length = ext[0], min(ext[1], t.chunk)
-        span = ext[1]
-        hole = self._hole(self._involved(op), offset, span)
-        if hole > length:
-            length = hole if hole == span else max(length, hole - hole % t.grain)
-        done = 0
-        with self._regions.hold(offset, length):
-            if work.pending.test(offset, length):
-                if op.kind.is_copy:
-                    done = self._copy_range(op, offset, length)
-                else:
-                    done = self._merge_range(offset, length)
-                work.pending.clear(offset, length)
-        with self._lock:
-            op.fence = offset + length
-        return done
-
-    def _next_extent(self, pending: DirtyMap, start: int, most: int) -> tuple[int, int] | None:
-        """The next run to do at or after `start`, measured up to `most` bytes: the map's own
-        `next_extent` measures a run to its end, for a full merge a scan of the whole map at
-        every step."""
-        offs, lens = pending.extents_array(start, min(start + most, self.size))
-        if len(offs):
-            return offs[0], lens[0]
-        ext = pending.next_extent(start + most) if start + most < self.size else None
-        return (ext[0], min(ext[1], most)) if ext is not None else None
+    def _stop_running(self) -> None:
+        with self._cond:
+            self._stopping.set()
+            self._cond.notify_all()
 
     def _checkpoint(self) -> None:
         """Make the copied/merged data durable, then record the fences."""
@@ -1117,20 +959,8 @@ class ShadowSet:
                 self._wil.mark_clean()
 
     def _stop_worker(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        self._stopping.set()  # wakes a paced copy at once
+        self._stop_running()  # also wakes a paced copy at once
         self._worker.join()
-
-
-def _merge_kind(mapped: tuple[bool, ...]) -> str:
-    return "merge" if any(mapped) else "skip"
-
-
-def _copy_kind(mapped: tuple[bool, ...]) -> str:
-    source, target = mapped
-    return "copy" if source else "zero" if target else "skip"
 
 
 def _recorded(committer: Committer, set_id: bytes) -> int:

@@ -60,14 +60,14 @@ class PairCopy:
         pair = self.pair
         if self.restore:
             pair.replica.readinto(offset, [buf])
-            pair.p.base.write(offset, [buf])
+            pair.p.held.write(offset, [buf])
         else:
-            pair.p.base.readinto(offset, [buf])
+            pair.p.read_held(offset, [buf])
             pair.replica.write(offset, [buf])
 
     def _zero(self, offset: int, length: int) -> None:
         if self.restore:
-            deallocate(self.pair.p.base, offset, length)
+            deallocate(self.pair.p.held, offset, length)
         else:
             self.pair.replica.unmap(offset, length)
 

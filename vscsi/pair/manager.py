@@ -425,6 +425,8 @@ class PairManager:
             for pair in self.pairs.values():
                 pair.stop_copier()
             for pv in self.volumes.values():
+                if not pv.owns_wil:
+                    continue  # a shadow set's: the set clears and closes it when it closes
                 try:
                     pv.wil.close()
                 except Exception as e:  # its regions stay marked: the next start recovers them

@@ -228,7 +228,7 @@ class Pair:
         region lock, so no copy of the range is half done while it is read."""
         length = sum(len(b) for b in bufs)
         with self.p.regions.hold(offset, length):
-            self.p.base.readinto(offset, bufs)
+            self.p.read_held(offset, bufs)
             left = self.remaining()
             if left is None:  # the restore ended: the P-VOL is whole
                 return
@@ -251,6 +251,7 @@ class Pair:
             self.rec.pending,
             self.rec,
             regions=self.p.regions,
+            gate=self.p.gate,
             lock=self.lock,
             block_size=self.p.block_size,
             settings=m.resync_settings,

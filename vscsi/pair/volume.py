@@ -4,13 +4,13 @@ wrapped, so a pair can be created or deleted under a LUN that keeps serving."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, Status
 from vscsi.store.base import Extent, NotReadyError, Volume, WriteProtectedError
-from vscsi.store.locks import RegionLocks, WriteGate
+from vscsi.store.locks import Guarded, Guards, RegionLocks, WriteGate
 from vscsi.tracker import WriteIntentLog
 
 if TYPE_CHECKING:
@@ -32,17 +32,31 @@ class PairVolume:
     def __init__(self, base: Volume, manager: PairManager) -> None:
         self.base = base
         self.manager = manager
-        self.gate = WriteGate()
-        self.regions = RegionLocks(manager.chunk)
-        self.wil = WriteIntentLog(
-            manager.store.wil_path(base.name),
-            base.size,
+        guards = _shareable(base)
+        self.guarded = guards is not None  # one gate, region locks and log for both layers
+        self.gate = guards.gate if guards else WriteGate()
+        self.regions = guards.regions if guards else RegionLocks(manager.chunk)
+        wil = guards.wil if guards else None
+        self.owns_wil = wil is None
+        checkpoint = lambda: manager.checkpoint_volume(base.name)  # noqa: E731
+        if wil is None:
+            self.wil = self._open_log(checkpoint)
+        else:
+            self.wil = wil  # the set's: its cleaner checkpoints the pairs after the set
+            wil.add_before_clear(checkpoint)
+        self.held = HeldWrites(self)
+
+    def _open_log(self, checkpoint: Callable[[], None]) -> WriteIntentLog:
+        m = self.manager
+        return WriteIntentLog(
+            m.store.wil_path(self.base.name),
+            self.base.size,
             region=WIL_REGION,
             grain=GRAIN,
-            idle_delay=manager.wil_idle,
-            before_clear=lambda: manager.checkpoint_volume(base.name),
-            file=None if manager.wil_file is None else manager.wil_file(base.name),
-            background=manager.wil_file is None,
+            idle_delay=m.wil_idle,
+            before_clear=checkpoint,
+            file=None if m.wil_file is None else m.wil_file(self.base.name),
+            background=m.wil_file is None,
         )
 
     # -- Volume attributes -----------------------------------------------------------------
@@ -87,6 +101,13 @@ class PairVolume:
         if self.access() is Access.NO_ACCESS:
             raise NotReadyError(f"{self.name}: S-VOL of a suspended pair", *SUSPENDED_BY_ERROR)
 
+    def read_held(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """A read by a caller holding the range's region lock (a copy, a read during RCPY)."""
+        if self.guarded:
+            self.base.readinto_held(offset, bufs)  # type: ignore[attr-defined]
+        else:
+            self.base.readinto(offset, bufs)
+
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.check_ready()
         primaries, _ = self.manager.roles(self.name)
@@ -100,14 +121,14 @@ class PairVolume:
         with self.gate.shared():
             self._check_writable()
             primaries, secondary = self.manager.roles(self.name)
-            if not primaries and secondary is None:
+            if not primaries and secondary is None and not self.guarded:
                 self.base.write(offset, bufs, fua)
                 return
             length = sum(len(b) for b in bufs)
             with self._tracked(offset, length):
                 self._paired(
                     offset, length, primaries, secondary,
-                    lambda: self.base.write(offset, bufs, fua),
+                    lambda: self.held.write_base(offset, bufs, fua),
                     lambda replica: replica.write(offset, bufs, fua),
                 )  # fmt: skip
 
@@ -116,13 +137,13 @@ class PairVolume:
         with self.gate.shared():
             self._check_writable()
             primaries, secondary = self.manager.roles(self.name)
-            if not primaries and secondary is None:
+            if not primaries and secondary is None and not self.guarded:
                 self.base.unmap(offset, length)
                 return
             with self._tracked(offset, length):
                 self._paired(
                     offset, length, primaries, secondary,
-                    lambda: self.base.unmap(offset, length),
+                    lambda: self.held.unmap_base(offset, length),
                     lambda replica: replica.unmap(offset, length),
                 )  # fmt: skip
 
@@ -153,12 +174,16 @@ class PairVolume:
     @contextmanager
     def _tracked(self, offset: int, length: int) -> Iterator[None]:
         """Region lock against the copier, and a durable write intent against a crash."""
-        with self.regions.hold(offset, length):
-            self.wil.begin(offset, length)
-            try:
-                yield
-            finally:
-                self.wil.end(offset, length)
+        with self.regions.hold(offset, length), self.intent(offset, length):
+            yield
+
+    @contextmanager
+    def intent(self, offset: int, length: int) -> Iterator[None]:
+        self.wil.begin(offset, length)
+        try:
+            yield
+        finally:
+            self.wil.end(offset, length)
 
     def _check_writable(self) -> None:
         acc = self.access()
@@ -180,8 +205,59 @@ class PairVolume:
         return self.base.extent_at(offset)
 
     def close(self) -> None:
-        self.wil.close()
+        if self.owns_wil:
+            self.wil.close()
         self.base.close()
+
+
+def _shareable(base: Volume) -> Guards | None:
+    """The base's guards, if the pair layer can use them: a log of another grain cannot take
+    the pairs' marks, so the layers then keep their own."""
+    if not isinstance(base, Guarded):
+        return None
+    guards = base.guards
+    return guards if guards.wil is None or guards.wil.grain == GRAIN else None
+
+
+class HeldWrites:
+    """Writes to the volume's base by a caller that holds the range's region lock: the host
+    write path (which began the intent) and a copy onto this volume (a restore, which has
+    not). Through the base's `_held` methods when the layers share their guards."""
+
+    def __init__(self, volume: PairVolume) -> None:
+        self.volume = volume
+
+    @property
+    def supports_unmap(self) -> bool:
+        return self.volume.base.supports_unmap
+
+    def write_base(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        base = self.volume.base
+        if self.volume.guarded:
+            base.write_held(offset, bufs, fua)  # type: ignore[attr-defined]
+        else:
+            base.write(offset, bufs, fua)
+
+    def unmap_base(self, offset: int, length: int) -> None:
+        base = self.volume.base
+        if self.volume.guarded:
+            base.unmap_held(offset, length)  # type: ignore[attr-defined]
+        else:
+            base.unmap(offset, length)
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        """A copy's write: with its own write intent, as the base's own log needs one."""
+        length = sum(len(b) for b in bufs)
+        with self._copy_intent(offset, length):
+            self.write_base(offset, bufs, fua)
+
+    def unmap(self, offset: int, length: int) -> None:
+        with self._copy_intent(offset, length):
+            self.unmap_base(offset, length)
+
+    def _copy_intent(self, offset: int, length: int) -> AbstractContextManager[None]:
+        v = self.volume
+        return v.intent(offset, length) if v.guarded and not v.owns_wil else nullcontext()
 
 
 def window(bufs: Sequence[memoryview], start: int, length: int) -> list[memoryview]:

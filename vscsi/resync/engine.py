@@ -16,13 +16,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 from vscsi.resync.holes import Kind, Mapped, Run, common_hole, runs
 from vscsi.resync.pace import Pace
-from vscsi.store.locks import RegionLocks
+from vscsi.store.locks import RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap
 
 SKIP_CHUNKS = 1024  # the most chunks one step skips as a hole under one region lock
@@ -79,7 +79,9 @@ class Job(Protocol):
 
 class Resync:
     """Runs `job` over the grains of `todo` from `cursor.fence` on. `lock` guards `todo` and
-    the fence (the owner's state lock); `regions` are the host write path's region locks."""
+    the fence (the owner's state lock); `regions` are the host write path's region locks;
+    a step holds `gate` shared (when given) before its region lock, as a host write does, so
+    a quiesced state change has no copy write in flight either."""
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class Resync:
         cursor: Cursor,
         *,
         regions: RegionLocks,
+        gate: WriteGate | None = None,
         lock: AbstractContextManager[object],
         block_size: int,
         settings: Settings,
@@ -96,6 +99,7 @@ class Resync:
         self.todo = todo
         self.cursor = cursor
         self.regions = regions
+        self.gate = gate
         self.lock = lock
         self.block_size = block_size
         self.settings = settings
@@ -159,7 +163,7 @@ class Resync:
         if hole > length:
             length = hole if hole == span else max(length, hole - hole % s.grain)
         done = 0
-        with self.regions.hold(offset, length):
+        with self.gate.shared() if self.gate else nullcontext(), self.regions.hold(offset, length):
             with self.lock:
                 todo = self.todo.test(offset, length)  # a host read may have merged it
             if todo:

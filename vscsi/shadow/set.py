@@ -56,7 +56,7 @@ from vscsi.shadow.states import (
     apply,
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
-from vscsi.store.locks import RegionLocks, WriteGate
+from vscsi.store.locks import Guards, RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, WriteIntentLog
 from vscsi.tracker.wil import LogFile
 
@@ -756,8 +756,15 @@ class ShadowSet:
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """From one full member (by the read policy); on an error, from another, with the failed
         blocks rewritten on the member that failed (repair)."""
+        self._read(offset, bufs, held=False)
+
+    def readinto_held(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """`readinto` for a caller that holds the range's region lock (see `guards`)."""
+        self._read(offset, bufs, held=True)
+
+    def _read(self, offset: int, bufs: Sequence[memoryview], held: bool) -> None:
         length = sum(len(b) for b in bufs)
-        self._merge_before_read(offset, length)
+        self._merge_before_read(offset, length, held)
         order = self._read_order()
         assert order[0].volume is not None
         try:
@@ -765,8 +772,14 @@ class ShadowSet:
             return
         except VolumeError:
             pass
-        with self._regions.hold(offset, length):
+        with self._locked(offset, length, held):
             self._read_repairing(order, offset, bufs)
+
+    def _locked(
+        self, offset: int, length: int, held: bool
+    ) -> contextlib.AbstractContextManager[None]:
+        """The range's region lock, unless the caller holds it already."""
+        return contextlib.nullcontext() if held else self._regions.hold(offset, length)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         """To every full member and copy target; acknowledged when all have it. A member that
@@ -777,30 +790,49 @@ class ShadowSet:
     def unmap(self, offset: int, length: int) -> None:
         self._mutate(offset, length, lambda v: v.unmap(offset, length))
 
+    def write_held(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        """`write` for a caller that holds the gate, the region lock and the write intent (see
+        `guards`)."""
+        length = sum(len(b) for b in bufs)
+        self._mutate_held(offset, length, lambda v: v.write(offset, bufs, fua))
+
+    def unmap_held(self, offset: int, length: int) -> None:
+        self._mutate_held(offset, length, lambda v: v.unmap(offset, length))
+
+    @property
+    def guards(self) -> Guards:
+        """The set's write gate, region locks and write-intent log, for a volume stacked on
+        the set (a pair's P-VOL or S-VOL) to use instead of its own: it takes them once and
+        calls the `_held` methods, so a paired set pays for one of each."""
+        return Guards(self._gate, self._regions, self._wil)
+
     def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+        with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
+            self._mutate_held(offset, length, io)
+
+    def _mutate_held(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
         """The range is marked unflushed before the I/O (a member failing meanwhile counts
         it) and again after it (a flush that started while it was in flight does not cover
         it); a target removed meanwhile gets it in its bitmap even where the I/O succeeded,
         as only a flush, which it no longer gets, would make it durable there."""
-        with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
-            with self._lock:
-                targets = self._in_set()
-                self._unflushed.mark(offset, length)
-                for m in self._members.values():
-                    if m.bitmap is not None:
-                        m.bitmap.mark(offset, length)
-            failed = []
+        with self._lock:
+            targets = self._in_set()
+            self._unflushed.mark(offset, length)
+            for m in self._members.values():
+                if m.bitmap is not None:
+                    m.bitmap.mark(offset, length)
+        failed = []
+        for m in targets:
+            try:
+                io(m.volume)
+            except VolumeError as e:
+                failed.append((m, e))
+        with self._lock:
+            self._unflushed.mark(offset, length)
             for m in targets:
-                try:
-                    io(m.volume)
-                except VolumeError as e:
-                    failed.append((m, e))
-            with self._lock:
-                self._unflushed.mark(offset, length)
-                for m in targets:
-                    if m.bitmap is not None and self.state.members.get(m.id) is MemberState.REMOVED:
-                        m.bitmap.mark(offset, length)
-            self._fail_and_commit(failed, offset, length)
+                if m.bitmap is not None and self.state.members.get(m.id) is MemberState.REMOVED:
+                    m.bitmap.mark(offset, length)
+        self._fail_and_commit(failed, offset, length)
 
     @contextlib.contextmanager
     def _intent(self, offset: int, length: int) -> Iterator[None]:
@@ -883,8 +915,9 @@ class ShadowSet:
                 failed.append((m, e))
         self._fail_and_commit(failed, offset, length)
 
-    def _merge_before_read(self, offset: int, length: int) -> None:
-        """A host read of a region the pending merge has not reached merges it first."""
+    def _merge_before_read(self, offset: int, length: int, held: bool) -> None:
+        """A host read of a region the pending merge has not reached merges it first. A held
+        region lock covers the range widened to grains: stripes are whole grains."""
         with self._lock:
             op = self.state.merge_op()
             work = self._work.get(op.seq) if op is not None else None
@@ -893,7 +926,7 @@ class ShadowSet:
         grain = self.tuning.grain
         lo = offset - offset % grain
         hi = min(-(-(offset + length) // grain) * grain, self.size)
-        with self._regions.hold(lo, hi - lo):
+        with self._locked(lo, hi - lo, held):
             for start, n in list(work.pending.extents(lo, hi)):
                 merge_range(self, start, n, self.tuning.chunk)
                 work.pending.clear(start, n)

@@ -1,12 +1,20 @@
-"""The two locks of the pair write path: a write gate (quiesce for a single-instant split) and
+"""The locks of the write path: a write gate (quiesce for a single-instant state change) and
 striped region locks (a copy chunk's read+write and a host write to the same region never
-interleave, so the host's data is what ends on the S-VOL)."""
+interleave, so the host's data is what ends on every copy). `Guards` bundles them with the
+write-intent log, so that volumes stacked on each other take one of each, not one per layer.
+
+Lock order, outermost first: the gate, region locks, then the owners' state locks."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from vscsi.tracker.wil import WriteIntentLog
 
 
 class WriteGate:
@@ -70,3 +78,29 @@ class RegionLocks:
         finally:
             for i in reversed(ids):
                 self._locks[i].release()
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """A volume's write gate, region locks and write-intent log (None: it keeps none)."""
+
+    gate: WriteGate
+    regions: RegionLocks
+    wil: WriteIntentLog | None
+
+
+@runtime_checkable
+class Guarded(Protocol):
+    """A volume with guards of its own (a shadow set). A volume stacked on it uses its
+    `guards` and calls the `_held` methods with the gate (writes), the region lock of the
+    range and the write intent (writes) already held, so nothing is taken twice. The region
+    stripes are whole grains of the volume's maps."""
+
+    @property
+    def guards(self) -> Guards: ...
+
+    def readinto_held(self, offset: int, bufs: Sequence[memoryview]) -> None: ...
+
+    def write_held(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None: ...
+
+    def unmap_held(self, offset: int, length: int) -> None: ...

@@ -134,7 +134,7 @@ class WriteIntentLog:
         self.path, self.size, self.region, self.grain = path, size, region, grain
         self.offset = offset
         self.idle_delay = idle_delay
-        self.before_clear = before_clear
+        self._before_clear = [] if before_clear is None else [before_clear]
         self.background = background
         self.nregions = max(-(-size // region), 1)
         self.npages = -(-self.nregions // _BITS_PER_PAGE)
@@ -311,6 +311,11 @@ class WriteIntentLog:
 
     # -- clearing -------------------------------------------------------------------------------
 
+    def add_before_clear(self, make_durable: Callable[[], None]) -> None:
+        """Another owner of records that depend on these marks (a pair over a shadow set that
+        shares the set's log): its checkpoint runs after the others, under the same contract."""
+        self._before_clear.append(make_durable)
+
     def hold(self) -> None:
         """A member is missing: keep every mark (the log is now its minicopy record)."""
         with self._lock:
@@ -351,8 +356,8 @@ class WriteIntentLog:
             }
         if not picked:
             return 0
-        if self.before_clear is not None:
-            self.before_clear()  # makes durable what the picked regions' writes left behind
+        for make_durable in list(self._before_clear):
+            make_durable()  # makes durable what the picked regions' writes left behind
         fault_point("wil.clear.checkpointed")
         with self._lock:
             if self._held:

@@ -22,7 +22,7 @@ class Role(Enum):
 
 
 class Status(Enum):
-    """Pair status as CCI pairdisplay prints it."""
+    """Pair status as CCI pairdisplay prints it (local and remote pairs share the words)."""
 
     SMPL = "SMPL"  # not paired
     COPY = "COPY"  # initial or resync copy running (progress %)
@@ -30,6 +30,9 @@ class Status(Enum):
     PSUS = "PSUS"  # split by the operator: S-VOL is a point-in-time copy; both sides track
     PSUE = "PSUE"  # suspended by an error on the S-VOL side; P-VOL runs on and tracks changes
     RCPY = "RCPY"  # reverse copy (restore S-VOL -> P-VOL) running
+    # remote (TrueCopy) pairs only, see vscsi/remote/states.py:
+    SSUS = "SSUS"  # S side of an operator split
+    SSWS = "SSWS"  # S side taken over: read/write, to be swapped by resync --swaps
 
 
 class Event(Enum):
@@ -57,6 +60,7 @@ class Access(Enum):
 
 S = Status
 E = Event
+LOCAL = frozenset({S.SMPL, S.COPY, S.PAIR, S.PSUS, S.PSUE, S.RCPY})  # a local pair's statuses
 
 # (status, event) -> next status. Read it as the state table of docs/pairs.md.
 TRANSITIONS: dict[tuple[Status, Event], Status] = {

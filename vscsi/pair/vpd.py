@@ -28,13 +28,13 @@ from vscsi.pair.states import Role, Status
 
 PAGE_CODE = 0xC0
 FORMAT_VERSION = 1
-REMOTE_SLOT = 0  # slot 0: TrueCopy (remote) pair, reserved for later
+REMOTE_SLOT = 0  # slot 0: the TrueCopy (remote) pair
 SLOTS = 4  # remote, then MU#0..MU#2
 SLOT_REMOTE, SLOT_LOCAL = 0, 1
 
 ROLE_CODES = {Role.SMPL: 0, Role.PVOL: 1, Role.SVOL: 2}
 STATUS_CODES = {Status.SMPL: 0, Status.COPY: 1, Status.PAIR: 2, Status.PSUS: 3, Status.PSUE: 4,
-                Status.RCPY: 5}  # fmt: skip
+                Status.RCPY: 5, Status.SSUS: 6, Status.SSWS: 7}  # fmt: skip
 
 FLAG_SPLIT_READ_ONLY = 0x01
 

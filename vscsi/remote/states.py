@@ -26,17 +26,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from vscsi.pair.states import Access, PairError, Role
-
-
-class Status(Enum):
-    SMPL = "SMPL"
-    COPY = "COPY"  # initial copy or resync running, P -> S
-    PAIR = "PAIR"  # identical; a P-VOL write is acknowledged once the S side has it
-    PSUS = "PSUS"  # P side of an operator split: the P-VOL tracks its changes
-    SSUS = "SSUS"  # S side of an operator split: read only, or read/write with split --rw
-    PSUE = "PSUE"  # suspended by an error (link, remote array, update copy)
-    SSWS = "SSWS"  # S side taken over: read/write, changes tracked, swap with resync --swaps
+from vscsi.pair.states import Access, PairError, Role, Status
 
 
 class Fence(Enum):

@@ -11,6 +11,7 @@ from tests.unit.memvolume import MemVolume
 from tests.unit.scsi_harness import BS, IDENT, Sense, cdb, check, good, make_lun, run
 from vscsi.scsi import cdb as C
 from vscsi.scsi.buffer import DataBuffer
+from vscsi.scsi.inquiry import COMMAND_BYTES
 from vscsi.scsi.lun import Lun
 from vscsi.scsi.result import CHECK_CONDITION, GOOD
 from vscsi.store.file import FileVolume
@@ -25,7 +26,7 @@ def lun() -> Lun:
     return make_lun()
 
 
-MAX_1G = (1 << 30) // BS  # MAXIMUM WRITE SAME LENGTH and MAXIMUM UNMAP LBA COUNT
+MAX_CMD = COMMAND_BYTES // BS  # MAXIMUM WRITE SAME LENGTH and MAXIMUM UNMAP LBA COUNT
 
 
 class HugeVolume(MemVolume):
@@ -349,7 +350,7 @@ def test_write_same_errors(lun: Lun) -> None:
     assert check(lun, cdb("WRITE SAME(16)", lba=BLOCKS - 1, length=2), data=bytes(BS)).code == (
         LBA_OUT_OF_RANGE
     )
-    s = check(huge_lun(), cdb("WRITE SAME(16)", lba=0, length=MAX_1G + 1), data=bytes(BS))
+    s = check(huge_lun(), cdb("WRITE SAME(16)", lba=0, length=MAX_CMD + 1), data=bytes(BS))
     assert s.code == ILLEGAL_INVALID_CDB and s.pointer == (True, 10, None)
     assert check(lun, cdb("WRITE SAME(10)", lba=0, length=1)).code == (0x5, 0x0E, 0x03)
 
@@ -383,7 +384,7 @@ def test_unmap_parameter_errors(lun: Lun) -> None:
     too_many = _unmap_list(*[(i, 1) for i in range(257)])
     s = check(lun, cdb("UNMAP", param_len=len(too_many)), data=too_many)
     assert s.code == (0x5, 0x26, 0x00) and s.pointer == (False, 2, None)
-    huge = _unmap_list((0, 1), (8, MAX_1G))  # 1 GiB + 1 block in all
+    huge = _unmap_list((0, 1), (8, MAX_CMD))  # the maximum + 1 block in all
     s = check(huge_lun(), cdb("UNMAP", param_len=len(huge)), data=huge)
     assert s.code == (0x5, 0x26, 0x00) and s.pointer == (False, 8 + 16 + 8, None)
 

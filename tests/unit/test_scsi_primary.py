@@ -137,8 +137,8 @@ def test_vpd_block_limits(lun: Lun) -> None:
 
     assert d[5] == 128  # MAXIMUM COMPARE AND WRITE LENGTH
     assert u32(8) == (8 << 20) // BS and u32(12) == (1 << 20) // BS
-    assert u32(20) == (1 << 30) // BS and u32(24) == 256 and u32(28) == 4096 // BS
-    assert int.from_bytes(d[36:44], "big") == (1 << 30) // BS
+    assert u32(20) == (64 << 20) // BS and u32(24) == 256 and u32(28) == 4096 // BS
+    assert int.from_bytes(d[36:44], "big") == (64 << 20) // BS
     thick = inquiry(make_lun(unmap=False), 0xB0)
     assert thick[20:32] == bytes(12)
     custom = inquiry(Lun(MemVolume(), IDENT, max_transfer_blocks=64), 0xB0)

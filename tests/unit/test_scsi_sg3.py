@@ -71,10 +71,10 @@ def test_block_limits(lun: Lun, tmp_path: Path) -> None:
     assert "Maximum compare and write length: 128 blocks" in out, out
     assert f"Maximum transfer length: {(8 << 20) // BS} blocks" in out
     assert f"Optimal transfer length: {(1 << 20) // BS} blocks" in out
-    assert f"Maximum unmap LBA count: {(1 << 30) // BS}" in out
+    assert f"Maximum unmap LBA count: {(64 << 20) // BS}" in out
     assert "Maximum unmap block descriptor count: 256" in out
     assert "Optimal unmap granularity: 8 blocks" in out
-    assert f"Maximum write same length: 0x{(1 << 30) // BS:x} blocks" in out
+    assert f"Maximum write same length: 0x{(64 << 20) // BS:x} blocks" in out
 
 
 def test_block_device_characteristics(lun: Lun, tmp_path: Path) -> None:

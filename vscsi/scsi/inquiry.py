@@ -12,7 +12,11 @@ from vscsi.store.base import Volume
 
 SPC4 = 0x06
 LIO_OUI = 0x001405  # IEEE company id used by Linux-IO targets; ours live under it
-MAX_COMPARE_AND_WRITE = 128  # blocks (VPD 0xB0); COMPARE AND WRITE refuses more
+MAX_COMPARE_AND_WRITE = 128  # blocks (VPD 0xB0), unless the LUN's maximum transfer is lower
+# The most one WRITE SAME or UNMAP may write or deallocate: the 1 MiB pattern chunks, or the
+# BLKZEROOUT a block device without hole punching falls back to, move at device speed, and
+# 64 MiB at a slow 10 MiB/s still ends in about 6 s, a fifth of Linux's 30 s command timeout.
+COMMAND_BYTES = 64 << 20
 VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)  # SAM-5, SPC-4, SBC-3
 MAX_UNMAP_DESCRIPTORS = 256
 VENDOR_PAGES = range(0xC0, 0x100)
@@ -106,20 +110,25 @@ class VpdPages:
         return max(4096 // self.volume.block_size, 1)
 
     def max_unmap_blocks(self) -> int:
-        """MAXIMUM UNMAP LBA COUNT: 1 GiB per command bounds the time one UNMAP takes."""
-        return (1 << 30) // self.volume.block_size
+        """MAXIMUM UNMAP LBA COUNT: COMMAND_BYTES bounds the time one UNMAP takes."""
+        return COMMAND_BYTES // self.volume.block_size
 
     def max_unmap_descriptors(self) -> int:
         return MAX_UNMAP_DESCRIPTORS
 
     def max_write_same_blocks(self) -> int:
-        """MAXIMUM WRITE SAME LENGTH: 1 GiB, written in 1 MiB chunks."""
-        return (1 << 30) // self.volume.block_size
+        """MAXIMUM WRITE SAME LENGTH: COMMAND_BYTES, written in 1 MiB chunks."""
+        return COMMAND_BYTES // self.volume.block_size
+
+    def max_compare_and_write_blocks(self) -> int:
+        """MAXIMUM COMPARE AND WRITE LENGTH: never above the MAXIMUM TRANSFER LENGTH, which
+        COMPARE AND WRITE is held to as well."""
+        return min(MAX_COMPARE_AND_WRITE, self.max_transfer_blocks)
 
     def block_limits(self) -> bytes:
         b = bytearray(0x3C)
         bs = self.volume.block_size
-        b[1] = MAX_COMPARE_AND_WRITE  # MAXIMUM COMPARE AND WRITE LENGTH (blocks)
+        b[1] = self.max_compare_and_write_blocks()
         b[2:4] = max(4096 // bs, 1).to_bytes(2, "big")  # optimal transfer length granularity
         b[4:8] = self.max_transfer_blocks.to_bytes(4, "big")
         b[8:12] = min(self.max_transfer_blocks, (1 << 20) // bs).to_bytes(4, "big")

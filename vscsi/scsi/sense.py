@@ -113,6 +113,12 @@ def parameter_list_length() -> SenseError:
     return SenseError(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
 
 
+def data_out_length() -> SenseError:
+    """The data-out length (the transport's, not a CDB field) differs from what the CDB needs:
+    05/0E/03, as LIO answers a write whose expected data transfer length is wrong."""
+    return SenseError(ILLEGAL_REQUEST, INVALID_FIELD_IN_COMMAND_IU)
+
+
 def lba_out_of_range() -> SenseError:
     return SenseError(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 

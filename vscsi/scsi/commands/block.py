@@ -8,7 +8,6 @@ from vscsi.scsi import cdb as C
 from vscsi.scsi import sense
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.commands.primary import reply
-from vscsi.scsi.inquiry import MAX_COMPARE_AND_WRITE
 from vscsi.scsi.sense import SenseError
 from vscsi.store.base import WriteProtectedError
 
@@ -37,8 +36,16 @@ def data_out(buf: DataBuffer, nbytes: int) -> list[memoryview]:
     transport's command IU, not in the CDB (05/0E/03, as LIO answers such a WRITE).
     """
     if buf.length < nbytes:
-        raise SenseError(sense.ILLEGAL_REQUEST, sense.INVALID_FIELD_IN_COMMAND_IU)
+        raise sense.data_out_length()
     return buf.slices(0, nbytes)
+
+
+def exact_data_out(buf: DataBuffer, nbytes: int) -> None:
+    """For commands whose data-out is not simply their blocks (WRITE SAME's one block,
+    COMPARE AND WRITE's verify and write halves) any other length, more as well as less,
+    means the host meant another command: refused like a short one (05/0E/03)."""
+    if buf.length != nbytes:
+        raise sense.data_out_length()
 
 
 # -- READ / WRITE ---------------------------------------------------------------------------
@@ -209,7 +216,12 @@ def sync16(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
 
 
 def _write_same(lun: Lun, buf: DataBuffer, lba: int, n: int, flags: Any, lb: int) -> int:
-    """ANCHOR, PBDATA and LBDATA are outside the usage data, so the LUN has refused them."""
+    """ANCHOR, PBDATA and LBDATA are outside the usage data, so the LUN has refused them.
+
+    SBC-4 WRITE SAME: the device server transfers "a single logical block from the Data-Out
+    Buffer" (none with NDOB); more blocks than MAXIMUM WRITE SAME LENGTH are an INVALID FIELD
+    IN CDB (Block Limits VPD page, transfer limits for commands).
+    """
     if lba >= lun.blocks:
         raise sense.lba_out_of_range()
     if n == 0:  # SBC-3 with WSNZ=0: through the last LBA
@@ -218,9 +230,10 @@ def _write_same(lun: Lun, buf: DataBuffer, lba: int, n: int, flags: Any, lb: int
         raise sense.lba_out_of_range()
     if n > lun.vpd.max_write_same_blocks():
         raise sense.invalid_cdb(lb)
-    check_writable(lun)
     bs = lun.block_size
-    block = bytes(bs) if flags.ndob else b"".join(bytes(v) for v in data_out(buf, bs))
+    exact_data_out(buf, 0 if flags.ndob else bs)
+    check_writable(lun)
+    block = bytes(bs) if flags.ndob else buf.gather(bs)
     with lun.write_lock:
         if flags.unmap and lun.volume.supports_unmap and not any(block):
             _deallocate(lun, lba * bs, n * bs)
@@ -319,17 +332,20 @@ def _landed(medium: bytes, verify: bytes, new: bytes, bs: int) -> bool:
 
 
 def _compare_and_write(lun: Lun, cdb: bytes, buf: DataBuffer, replayed: bool) -> int:
+    """More blocks than MAXIMUM COMPARE AND WRITE LENGTH are an INVALID FIELD IN CDB (SBC-4
+    Block Limits VPD page); the data-out holds exactly the verify and the write data, n
+    blocks each, so any other length would split them where the host did not."""
     p = C.CompareAndWrite.parse(cdb)
     n = p.nblocks
-    if n > MAX_COMPARE_AND_WRITE:
+    if n > lun.vpd.max_compare_and_write_blocks():
         raise sense.invalid_cdb(13)
     check_range(lun, p.lba, n, 13)
+    bs = lun.block_size
+    exact_data_out(buf, 2 * n * bs)
     if n == 0:  # SBC-3: not an error, nothing compared or written
         return 0
     check_writable(lun)
-    bs = lun.block_size
-    views = data_out(buf, 2 * n * bs)
-    data = b"".join(bytes(v) for v in views)
+    data = buf.gather(2 * n * bs)
     verify, new = data[: n * bs], data[n * bs :]
     with lun.write_lock:  # atomic against every other write to the LUN
         medium = _medium(lun, p.lba, n)
@@ -364,24 +380,40 @@ def read_capacity16(lun: Lun, p: Any, buf: DataBuffer) -> int:
     return reply(buf, bytes(data), p.alloc_len)
 
 
+MAPPED, DEALLOCATED = 0, 1  # PROVISIONING STATUS of an LBA status descriptor
+MAX_DESCRIPTOR_BLOCKS = 0xFFFFFFFF  # a 4-byte NUMBER OF LOGICAL BLOCKS field
+
+
+def _status_run(lun: Lun, first: int) -> tuple[int, int]:
+    """(blocks, provisioning status) of the run that starts at block `first`.
+
+    A block is deallocated only if all of it is: a hole that ends inside a block (a file
+    system block smaller than ours) leaves that block mapped, since it holds data.
+    """
+    bs = lun.block_size
+    e = lun.volume.extent_at(first * bs)
+    end = min(e.offset + e.length, lun.volume.size)
+    last = -(-end // bs) if e.mapped else end // bs
+    if last <= first:
+        return 1, MAPPED
+    return min(last - first, MAX_DESCRIPTOR_BLOCKS), MAPPED if e.mapped else DEALLOCATED
+
+
 def get_lba_status(lun: Lun, p: Any, buf: DataBuffer) -> int:
+    """SBC-4 LBA status descriptor relationships: the first descriptor starts at the STARTING
+    LOGICAL BLOCK ADDRESS and each next one where the previous ended, whatever extents the
+    volume reports."""
     lba, alloc = p.lba, p.alloc_len
     if lba >= lun.blocks:
         raise sense.lba_out_of_range()
-    bs = lun.block_size
-    room = max((alloc - 8) // 16, 1)
-    descs = b""
-    pos = lba * bs
-    while pos < lun.volume.size and len(descs) // 16 < min(room, 64):
-        e = lun.volume.extent_at(pos)
-        end = min(e.offset + e.length, lun.volume.size)
-        first, last = pos // bs, max(-(-end // bs), pos // bs + 1)
-        status = 0 if e.mapped else 1
-        descs += first.to_bytes(8, "big") + (last - first).to_bytes(4, "big")
-        descs += bytes([status, 0, 0, 0])
-        pos = last * bs
+    room = min(max((alloc - 8) // 16, 1), 64)
+    descs = bytearray()
+    while lba < lun.blocks and len(descs) < 16 * room:
+        n, status = _status_run(lun, lba)
+        descs += lba.to_bytes(8, "big") + n.to_bytes(4, "big") + bytes([status, 0, 0, 0])
+        lba += n
     header = (len(descs) + 4).to_bytes(4, "big") + bytes(4)
-    return reply(buf, header + descs, alloc)
+    return reply(buf, header + bytes(descs), alloc)
 
 
 def service_action_in(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:

@@ -1,21 +1,17 @@
-"""One pair at run time: its durable record, the S-VOL replica, host writes and reads that
-involve the pair, and its copier (a job of the resync engine)."""
+"""A local (ShadowImage) pair at run time: its state changes, the host writes and reads that
+involve it. What every pair shares (record, copier, checkpoints) is `vscsi.pair.mirror`."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from vscsi.durable.faults import fault_point
-from vscsi.pair.copy import PairCopy
+from vscsi.pair.mirror import Mirror
 from vscsi.pair.persist import PairRecord
 from vscsi.pair.replica import Replica
 from vscsi.pair.states import Event, Status, copying, next_status
 from vscsi.pair.volume import GRAIN, window
-from vscsi.resync.engine import Resync
 from vscsi.store.base import VolumeError
 from vscsi.tracker import DirtyMap
 
@@ -28,29 +24,15 @@ log = logging.getLogger(__name__)
 DIVERGING = frozenset({Event.SECONDARY_ERROR, Event.RECOVER})  # S may now differ from P
 
 
-class Pair:
-    """One pair at run time: its durable record, the S-VOL replica, and the copier thread."""
+class Pair(Mirror):
+    """A local (ShadowImage) pair: both volumes in this daemon, MU#0..2 of its P-VOL."""
 
     def __init__(
         self, rec: PairRecord, manager: PairManager, replica: Replica, p: PairVolume, s: PairVolume
     ) -> None:
-        self.rec = rec
-        self.manager = manager
-        self.replica = replica
-        self.p, self.s = p, s
-        self.lock = threading.RLock()
-        self.stopping = threading.Event()  # set to stop the copier
-        self._thread: threading.Thread | None = None
-        self.copy: PairCopy | None = None  # the latest copy run (pairdisplay --json counts)
-        self.deleted = False  # set under `lock` by delete: the record is never written again
-
-    @property
-    def name(self) -> str:
-        return self.rec.name
-
-    @property
-    def status(self) -> Status:
-        return self.rec.status
+        super().__init__(rec, manager, replica, p)
+        self.s = s
+        self.replica: Replica = replica  # both volumes are local: always there
 
     # -- state changes -----------------------------------------------------------------------
 
@@ -75,83 +57,12 @@ class Pair:
         log.info("pair %s: %s -> %s", self.name, event.value, self.rec.status.value)
         self.manager.changed(self.rec.pvol, self.rec.svol)
 
-    def stamped(self) -> tuple[int, PairRecord] | None:
-        """A generation and the snapshot it stamps, taken together under the pair's lock, so
-        stamp order is snapshot order; None once the pair is deleted."""
-        with self.lock:
-            if self.deleted:
-                return None
-            return self.manager.store.stamp(), self.snapshot()
+    def mirrored(self, rec: PairRecord) -> bool:
+        return copying(rec.status) or rec.status is Status.PAIR
 
-    def save(self, *, create: bool = False) -> None:
-        """Make the state as of now durable (dropped by the committer if a later snapshot
-        already is)."""
-        taken = self.stamped()
-        if taken is not None:
-            self.manager.store.commit(taken[1], taken[0], create=create)
-
-    def snapshot(self) -> PairRecord:
-        """The record with its own copy of the maps (the engine clears a chunk from the to-do
-        map only once it was copied, so a chunk in progress still counts as to copy)."""
-        with self.lock:
-            return replace(self.rec, pending=self.remaining())
-
-    def remaining(self) -> DirtyMap | None:
-        """Grains still to copy, a chunk in progress included."""
-        with self.lock:
-            return None if self.rec.pending is None else self.rec.pending.copy()
-
-    def checkpoint(self) -> bool:
-        """Stamp a snapshot, then make the copied data durable, then commit the snapshot: the
-        record never claims a copy that is not on disk, and every mark made before the call is
-        durable when it returns (the write-intent log relies on that). False when the S-VOL
-        failed the flush: the pair is then PSUE, and that record is the one made durable."""
-        taken = self.stamped()
-        if taken is None:
-            return True  # deleted: nothing of it may be written
-        gen, rec = taken
-        try:
-            fault_point("pair.checkpoint.stamped")
-            mirrored = copying(rec.status) or rec.status is Status.PAIR
-            if mirrored and not self.flush_replica():
-                self.manager.store.abandon(gen)
-                self.save()  # the suspended record, with every mark made so far
-                return False
-            self.p.base.flush()
-            fault_point("pair.checkpoint.flushed")
-            if rec.status is Status.RCPY:
-                self.manager.save_restore_marks(self)  # before the record says it was restored
-        except BaseException:
-            self.manager.store.abandon(gen)
-            raise
-        self.manager.store.commit(rec, gen)
-        fault_point("pair.checkpoint.committed")
-        return True
-
-    def flush_replica(self) -> bool:
-        """Flush the S-VOL; a failure may have lost any write since the last flush, so the
-        whole volume counts as changed and the pair suspends (resync copies everything)."""
-        try:
-            self.replica.flush()
-        except Exception as e:
-            self.suspend(0, self.p.size, e)
-            return False
-        return True
-
-    def progress(self) -> int:
-        """Percent copied while copying; otherwise percent identical (as CCI shows a split)."""
-        rec = self.rec
-        left = self.remaining()
-        if left is not None:
-            total = rec.copy_total
-            return (
-                100 if not total else max(0, min(100, 100 * (total - left.dirty_bytes()) // total))
-            )
-        changed = DirtyMap(self.p.size, GRAIN)
-        for m in (rec.pdiff, rec.sdiff):
-            if m is not None:
-                changed |= m
-        return 100 - 100 * changed.dirty_bytes() // self.p.size
+    def before_commit(self, rec: PairRecord) -> None:
+        if rec.status is Status.RCPY:
+            self.manager.save_restore_marks(self)  # before the record says it was restored
 
     # -- host writes -------------------------------------------------------------------------
 
@@ -197,11 +108,6 @@ class Pair:
         log.warning("pair %s: P-VOL write failed at %d+%d, copy again", self.name, offset, length)
         self.start_copier()
 
-    def secondary_written(self, offset: int, length: int) -> None:
-        with self.lock:
-            assert self.rec.sdiff is not None
-            self.rec.sdiff.mark(offset, length)
-
     def suspend(self, offset: int, length: int, error: BaseException) -> None:
         """SECONDARY_ERROR: keep the failed range and whatever was left to copy as P changes."""
         log.warning("pair %s: S-VOL error, suspending: %s", self.name, error)
@@ -238,48 +144,9 @@ class Pair:
                 if lo < hi:
                     self.replica.readinto(lo, window(bufs, lo - offset, hi - lo))
 
-    # -- the copier ----------------------------------------------------------------------------
-
-    def start_copier(self) -> None:
-        """Run the copy (COPY or RCPY) through the resync engine in the background."""
-        m = self.manager
-        self.stopping = threading.Event()
-        self.copy = PairCopy(self, restore=self.rec.status is Status.RCPY)
-        assert self.rec.pending is not None
-        resync = Resync(
-            self.copy,
-            self.rec.pending,
-            self.rec,
-            regions=self.p.regions,
-            gate=self.p.gate,
-            lock=self.lock,
-            block_size=self.p.block_size,
-            settings=m.resync_settings,
-        )
-        self._thread = threading.Thread(
-            target=self._run_copy, args=(resync,), name=f"pair-copy-{self.name}", daemon=True
-        )
-        self._thread.start()
-
-    def _run_copy(self, resync: Resync) -> None:
-        try:
-            resync.run(self.stopping)
-        except Exception:  # a P-VOL failure: the copy stays pending and resumes on restart
-            log.exception("pair %s: copy stopped", self.name)
-
-    def stop_copier(self) -> None:
-        self.stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the copier to finish; True when it did."""
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-            return not t.is_alive()
-        return True
+    def start_copier(self, restore: bool | None = None) -> None:
+        """The copy of the current status: a restore in RCPY."""
+        super().start_copier(self.rec.status is Status.RCPY if restore is None else restore)
 
     def finish_copy(self) -> bool:
         """Record the end of the copy once its data is durable. False when something was

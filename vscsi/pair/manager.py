@@ -13,12 +13,16 @@ from typing import Any
 
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import fault_point
+from vscsi.pair.mirror import Mirror
 from vscsi.pair.pair import Pair
 from vscsi.pair.persist import PairRecord, PairStore
 from vscsi.pair.replica import LocalReplica, Replica
 from vscsi.pair.states import Access, Event, PairError, Role, Status, access, copying, next_status
 from vscsi.pair.volume import GRAIN, PairVolume
 from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
+from vscsi.remote.manager import RemotePairs
+from vscsi.remote.pair import RemotePair
+from vscsi.remote.peer import Peer
 from vscsi.resync.engine import Settings
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Volume, VolumeError
@@ -31,6 +35,7 @@ MUS = 3
 PAIR_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 
 ChangeHook = Callable[[str], None]
+_RESTRICTION = [Access.READ_WRITE, Access.READ_ONLY, Access.NO_WRITES, Access.NO_ACCESS]
 
 
 class PairManager:
@@ -56,6 +61,8 @@ class PairManager:
         checkpoint_interval: float = 1.0,
         committer: Committer | None = None,
         wil_file: Callable[[str], LogFile] | None = None,
+        serial: int = 0,
+        peers: Mapping[str, Peer] | None = None,
     ) -> None:
         self.store = PairStore(state_dir, committer)  # the state dir's committer, if shared
         # a crash-model test's write-intent log file per volume name; their cleaners then run
@@ -75,16 +82,21 @@ class PairManager:
             checkpoint_interval=checkpoint_interval,
         )
         self.lock = threading.RLock()  # serialises operator commands
-        self.pairs: dict[str, Pair] = {}
-        self._roles: dict[str, tuple[list[Pair], Pair | None]] = {}
+        self.serial = serial  # this array's serial: remote pairs tell their sides by it
+        self.pairs: dict[str, Pair] = {}  # local (ShadowImage) pairs
+        self.remote = RemotePairs(self, serial, peers or {})  # remote (TrueCopy) pairs
+        self._roles: dict[str, tuple[list[Mirror], Mirror | None]] = {}
         self.volumes = {name: PairVolume(v, self) for name, v in volumes.items()}
         for rec in self.store.load_all():
-            self._adopt(rec)
+            if "remote" in rec.extra:
+                self.remote.adopt(rec)
+            else:
+                self._adopt(rec)
         for pv in self.volumes.values():
             self._recover(pv)
-        for pair in self.pairs.values():
-            if pair.status in (Status.COPY, Status.RCPY):
-                pair.start_copier()
+        for mirror in self.mirrors():
+            if mirror.status in (Status.COPY, Status.RCPY) and mirror.copies_here:
+                mirror.start_copier()
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -101,34 +113,46 @@ class PairManager:
         except KeyError:
             raise PairError(f"no pair {name!r}: see pair display") from None
 
-    def pairs_of(self, volume: str) -> list[Pair]:
-        return [p for p in self.pairs.values() if volume in (p.rec.pvol, p.rec.svol)]
+    def mirrors(self) -> list[Mirror]:
+        """Every pair, local and remote."""
+        return [*self.pairs.values(), *self.remote.pairs.values()]
 
-    def roles(self, volume: str) -> tuple[list[Pair], Pair | None]:
+    def pairs_of(self, volume: str) -> list[Mirror]:
+        return [p for p in self.mirrors() if volume in (p.rec.pvol, p.rec.svol)]
+
+    def roles(self, volume: str) -> tuple[list[Mirror], Mirror | None]:
         """(pairs where `volume` is the P-VOL, the pair where it is the S-VOL or None).
-        Cached: every host command asks, and pairs come and go only by create and delete."""
+        Cached: every host command asks, and pairs come and go only by create, delete and
+        a remote swap."""
         cache = self._roles  # this snapshot: an answer computed before a change lands in it
         cached = cache.get(volume)
         if cached is None:
-            prim = [p for p in self.pairs.values() if p.rec.pvol == volume]
-            sec = next((p for p in self.pairs.values() if p.rec.svol == volume), None)
+            every = self.mirrors()
+            prim = [p for p in every if p.rec.pvol == volume]
+            sec = next((p for p in every if p.rec.svol == volume), None)
             cached = cache[volume] = (prim, sec)
         return cached
 
-    def _pairs_changed(self) -> None:
-        """After `self.pairs` changed: a new cache (never clear the old one in place, a
+    def roles_changed(self) -> None:
+        """After the pairs changed: a new cache (never clear the old one in place, a
         command may be filling it with an answer from before the change)."""
         self._roles = {}
 
+    _pairs_changed = roles_changed
+
     def access(self, volume: str) -> Access:
+        """The most restrictive of what each pair of the volume allows."""
         prim, sec = self.roles(volume)
-        if not prim and sec is None:
-            return Access.READ_WRITE
-        if sec is not None:
-            return access(Role.SVOL, sec.status, sec.rec.split_read_only)
-        if any(p.status is Status.RCPY for p in prim):
-            return Access.NO_WRITES
-        return Access.READ_WRITE
+        allowed = [self._access(p, volume) for p in (*prim, *([sec] if sec else []))]
+        return max(allowed, key=_RESTRICTION.index, default=Access.READ_WRITE)
+
+    @staticmethod
+    def _access(pair: Mirror, volume: str) -> Access:
+        if isinstance(pair, RemotePair):
+            return pair.access()
+        if pair.rec.svol == volume:
+            return access(Role.SVOL, pair.status, pair.rec.split_read_only)
+        return access(Role.PVOL, pair.status)
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -260,7 +284,7 @@ class PairManager:
 
     def wait(self, name: str, timeout: float | None = None) -> bool:
         """Wait for the pair's copy (COPY/RCPY) to end; True when none is running."""
-        return self.pair(name).wait(timeout)
+        return self.any_pair(name).wait(timeout)
 
     @contextmanager
     def _quiesced(self, pair: Pair) -> Iterator[None]:
@@ -271,12 +295,19 @@ class PairManager:
 
     def display(self, name: str | None = None) -> list[dict[str, Any]]:
         """pairdisplay as dicts (for --json): one per pair, both sides."""
-        pairs = [self.pair(name)] if name is not None else list(self.pairs.values())
-        return [self._describe(p) for p in pairs]
+        if name is not None:
+            return [self._describe(self.any_pair(name))]
+        return [self._describe(p) for p in self.mirrors()]
 
-    def _describe(self, pair: Pair) -> dict[str, Any]:
+    def any_pair(self, name: str) -> Mirror:
+        """A local or remote pair by name."""
+        if name in self.remote.pairs:
+            return self.remote.pairs[name]
+        return self.pair(name)
+
+    def _describe(self, pair: Mirror) -> dict[str, Any]:
         rec = pair.rec
-        return {
+        d = {
             "pair": rec.name,
             "mu": rec.mu,
             "status": rec.status.value,
@@ -286,6 +317,11 @@ class PairManager:
             "skipped": pair.copy.skipped if pair.copy else 0,  # bytes it left (holes on both)
             "generation": rec.generation,
             "split_read_only": rec.split_read_only,
+        }
+        if isinstance(pair, RemotePair):
+            return {**d, **pair.describe()}
+        return {
+            **d,
             "pvol": self._side(rec.pvol, Role.PVOL, rec.pdiff),
             "svol": self._side(rec.svol, Role.SVOL, rec.sdiff),
         }
@@ -326,16 +362,23 @@ class PairManager:
         }
 
     def vpd_page(self, volume: str) -> bytes:
-        """Vendor VPD page 0xC0 of `volume` (whole page, header included)."""
+        """Vendor VPD page 0xC0 of `volume` (whole page, header included): the remote pair
+        in the HORC slot, local pairs in their MU# slots."""
         ident = self.identities.get(volume, Identity())
         prim, sec = self.roles(volume)
         slots: dict[int, SlotInfo] = {}
-        for pair in [sec] if sec else prim:
+        remote = None
+        for pair in [*prim, *([sec] if sec else [])]:
+            if isinstance(pair, RemotePair):
+                remote = pair.slot()
+                continue
+            if sec is not None and pair is not sec:
+                continue  # an S-VOL shows the pair it is the S-VOL of
             rec = pair.rec
             partner = rec.svol if rec.pvol == volume else rec.pvol
             pid = self.identities.get(partner, Identity())
             slots[rec.mu] = SlotInfo(
-                Role.SVOL if sec else Role.PVOL,
+                Role.SVOL if pair is sec else Role.PVOL,
                 rec.status,
                 pair.progress(),
                 pid.serial,
@@ -343,7 +386,7 @@ class PairManager:
                 rec.generation,
                 rec.split_read_only,
             )
-        return build_page(ident.serial, ident.volume_id, ident.port, slots)
+        return build_page(ident.serial, ident.volume_id, ident.port, slots, remote)
 
     def vendor_pages(self, volume: str) -> dict[int, Callable[[], bytes]]:
         """For `Lun(..., vendor_pages=manager.vendor_pages(name))`."""
@@ -389,8 +432,13 @@ class PairManager:
         if regions.count():
             prim, sec = self.roles(pv.name)
             for pair in prim:
-                self._recover_primary(pair, regions)
-            if sec is not None and sec.rec.sdiff is not None:
+                if isinstance(pair, RemotePair):
+                    pair.recover_primary(regions)
+                else:
+                    self._recover_primary(pair, regions)
+            if isinstance(sec, RemotePair):
+                sec.recover_secondary(regions)
+            elif sec is not None and sec.rec.sdiff is not None:
                 sec.rec.sdiff |= regions
                 sec.save()
         pv.wil.mark_clean()
@@ -422,7 +470,7 @@ class PairManager:
         volumes all still open), then a final checkpoint of every pair (a later start resumes
         a copy from it), and only then close the volumes."""
         with self.lock:
-            for pair in self.pairs.values():
+            for pair in self.mirrors():
                 pair.stop_copier()
             for pv in self.volumes.values():
                 if not pv.owns_wil:
@@ -431,7 +479,7 @@ class PairManager:
                     pv.wil.close()
                 except Exception as e:  # its regions stay marked: the next start recovers them
                     log.error("%s: write-intent log not cleared: %s", pv.name, e)
-            for pair in self.pairs.values():
+            for pair in self.mirrors():
                 try:
                     pair.checkpoint()
                 except (OSError, VolumeError) as e:  # the last durable record stands

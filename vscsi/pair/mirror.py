@@ -58,6 +58,11 @@ class Mirror:
 
     # -- what each kind of pair decides ---------------------------------------------------
 
+    @property
+    def copies_here(self) -> bool:
+        """Whether this array runs the pair's copies (it holds the P-VOL)."""
+        return True
+
     def mirrored(self, rec: PairRecord) -> bool:
         """Whether the S-VOL holds writes of this snapshot that a checkpoint must flush."""
         raise NotImplementedError

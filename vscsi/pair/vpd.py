@@ -98,9 +98,18 @@ def _slot(index: int, info: SlotInfo) -> dict[str, Any]:
     }
 
 
-def build_page(serial: int, volume_id: int, port: str, mus: dict[int, SlotInfo]) -> bytes:
-    """The whole page (header included); `mus` maps MU# (0..2) to its slot, others SMPL."""
+def build_page(
+    serial: int,
+    volume_id: int,
+    port: str,
+    mus: dict[int, SlotInfo],
+    remote: SlotInfo | None = None,
+) -> bytes:
+    """The whole page (header included); `mus` maps MU# (0..2) to its slot, `remote` is the
+    TrueCopy slot; the others are SMPL."""
     slots = [_slot(i, SlotInfo()) for i in range(SLOTS)]
+    if remote is not None:
+        slots[REMOTE_SLOT] = _slot(REMOTE_SLOT, remote)
     for mu, info in mus.items():
         slots[mu + 1] = _slot(mu + 1, info)
     body = {

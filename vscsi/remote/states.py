@@ -44,6 +44,7 @@ class Event(Enum):
     SPLIT_RS = "split -RS"  # issued on the S side: SSWS at once, whatever the P side says
     SUSPEND = "suspend"  # the P side could not make an update copy; the S side not told
     SUSPEND_BOTH = "suspend both"  # ... and the S side was told (and is PSUE too)
+    RECOVER = "recover"  # a PAIR whose sides may differ (crash, failed P-VOL write): copy again
     RESYNC = "resync"
     SWAP_RESYNC = "resync --swaps"  # at the S side in SSWS/SSUS: roles swap, S -> old P copied
     SWAP_TAKEOVER = "swap-takeover"  # both sides healthy and PAIR: roles swap, nothing copied
@@ -85,6 +86,7 @@ RULES: dict[Event, Rule] = {
     E.SUSPEND: _r(set(LIVE), set(ANY), S.PSUE, None, "COPY or PAIR"),
     E.SUSPEND_BOTH: _r({S.COPY, S.PAIR, S.PSUE}, {S.COPY, S.PAIR, S.PSUE}, S.PSUE, S.PSUE,
                        "COPY, PAIR or PSUE"),
+    E.RECOVER: _r({S.PAIR}, set(ANY), S.COPY, None, "PAIR"),
     E.RESYNC: _r({S.PSUS, S.PSUE}, {S.SSUS, S.PSUE, S.PAIR, S.COPY}, S.COPY, S.COPY,
                  "PSUS or PSUE with the S-VOL not taken over (after a takeover: "
                  "resync --swaps at the S-VOL's array)"),

@@ -1,0 +1,149 @@
+"""Remote (TrueCopy) pairs between two arrays, through the pair manager a daemon serves its
+LUNs from: create and mirror, the S-VOL read only, each fence level when the link fails,
+resync of only what changed, swap-takeover, SVOL-takeover with the old primary refused after
+its restart and `resync --swaps`, a split brain reported, an S side crash never trusted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.unit.remotepeers import SIZE, Site, two_sites
+from vscsi.pair import PairManager
+from vscsi.pair.states import Access, PairError, Status
+from vscsi.pair.volume import GRAIN
+from vscsi.pair.vpd import parse_page
+from vscsi.remote.states import Fence, Takeover
+from vscsi.store.base import WriteProtectedError
+
+
+def write(m: PairManager, volume: str, offset: int, data: bytes) -> None:
+    m.volume(volume).write(offset, [memoryview(data)])
+
+
+def paired(a: Site, b: Site, fence: Fence = Fence.NEVER) -> tuple[PairManager, PairManager]:
+    assert a.m is not None and b.m is not None
+    a.vols["Av0"].write(0, [memoryview(os.urandom(SIZE))])
+    a.m.remote.create("tc", "Av0", "B:Bv0", fence)
+    assert a.m.wait("tc", 10)
+    assert a.m.remote.pair("tc").status is Status.PAIR
+    assert b.m.remote.pair("tc").status is Status.PAIR
+    return a.m, b.m
+
+
+def same(a: Site, b: Site) -> bool:
+    return a.vols["Av0"].data == b.vols["Bv0"].data
+
+
+def test_create_mirrors_and_the_svol_is_read_only(tmp_path: Path) -> None:
+    a, b, _ = two_sites(tmp_path)
+    ma, mb = paired(a, b)
+    assert same(a, b)
+    write(ma, "Av0", 4096, b"w" * 4096)
+    assert same(a, b)
+    assert mb.access("Bv0") is Access.READ_ONLY
+    with pytest.raises(WriteProtectedError):
+        write(mb, "Bv0", 0, b"x" * 512)
+    page = parse_page(ma.vpd_page("Av0")).body.slots[0]
+    assert (page.role.value, page.status.value, page.partner_serial) == ("P-VOL", "PAIR", 410002)
+    page = parse_page(mb.vpd_page("Bv0")).body.slots[0]
+    assert (page.role.value, page.status.value) == ("S-VOL", "PAIR")
+
+
+@pytest.mark.parametrize(
+    ("fence", "write_ok", "p_access"),
+    [(Fence.DATA, False, Access.READ_ONLY), (Fence.STATUS, False, Access.READ_WRITE),
+     (Fence.NEVER, True, Access.READ_WRITE)],
+)  # fmt: skip
+def test_link_failure_under_each_fence_level(tmp_path, fence, write_ok, p_access) -> None:
+    """Brief §3.1; with the link down the S side cannot be marked suspended, so `status`
+    fails the write like `data` does, but leaves the P-VOL writable for later writes."""
+    a, b, link = two_sites(tmp_path)
+    ma, _ = paired(a, b, fence)
+    link.up = False
+    if write_ok:
+        write(ma, "Av0", 8 * GRAIN, b"n" * 4096)
+    else:
+        with pytest.raises(WriteProtectedError):
+            write(ma, "Av0", 8 * GRAIN, b"n" * 4096)
+    pair = ma.remote.pair("tc")
+    assert pair.status is Status.PSUE and ma.access("Av0") is p_access
+    assert pair.rec.pdiff is not None and pair.rec.pdiff.test(8 * GRAIN, 4096)
+    link.up = True
+    if fence is Fence.DATA:
+        with pytest.raises(WriteProtectedError):
+            write(ma, "Av0", 0, b"d" * 512)  # fenced until a resync or a PVOL-takeover
+    ma.remote.resync("tc")
+    assert pair.wait(10) and pair.status is Status.PAIR
+    assert ma.display("tc")[0]["copy_total"] == GRAIN  # only the changed grain
+    assert same(a, b)
+
+
+def test_swap_takeover_with_both_sides_up_moves_the_primary(tmp_path: Path) -> None:
+    a, b, _ = two_sites(tmp_path)
+    ma, mb = paired(a, b)
+    assert mb.remote.takeover("tc") is Takeover.SWAP
+    assert mb.remote.pair("tc").status is Status.PAIR and mb.access("Bv0") is Access.READ_WRITE
+    assert ma.access("Av0") is Access.READ_ONLY
+    write(mb, "Bv0", 0, b"B" * 4096)  # now mirrored B -> A
+    assert same(a, b)
+
+
+def test_svol_takeover_old_primary_refused_after_restart_then_swapped_back(
+    tmp_path: Path,
+) -> None:
+    a, b, _ = two_sites(tmp_path)
+    _, mb = paired(a, b)
+    a.crash()  # the P site's daemon dies
+    assert mb.remote.takeover("tc") is Takeover.SVOL_E  # 225: P side unknown
+    assert mb.remote.pair("tc").status is Status.SSWS
+    write(mb, "Bv0", 3 * GRAIN, b"S" * 4096)
+    ma = a.start(b)  # the old primary comes back
+    assert ma.remote.pair("tc").exchange() is not None
+    assert ma.access("Av0") is Access.READ_ONLY  # never two primaries
+    with pytest.raises(WriteProtectedError):
+        write(ma, "Av0", 0, b"old" * 100)
+    with pytest.raises(PairError, match="resync --swaps"):
+        ma.remote.takeover("tc")
+    mb.remote.resync("tc", swaps=True)
+    pair = mb.remote.pair("tc")
+    assert pair.wait(10) and pair.status is Status.PAIR
+    assert mb.display("tc")[0]["copy_total"] == GRAIN  # B's change only
+    assert same(a, b)
+    assert ma.access("Av0") is Access.READ_ONLY and mb.access("Bv0") is Access.READ_WRITE
+
+
+def test_a_split_brain_is_reported_on_both_sides_and_stops_the_old_primary(
+    tmp_path: Path,
+) -> None:
+    a, b, link = two_sites(tmp_path)
+    ma, mb = paired(a, b)
+    link.up = False
+    write(ma, "Av0", 0, b"A" * 4096)  # fence never: PSUE, written alone
+    assert mb.remote.takeover("tc") is Takeover.SVOL_E
+    write(mb, "Bv0", GRAIN, b"B" * 4096)  # written alone too
+    link.up = True
+    ma.remote.pair("tc").exchange()
+    mb.remote.pair("tc").exchange()
+    for m in (ma, mb):
+        assert m.remote.pair("tc").info["split_brain"] is True
+    assert ma.access("Av0") is Access.READ_ONLY
+
+
+def test_an_s_side_crash_suspends_the_pair_and_the_resync_copies_its_logged_regions(
+    tmp_path: Path,
+) -> None:
+    a, b, _ = two_sites(tmp_path)
+    ma, _ = paired(a, b)
+    write(ma, "Av0", 5 * GRAIN, b"c" * 4096)  # acknowledged by B, maybe only in its cache
+    b.vols["Bv0"].data[5 * GRAIN : 5 * GRAIN + 4096] = bytes(4096)  # ... and lost with it
+    b.crash()
+    mb = b.start(a)
+    assert mb.remote.pair("tc").status is Status.PSUE
+    ma.remote.pair("tc").exchange()
+    assert ma.remote.pair("tc").status is Status.PSUE
+    ma.remote.resync("tc")
+    assert ma.remote.pair("tc").wait(10)
+    assert same(a, b)

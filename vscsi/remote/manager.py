@@ -1,0 +1,285 @@
+"""`RemotePairs`: this array's TrueCopy pairs — the operations issued here (create, split,
+resync, resync --swaps, delete, takeover) and the requests a peer array sends (create, events,
+suspend, describe, and its writes to an S-VOL here). The pair manager owns it and asks it for
+the remote pairs a volume is in."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from vscsi.pair.persist import PairRecord
+from vscsi.pair.replica import Replica
+from vscsi.pair.states import PairError, Role, Status
+from vscsi.pair.volume import GRAIN
+from vscsi.remote import states
+from vscsi.remote.pair import (
+    RemotePair,
+    decode_lineage,
+    decode_state,
+    encode_lineage,
+    encode_state,
+    qualified,
+)
+from vscsi.remote.peer import Peer
+from vscsi.remote.states import TAKEOVER_EVENT, Event, Fence, Lineage, PairState, Takeover
+from vscsi.resync.engine import deallocate
+from vscsi.store.base import Extent
+from vscsi.tracker import DirtyMap
+
+if TYPE_CHECKING:
+    from vscsi.pair.manager import PairManager
+    from vscsi.pair.volume import PairVolume
+
+log = logging.getLogger(__name__)
+
+REMOTE_MU = -1  # a remote pair's record has no MU#: it is page 0xC0's HORC slot
+
+
+class RemotePairs:
+    def __init__(self, manager: PairManager, serial: int, peers: Mapping[str, Peer]) -> None:
+        self.m = manager
+        self.serial = serial
+        self.peers = dict(peers)
+        self.pairs: dict[str, RemotePair] = {}
+        self.lock = threading.RLock()  # serialises remote operations and peer requests
+
+    # -- lookups --------------------------------------------------------------------------------
+
+    def peer(self, name: str) -> Peer:
+        try:
+            return self.peers[name]
+        except KeyError:
+            known = ", ".join(sorted(self.peers)) or "none configured"
+            raise PairError(f"no remote array {name!r} (known: {known})") from None
+
+    def pair(self, name: str) -> RemotePair:
+        try:
+            return self.pairs[name]
+        except KeyError:
+            raise PairError(f"no remote pair {name!r}: see pair display") from None
+
+    def adopt(self, rec: PairRecord) -> RemotePair:
+        info = rec.extra["remote"]
+        local = rec.pvol if ":" not in rec.pvol else rec.svol
+        pair = RemotePair(rec, self.m, self.peer(info["peer"]), self.m.volume(local))
+        self.pairs[rec.name] = pair
+        self.m.roles_changed()
+        return pair
+
+    def forget(self, pair: RemotePair) -> None:
+        """The pair is deleted on this array: its record's tombstone, both volumes SMPL."""
+        pair.stop_copier()
+        with pair.lock:
+            pair.deleted = True
+            tombstone = self.m.store.stamp()
+        self.pairs.pop(pair.name, None)
+        self.m.roles_changed()
+        self.m.store.delete(pair.name, tombstone)
+        self.m.changed(pair.local_name)
+
+    def _check_free(self, name: str, volume: str) -> None:
+        if name in self.pairs or name in self.m.pairs:
+            raise PairError(f"pair {name!r} already exists: pick another name or delete it")
+        prim, sec = self.m.roles(volume)
+        if any(isinstance(p, RemotePair) for p in prim) or sec is not None:
+            raise PairError(f"{volume!r} is already in a remote pair or an S-VOL")
+
+    # -- operations issued at this array ------------------------------------------------------
+
+    def create(self, name: str, pvol: str, target: str, fence: Fence) -> None:
+        """SMPL -> COPY on both arrays: the peer records its S-VOL, then the copy runs here."""
+        remote, sep, svol = target.partition(":")
+        if not sep or not svol:
+            raise PairError(f"the S-VOL {target!r} must be REMOTE:VOLUME")
+        with self.lock:
+            pv = self.m.volume(pvol)
+            self._check_free(name, pvol)
+            peer = self.peer(remote)
+            st = PairState(self.serial, peer.serial, fence=fence)
+            lineage = Lineage(states.new_uuid())
+            answer = peer.call(
+                "create", pair=name, pvol=pvol, svol=svol, primary=self.serial,
+                fence=fence.value, size=pv.size, block_size=pv.block_size,
+                lineage=encode_lineage(lineage), volume_id=self._volume_id(pvol),
+            )  # fmt: skip
+            info = {"state": encode_state(st), "lineage": encode_lineage(lineage),
+                    "alone": False, "peer": remote, "peer_volume": svol,
+                    "peer_volume_id": int(answer.get("volume_id", 0))}  # fmt: skip
+            rec = PairRecord(name, pvol, qualified(remote, svol), REMOTE_MU, Status.SMPL,
+                             generation=0, extra={"remote": info})  # fmt: skip
+            pending = DirtyMap(pv.size, GRAIN)
+            pending.mark(0, pv.size)
+            with pv.gate.exclusive():
+                pair = self.adopt(rec)
+                pair.apply(Event.CREATE, create=True, pending=pending, copy_total=pv.size)
+            pair.start_copier()
+
+    def split(self, name: str, rw: bool = False, force_ssws: bool = False) -> None:
+        """PAIR -> PSUS/SSUS (`rw`: the S-VOL writable); `force_ssws` (-RS, at the S side)
+        makes the S-VOL SSWS whatever the P side says."""
+        with self.lock:
+            pair = self.pair(name)
+            if force_ssws:
+                if pair.role is not Role.SVOL:
+                    raise PairError(f"split -RS of pair {name!r} is issued at its S-VOL's array")
+                pair.apply(Event.SPLIT_RS)
+                pair.tell(Event.SPLIT_RS)
+                return
+            states.apply(name, pair.state, Event.SPLIT)  # refused before anything is flushed
+            with pair.local.gate.exclusive():
+                if pair.replica is not None:
+                    pair.replica.flush()
+                pair.apply(Event.SPLIT, rw=rw)
+            pair.tell(Event.SPLIT, rw=rw)
+
+    def resync(self, name: str, swaps: bool = False) -> None:
+        """PSUS/PSUE -> COPY, copying the union of both sides' changes; with `swaps` (at the
+        S-VOL's array, after a takeover) this array becomes the P side and its changes and
+        the old P-VOL's are copied over the old P-VOL."""
+        with self.lock:
+            pair = self.pair(name)
+            event = Event.SWAP_RESYNC if swaps else Event.RESYNC
+            states.apply(name, pair.state, event)
+            if (pair.role is Role.PVOL) == swaps:
+                side = "S-VOL" if swaps else "P-VOL"
+                raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
+            theirs = pair.peer.call("describe", pair=name)
+            pending = self._union(pair, theirs)
+            with pair.local.gate.exclusive():
+                pair.apply(event, pending=pending, fence=0, copy_total=pending.dirty_bytes(),
+                           pdiff=None, sdiff=None, alone=False)  # fmt: skip
+                pair.tell(event)
+            pair.start_copier()
+
+    @staticmethod
+    def _union(pair: RemotePair, theirs: dict[str, Any]) -> DirtyMap:
+        pending = DirtyMap(pair.local.size, GRAIN)
+        for diff in (pair.rec.pdiff, pair.rec.sdiff):
+            if diff is not None:
+                pending |= diff
+        if theirs.get("changes"):
+            pending |= DirtyMap.from_bytes(bytes.fromhex(theirs["changes"]))
+        return pending
+
+    def delete(self, name: str) -> None:
+        """Any status -> SMPL on this array, and on the peer when it can be told."""
+        with self.lock:
+            pair = self.pair(name)
+            pair.stop_copier()
+            pair.tell(Event.DELETE)
+            self.forget(pair)
+
+    def takeover(self, name: str) -> Takeover:
+        """horctakeover at this array: the action is the takeover-switch table's."""
+        with self.lock:
+            pair = self.pair(name)
+            theirs = pair.exchange()
+            remote = None
+            if theirs is not None:
+                peer = decode_state(theirs["state"])
+                remote = (peer.role_of(pair.peer.serial), peer.status_of(pair.peer.serial))
+            action = states.takeover(name, pair.state, self.serial, remote)
+            event = TAKEOVER_EVENT[action]
+            if event is not None:
+                pair.apply(event)
+                if theirs is not None:
+                    pair.tell(event)
+            log.info("remote pair %s: takeover -> %s (%d)", name, action.name, action.value)
+            return action
+
+    # -- requests from a peer array ----------------------------------------------------------------
+
+    def handle(self, op: str, args: dict[str, Any], peer_serial: int) -> dict[str, Any]:
+        """A control request from the peer `peer_serial` (already authenticated)."""
+        with self.lock:
+            if op == "create":
+                return self._peer_create(args, peer_serial)
+            pair = self.pair(str(args["pair"]))
+            if pair.peer.serial != peer_serial:
+                raise PairError(f"pair {pair.name!r} is not paired with array {peer_serial}")
+            if op == "describe":
+                return pair.describe_for_peer()
+            if op == "suspend":
+                pair.apply(Event.SUSPEND_BOTH)
+                return {}
+            if op == "event":
+                pair.on_event(Event(args["event"]), decode_state(args["state"]),
+                              decode_lineage(args["lineage"]), bool(args.get("rw", False)))
+                return {}
+        raise PairError(f"unknown remote pair request {op!r}")
+
+    def _peer_create(self, args: dict[str, Any], peer_serial: int) -> dict[str, Any]:
+        name, svol = str(args["pair"]), str(args["svol"])
+        sv = self.m.volume(svol)
+        self._check_free(name, svol)
+        if self.m.pairs_of(svol):
+            raise PairError(f"{svol!r} is not simplex: delete its pair first")
+        if sv.size < int(args["size"]) or sv.block_size != int(args["block_size"]):
+            raise PairError(f"S-VOL {svol!r} ({sv.size} bytes, {sv.block_size}-byte blocks) "
+                            f"cannot hold the P-VOL ({args['size']} bytes, "
+                            f"{args['block_size']}-byte blocks)")  # fmt: skip
+        if sv.base.read_only:
+            raise PairError(f"S-VOL {svol!r} is a read-only backstore")
+        peer = next((p for p in self.peers.values() if p.serial == peer_serial), None)
+        if peer is None:
+            raise PairError(f"array {peer_serial} is not a configured remote")
+        st = PairState(peer_serial, self.serial, fence=Fence(args["fence"]))
+        info = {"state": encode_state(st), "lineage": args["lineage"], "alone": False,
+                "peer": peer.name, "peer_volume": str(args["pvol"]),
+                "peer_volume_id": int(args.get("volume_id", 0))}  # fmt: skip
+        rec = PairRecord(name, qualified(peer.name, str(args["pvol"])), svol, REMOTE_MU,
+                         Status.SMPL, generation=0, extra={"remote": info})  # fmt: skip
+        with sv.gate.exclusive():
+            pair = self.adopt(rec)
+            pair.apply(Event.CREATE, create=True)
+        return {"volume_id": self._volume_id(svol)}
+
+    def _volume_id(self, volume: str) -> int:
+        ident = self.m.identities.get(volume)
+        return ident.volume_id if ident is not None else 0
+
+    def replica_target(self, volume: str, peer_serial: int) -> Replica:
+        """The store behind `volume` for a peer's update copy: only while it is the S-VOL of
+        that peer's pair in COPY or PAIR. Anything else (a taken-over S-VOL, an old primary
+        writing after a swap) is refused, so no stale P side can overwrite it."""
+        _, sec = self.m.roles(volume)
+        if not isinstance(sec, RemotePair):
+            raise PairError(f"{volume!r} is not the S-VOL of a remote pair")
+        st = sec.state
+        if st.primary != peer_serial or st.s not in (Status.COPY, Status.PAIR):
+            raise PairError(f"{volume!r} takes no update copies from array {peer_serial} "
+                            f"({st.s.value})")  # fmt: skip
+        return UpdateTarget(sec.local)
+
+
+class UpdateTarget:
+    """An S-VOL as the peer's update copies write it: each write marked in the volume's
+    write-intent log first, so after a crash of this array the regions whose acknowledged
+    copies its cache may have lost are known (`RemotePair.recover_secondary`)."""
+
+    def __init__(self, volume: PairVolume) -> None:
+        self.volume = volume
+
+    @property
+    def size(self) -> int:
+        return self.volume.size
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.volume.base.readinto(offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        with self.volume.intent(offset, sum(len(b) for b in bufs)):
+            self.volume.base.write(offset, bufs, fua)
+
+    def unmap(self, offset: int, length: int) -> None:
+        with self.volume.intent(offset, length):
+            deallocate(self.volume.base, offset, length)
+
+    def flush(self) -> None:
+        self.volume.base.flush()
+
+    def extent_at(self, offset: int) -> Extent:
+        return self.volume.base.extent_at(offset)

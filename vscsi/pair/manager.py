@@ -277,7 +277,7 @@ class PairManager:
 
     def save_restore_marks(self, pair: Pair) -> None:
         """Make the marks `restored` left on the P-VOL's other pairs durable (before the
-        restoring pair's record may claim the grains restored)."""
+        restoring pair's record may say the grains are restored)."""
         for other in self.roles(pair.rec.pvol)[0]:
             if other is not pair:
                 other.save()

@@ -35,7 +35,7 @@ class PairRecord:
     status: Status
     generation: int = 1
     split_read_only: bool = False
-    fence: int = 0  # the copy claims from here on; below it this pass is done
+    fence: int = 0  # the copy works from here on; below it this pass is done
     copy_total: int = 0  # bytes to copy when the current copy started (for progress)
     pending: DirtyMap | None = None  # grains still to copy (COPY/RCPY)
     pdiff: DirtyMap | None = None  # P-VOL changes since split/suspend

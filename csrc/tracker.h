@@ -11,7 +11,7 @@
  * run concurrently with anything else.
  *
  * Byte ranges are clamped to the volume: a range past the end covers only what lies inside.
- * These declarations are also parsed by cffi (vscsi/tracker/_build.py): keep them plain.
+ * These declarations are also parsed by cffi (vscsi/_build.py): keep them plain.
  */
 #ifndef VSCSI_TRACKER_H
 #define VSCSI_TRACKER_H

@@ -22,7 +22,7 @@ apt:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) vscsi/tracker/_build.py vscsi/tcmu/_build.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) vscsi/_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test,vm,bench]'
@@ -54,4 +54,4 @@ bench-shadow: venv
 	$(VPY) bench/bench_shadow.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info vm-out vscsi/tracker/_tracker_c.* .pytest_cache
+	rm -rf $(VENV) build *.egg-info vm-out vscsi/tracker/_tracker_c.* vscsi/tcmu/_ring_c.* .pytest_cache

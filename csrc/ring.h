@@ -9,7 +9,7 @@
  * mov: the cost is the call.
  *
  * `base` is the start of the map, `off` a 4-aligned byte offset in it.
- * These declarations are also parsed by cffi (vscsi/tcmu/_build.py): keep them plain.
+ * These declarations are also parsed by cffi (vscsi/_build.py): keep them plain.
  */
 #ifndef VSCSI_RING_H
 #define VSCSI_RING_H

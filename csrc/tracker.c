@@ -633,24 +633,6 @@ uint64_t dm_clear(dm_t *m, uint64_t off, uint64_t len)
     return n;
 }
 
-int dm_claim(dm_t *m, uint64_t start, uint64_t max_len, uint64_t *out)
-{
-    uint64_t maxg = max_len >> m->shift;
-    if (maxg == 0 || start >= m->size)
-        return 0;
-    pthread_mutex_lock(&m->lock);
-    uint64_t s = find_set(m, start >> m->shift);
-    int found = s != NONE;
-    if (found) {
-        uint64_t limit = maxg > m->nbits - s ? m->nbits : s + maxg;
-        uint64_t e = find_clear(m, s, limit);
-        uncount(m, clear_range(m, s, e));
-        to_bytes(m, s, e, 0, m->size, &out[0], &out[1]);
-    }
-    pthread_mutex_unlock(&m->lock);
-    return found;
-}
-
 /* ---- set algebra ---------------------------------------------------------------------------- */
 
 static int same_geometry(const dm_t *a, const dm_t *b)

@@ -5,13 +5,13 @@
  *
  * Concurrency: dm_mark/dm_mark_many are lock-free (atomic OR on 64-bit words; a batch dense
  * against the map is first gathered with plain stores in a private bitmap, then ORed in with one
- * atomic per word it touched). Everything that clears bits (clear, claim, the set algebra) takes
+ * atomic per word it touched). Everything that clears bits (dm_clear, the set algebra) takes
  * the map's mutex and repairs the summary with a re-check, so a racing marker never leaves a set
- * bit invisible. Readers are lock-free and see
- * a point-in-time-ish snapshot. dm_grow must not run concurrently with anything else.
+ * bit invisible. Readers are lock-free and see a point-in-time-ish snapshot. dm_grow must not
+ * run concurrently with anything else.
  *
  * Byte ranges are clamped to the volume: a range past the end covers only what lies inside.
- * These declarations are also parsed by cffi (vscsi/tracker/_build.py): keep them plain.
+ * These declarations are also parsed by cffi (vscsi/_build.py): keep them plain.
  */
 #ifndef VSCSI_TRACKER_H
 #define VSCSI_TRACKER_H
@@ -43,7 +43,6 @@ int dm_next_extent(const dm_t *m, uint64_t start, uint64_t end, uint64_t *out);
 uint64_t dm_count_extents(const dm_t *m, uint64_t start, uint64_t end);
 size_t dm_extents(const dm_t *m, uint64_t start, uint64_t end, uint64_t *offs, uint64_t *lens,
                   size_t cap);
-int dm_claim(dm_t *m, uint64_t start, uint64_t max_len, uint64_t *out);
 
 int dm_merge(dm_t *dst, const dm_t *src, int op);
 int dm_equal(const dm_t *a, const dm_t *b);

@@ -30,7 +30,7 @@ def ops(size: int) -> st.SearchStrategy[tuple]:
         st.tuples(st.sampled_from(["mark", "clear", "test"]), r),
         st.tuples(st.just("mark_many"), st.lists(r, max_size=24)),
         st.tuples(st.just("extents"), r),
-        st.tuples(st.sampled_from(["next_extent", "claim"]), r),
+        st.tuples(st.sampled_from(["next_extent", "drain"]), r),
         st.tuples(st.sampled_from(["or", "sub", "and", "eq"]), st.lists(r, max_size=5)),
         st.tuples(st.sampled_from(["count", "dirty_bytes", "roundtrip", "copy"]), st.none()),
     )
@@ -47,8 +47,9 @@ def apply(m, other, op: str, arg):
         return list(m.extents(start, start + span)), [list(a) for a in m.extents_array(start)]
     if op == "next_extent":
         return m.next_extent(arg[0])
-    if op == "claim":
-        return m.claim(arg[0], max(arg[1], GRAIN))
+    if op == "drain":  # how a resync steps: clear exactly the run it found
+        got = m.next_extent(arg[0])
+        return got, (m.clear(*got) if got else 0)
     if op in ("or", "sub", "and", "eq"):
         for o, n in arg:
             other.mark(o, n)
@@ -102,8 +103,9 @@ def test_large_sparse_map_walks_only_dirty() -> None:
     assert m.mark((1 << 44) - 1, 100) == 1
     assert list(m.extents()) == [(1 << 43, 1 << 16), ((1 << 44) - (1 << 16), 1 << 16)]
     assert m.next_extent((1 << 43) + (1 << 16)) == ((1 << 44) - (1 << 16), 1 << 16)
-    assert m.claim(0, 1 << 30) == (1 << 43, 1 << 16)
+    assert m.clear(*m.next_extent(0)) == 1
     assert m.count() == 1
+    assert m.next_extent(0) == ((1 << 44) - (1 << 16), 1 << 16)
 
 
 def test_ranges_are_clamped_and_negative_rejected() -> None:
@@ -127,8 +129,6 @@ def test_geometry_checks() -> None:
         with pytest.raises(ValueError):
             getattr(a, op)(b)
     assert a != b
-    with pytest.raises(ValueError):
-        a.claim(0, 100)
 
 
 def test_mark_many_accepts_u64_buffers_only() -> None:
@@ -168,7 +168,8 @@ def test_extents_array_outlives_the_map() -> None:
 
 def test_dense_batch_matches_single_marks_on_a_deep_map() -> None:
     """A batch dense enough for the private bitmap, on a map with four levels: the same bits,
-    and every one reachable through the summary (extents and claim walk it)."""
+    and every one reachable through the summary (extents, and next_extent from 0 while the walk
+    clears what it found, so each step descends past summary bits that clears dropped)."""
     rnd = random.Random(7)
     size = GRAIN * 64**3 * 2 - 100
     ranges = [(rnd.randrange(size + GRAIN), rnd.randrange(4 * GRAIN)) for _ in range(20000)]
@@ -179,61 +180,79 @@ def test_dense_batch_matches_single_marks_on_a_deep_map() -> None:
     assert newly == sum(single.mark(o, n) for o, n in ranges) == batched.count()
     assert batched == single
     assert list(batched.extents()) == list(single.extents())
-    claimed = []
-    while (got := batched.claim(0, size)) is not None:
-        claimed.append(got)
+    drained = []
+    while (got := batched.next_extent(0)) is not None:
+        assert batched.clear(*got) == -(-got[1] // GRAIN)
+        drained.append(got)
     assert batched.count() == 0
-    assert sum(n for _, n in claimed) == single.dirty_bytes()
+    assert drained == list(single.extents())
 
 
 @pytest.mark.parametrize(
-    ("size", "batch"), [(1 << 32, 500), (1 << 25, 5000)], ids=["per-write", "batched"]
+    ("grains", "batch"), [(1 << 16, 1), (1 << 17, 4096)], ids=["per-write", "batched"]
 )
-def test_no_bit_lost_while_claiming(size: int, batch: int) -> None:
-    """Threads mark while another claims: what was claimed plus what is left is all marked.
+def test_no_bit_lost_while_clearing(grains: int, batch: int) -> None:
+    """Threads mark while another walks next_extent and clears exactly the runs it found, as a
+    resync does: what was cleared plus what is left is all marked, and no set bit hides from
+    the walk or the count.
 
-    On the small map each 5000-write batch is dense enough for mark_many's private bitmap.
+    Every grain is marked once, so a mark a racing clear drops stays lost. The batches are
+    built before the start so the threads spend their time in the map; the 4096-write ones are
+    dense enough for mark_many's private bitmap.
     """
-    grain, per = 4096, 20000
-    m = DirtyMap(size, grain)
-    marked: list[set[int]] = []
-    claimed: set[int] = set()
-    done = threading.Event()
+    grain = 4096
+    m = DirtyMap(grains * grain, grain)
+    order = list(range(grains))
+    random.Random(7).shuffle(order)
+    plans = [_batches(order[i::3], grain, batch) for i in range(3)]
+    cleared: set[int] = set()
+    short: list[tuple[int, int, int]] = []  # runs found whose clear did not find them all set
+    start, done = threading.Barrier(4), threading.Event()
 
-    def marker(seed: int) -> None:
+    def marker(plan: list[tuple[array, array]]) -> None:
+        start.wait()
+        for offs, lens in plan:
+            if batch == 1:
+                m.mark(offs[0], lens[0])
+            else:
+                m.mark_many(offs, lens)
 
-        rnd = random.Random(seed)
-        mine = {rnd.randrange(size // grain) for _ in range(per)}
-        order = list(mine)
-        for i in range(0, len(order), batch):
-            chunk = order[i : i + batch]
-            m.mark_many(array("Q", [g * grain for g in chunk]), array("Q", [1] * len(chunk)))
-            for g in chunk[:20]:
-                m.mark(g * grain + 7, 1)
-        marked.append(mine)
-
-    def claimer() -> None:
+    def clearer() -> None:
+        start.wait()
         pos = 0
-        while not done.is_set() or m.count():
-            got = m.claim(pos, 64 * grain)
+        while True:
+            finished = done.is_set()  # before the walk: no mark can follow a final empty pass
+            got = m.next_extent(pos)
             if got is None:
+                if finished and pos == 0:
+                    return
                 pos = 0
                 continue
-            claimed.update(range(got[0] // grain, (got[0] + got[1]) // grain))
-            pos = got[0] + got[1]
+            off, n = got[0], min(got[1], 64 * grain)
+            if (was_set := m.clear(off, n)) != n // grain:  # markers only add bits
+                short.append((off, n, was_set))
+                return  # a clear that misses bits would make this walk go on for ever
+            cleared.update(range(off // grain, (off + n) // grain))
+            pos = off + n
 
-    threads = [threading.Thread(target=marker, args=(s,)) for s in range(3)]
-    c = threading.Thread(target=claimer)
-    c.start()
+    threads = [threading.Thread(target=marker, args=(p,)) for p in plans]
+    threads.append(threading.Thread(target=clearer))
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:3]:
         t.join()
     done.set()
-    c.join()
+    threads[3].join()
     left = {o // grain for o, _ in m.extents()}
-    assert claimed | left == set().union(*marked)
+    assert not short
+    assert cleared | left == set(order)
     assert m.count() == len(left) == 0
+
+
+def _batches(grains: list[int], grain: int, batch: int) -> list[tuple[array, array]]:
+    """Marks of the given grains (each at an unaligned offset inside it) in batches."""
+    chunks = [grains[i : i + batch] for i in range(0, len(grains), batch)]
+    return [(array("Q", [g * grain + 7 for g in c]), array("Q", [1] * len(c))) for c in chunks]
 
 
 @given(st.binary(max_size=200), st.integers(0, 10**6), st.integers(0, 255))

@@ -2,7 +2,7 @@
 
 The bitmap lives in C (``csrc/tracker.c``); see ``tracker.h`` for the hierarchical layout and the
 concurrency rules. All calls release the GIL, so marking from several threads while another
-claims loses no bit.
+walks the extents and clears what it found loses no bit.
 
 Range conventions (the reference implementation follows them exactly):
 
@@ -11,8 +11,7 @@ Range conventions (the reference implementation follows them exactly):
 - ``mark`` and ``test`` cover every grain the range touches; ``clear`` only grains the range
   covers entirely (the volume's last, partial grain counts as covered when the range reaches
   ``size``), so clearing an unaligned range never drops a neighbour's change;
-- ``extents``/``next_extent`` report dirty grains clipped to the ``[start, end)`` window;
-  ``claim`` returns whole grains (it clears them), starting with the grain holding ``start``.
+- ``extents``/``next_extent`` report dirty grains clipped to the ``[start, end)`` window.
 
 Serialised form (``to_bytes``), little-endian::
 
@@ -167,16 +166,6 @@ class DirtyMap:
     def next_extent(self, start: int = 0) -> tuple[int, int] | None:
         out = ffi.new("uint64_t[2]")
         if lib.dm_next_extent(self._h, start, self.size, out):
-            return out[0], out[1]
-        return None
-
-    def claim(self, start: int, max_length: int) -> tuple[int, int] | None:
-        """Clears and returns the next dirty extent at or after ``start`` (whole grains, at most
-        ``max_length`` bytes). A write racing the copy of it re-marks its grain."""
-        if max_length < self.grain:
-            raise ValueError(f"max_length {max_length} is smaller than the grain {self.grain}")
-        out = ffi.new("uint64_t[2]")
-        if lib.dm_claim(self._h, start, max_length, out):
             return out[0], out[1]
         return None
 

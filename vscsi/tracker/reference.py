@@ -95,16 +95,6 @@ class ReferenceDirtyMap:
     def next_extent(self, start: int = 0) -> tuple[int, int] | None:
         return next(self.extents(start), None)
 
-    def claim(self, start: int, max_length: int) -> tuple[int, int] | None:
-        if max_length < self.grain:
-            raise ValueError(f"max_length {max_length} is smaller than the grain {self.grain}")
-        run = next(self._runs(_u64(start) // self.grain), None)
-        if run is None:
-            return None
-        first, end = run[0], min(run[1], run[0] + _u64(max_length) // self.grain)
-        self.grains -= set(range(first, end))
-        return self._bytes(first, end)
-
     def _check(self, other: ReferenceDirtyMap) -> None:
         if (self.size, self.grain) != (other.size, other.grain):
             raise ValueError("geometry mismatch")

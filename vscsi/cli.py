@@ -121,7 +121,7 @@ def call(socket_path: str, cmd: str, **args: Any) -> Any:
     try:
         return request(socket_path, cmd, **args)
     except ControlError as e:
-        fail(str(e))
+        fail(str(e), e.exit_status)
 
 
 def human(n: int) -> str:
@@ -151,38 +151,52 @@ wait_option = click.option(
 @pair.command("create")
 @click.argument("pvol")
 @click.argument("svol")
-@click.option("--mu", type=click.IntRange(0, 2), required=True, help="Mirror unit MU#0-2.")
+@click.option("--mu", type=click.IntRange(0, 2), help="Mirror unit MU#0-2 (local pairs).")
+@click.option("--fence", type=click.Choice(["data", "status", "never"]),
+              help="Fence level of a remote pair (SVOL given as REMOTE:VOLUME); default never.")
 @click.option("--name", help="The pair's name (default PVOL-SVOL).")
 @wait_option
 @socket_option
 def pair_create(
-    pvol: str, svol: str, mu: int, name: str | None, wait_s: float | None, socket_path: str
-) -> None:
-    """Pair PVOL with SVOL: full copy P -> S (COPY), then PAIR."""
-    name = name or f"{pvol}-{svol}"
-    call(socket_path, "pair_create", name=name, pvol=pvol, svol=svol, mu=mu)
-    click.echo(f"pair {name}: COPY (MU#{mu} {pvol} -> {svol})")
+    pvol: str, svol: str, mu: int | None, fence: str | None, name: str | None,
+    wait_s: float | None, socket_path: str,
+) -> None:  # fmt: skip
+    """Pair PVOL with SVOL (a local volume, or REMOTE:VOLUME on a peer array): full copy
+    P -> S (COPY), then PAIR."""
+    name = name or f"{pvol}-{svol}".replace(":", "-")
+    args = {k: v for k, v in (("mu", mu), ("fence", fence)) if v is not None}
+    call(socket_path, "pair_create", name=name, pvol=pvol, svol=svol, **args)
+    how = f"MU#{mu}" if mu is not None else f"fence {fence or 'never'}"
+    click.echo(f"pair {name}: COPY ({how} {pvol} -> {svol})")
     finish(socket_path, name, wait_s)
 
 
 @pair.command("split")
 @click.argument("name")
-@click.option("--read-only", is_flag=True, help="Keep the S-VOL read only while split.")
+@click.option("--read-only", is_flag=True, help="Keep the S-VOL read only (local pairs).")
+@click.option("--rw", is_flag=True, help="Make the S-VOL writable in SSUS (remote pairs).")
+@click.option("-RS", "--RS", "rs", is_flag=True,
+              help="At the S-VOL's array: force SSWS whatever the P side says (remote pairs).")
 @socket_option
-def pair_split(name: str, read_only: bool, socket_path: str) -> None:
+def pair_split(name: str, read_only: bool, rw: bool, rs: bool, socket_path: str) -> None:
     """PAIR -> PSUS: the S-VOL keeps every write acknowledged before this instant, none after."""
-    call(socket_path, "pair_split", name=name, read_only=read_only)
-    click.echo(f"pair {name}: PSUS{' (S-VOL read only)' if read_only else ''}")
+    flags = {k: True for k, v in (("read_only", read_only), ("rw", rw), ("rs", rs)) if v}
+    call(socket_path, "pair_split", name=name, **flags)
+    (p,) = call(socket_path, "pair_display", name=name)["pairs"]
+    click.echo(f"pair {name}: {p['status']}{' (S-VOL read only)' if read_only else ''}")
 
 
 @pair.command("resync")
 @click.argument("name")
+@click.option("--swaps", is_flag=True,
+              help="At the S-VOL's array after a takeover: become the P side and copy this "
+                   "side's changes back over the old P-VOL (remote pairs).")  # fmt: skip
 @wait_option
 @socket_option
-def pair_resync(name: str, wait_s: float | None, socket_path: str) -> None:
+def pair_resync(name: str, swaps: bool, wait_s: float | None, socket_path: str) -> None:
     """PSUS/PSUE -> COPY -> PAIR, copying only what changed on either side."""
-    call(socket_path, "pair_resync", name=name)
-    click.echo(f"pair {name}: COPY (resync)")
+    call(socket_path, "pair_resync", name=name, **({"swaps": True} if swaps else {}))
+    click.echo(f"pair {name}: COPY ({'resync --swaps' if swaps else 'resync'})")
     finish(socket_path, name, wait_s)
 
 
@@ -204,6 +218,19 @@ def pair_delete(name: str, socket_path: str) -> None:
     """Any status -> both SMPL (a copy in progress is abandoned)."""
     call(socket_path, "pair_delete", name=name)
     click.echo(f"pair {name}: deleted, both volumes SMPL")
+
+
+@main.command()
+@click.argument("name")
+@json_option
+@socket_option
+def takeover(name: str, as_json: bool, socket_path: str) -> None:
+    """horctakeover for remote pair NAME at this array: nop, swap-takeover, SVOL-takeover or
+    PVOL-takeover as the takeover-switch table says; exits with CCI's code (0 nop, 1 swap,
+    4 PVOL-PSUE, 5 SVOL-SSUS, 225 SVOL-SSUS with the P side unknown)."""
+    result = call(socket_path, "takeover", name=name)
+    click.echo(json.dumps(result) if as_json else f"pair {name}: {result['action']}")
+    sys.exit(result["exit"])
 
 
 @pair.command("wait")

@@ -34,7 +34,12 @@ _TYPES: dict[type, str] = {str: "a string", int: "an integer", bool: "a JSON boo
 
 
 class ControlError(Exception):
-    """An operation the daemon refused, or a daemon that cannot be reached."""
+    """An operation the daemon refused, or a daemon that cannot be reached; `exit_status` is
+    what the CLI exits with (CCI's codes for remote pair operations, else 1)."""
+
+    def __init__(self, message: str, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclass(frozen=True)
@@ -171,7 +176,7 @@ class ControlServer:
         try:
             return {"ok": True, "result": self._run(req, access)}
         except ControlError as e:
-            return _error(str(e))
+            return _error(str(e), e.exit_status)
         except Exception as e:
             log.exception("control request failed: %r", line)
             return _error(f"internal error: {e}")
@@ -198,8 +203,8 @@ class ControlServer:
             os.unlink(self.path)
 
 
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
+def _error(message: str, exit_status: int = 1) -> dict[str, Any]:
+    return {"ok": False, "error": message, "exit": exit_status}
 
 
 def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
@@ -220,5 +225,5 @@ def request(path: str, cmd: str, timeout: float = 30.0, **args: Any) -> Any:
         raise ControlError(f"the daemon at {path} closed the connection")
     reply = json.loads(line)
     if not reply.get("ok"):
-        raise ControlError(reply.get("error", "unknown error"))
+        raise ControlError(reply.get("error", "unknown error"), int(reply.get("exit", 1)))
     return reply.get("result")

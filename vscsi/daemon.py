@@ -33,6 +33,8 @@ from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import PairError
+from vscsi.remote.peer import LinkDown
+from vscsi.remote.states import Fence
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
 from vscsi.shadow.assemble import Assembly
@@ -46,6 +48,54 @@ from vscsi.tcmu.netlink import NetlinkListener
 from vscsi.tcmu.uio import UioDevice, UioError
 
 log = logging.getLogger("vscsi")
+
+
+# -- pair operations as the control socket runs them: local or remote by the pair's kind -------
+
+
+def _create(m: PairManager, r: dict[str, Any]) -> None:
+    if ":" in r["svol"]:
+        if "mu" in r:
+            raise PairError("a remote pair has no MU#: leave out --mu")
+        try:
+            fence = Fence(r.get("fence", "never"))
+        except ValueError:
+            raise PairError(f"fence {r['fence']!r} must be data, status or never") from None
+        m.remote.create(r["name"], r["pvol"], r["svol"], fence)
+        return
+    if "fence" in r or "mu" not in r:
+        raise PairError("a local pair needs --mu and has no fence (a remote S-VOL is REMOTE:VOL)")
+    m.create(r["name"], r["pvol"], r["svol"], r["mu"])
+
+
+def _split(m: PairManager, r: dict[str, Any]) -> None:
+    if r["name"] in m.remote.pairs:
+        m.remote.split(r["name"], rw=r.get("rw", False), force_ssws=r.get("rs", False))
+    elif r.get("rw") or r.get("rs"):
+        raise PairError(f"--rw and -RS are for remote pairs; {r['name']!r} is local")
+    else:
+        m.split(r["name"], r.get("read_only", False))
+
+
+def _resync(m: PairManager, r: dict[str, Any]) -> None:
+    if r["name"] in m.remote.pairs:
+        m.remote.resync(r["name"], swaps=r.get("swaps", False))
+    elif r.get("swaps"):
+        raise PairError(f"--swaps is for remote pairs; {r['name']!r} is local")
+    else:
+        m.resync(r["name"])
+
+
+def _delete(m: PairManager, r: dict[str, Any]) -> None:
+    if r["name"] in m.remote.pairs:
+        m.remote.delete(r["name"])
+    else:
+        m.delete(r["name"])
+
+
+def _takeover(m: PairManager, r: dict[str, Any]) -> dict[str, Any]:
+    action = m.remote.takeover(r["name"])
+    return {"action": action.name.lower(), "exit": action.value}
 
 
 class DaemonError(Exception):
@@ -352,19 +402,20 @@ class Daemon:
         """Every control command with its arguments; read-only ones are open to socket_group."""
         pair_ops: dict[str, tuple[Callable[[PairManager, dict[str, Any]], Any], dict[str, type]]]
         pair_ops = {
-            "pair_create": (lambda m, r: m.create(r["name"], r["pvol"], r["svol"], r["mu"]),
-                            {"pvol": str, "svol": str, "mu": int}),
-            "pair_resync": (lambda m, r: m.resync(r["name"]), {}),
             "pair_restore": (lambda m, r: m.restore(r["name"]), {}),
-            "pair_delete": (lambda m, r: m.delete(r["name"]), {}),
+            "pair_delete": (_delete, {}),
         }  # fmt: skip
         cmds = {
             "status": Command(self._status, read_only=True),
             "pair_display": Command(self._pair_handler(self._pair_display),
                                     optional={"name": str}, read_only=True),
-            "pair_split": Command(
-                self._pair_handler(lambda m, r: m.split(r["name"], r.get("read_only", False))),
-                {"name": str}, {"read_only": bool}),
+            "pair_create": Command(self._pair_handler(_create),
+                                   {"name": str, "pvol": str, "svol": str},
+                                   {"mu": int, "fence": str}),
+            "pair_split": Command(self._pair_handler(_split), {"name": str},
+                                  {"read_only": bool, "rw": bool, "rs": bool}),
+            "pair_resync": Command(self._pair_handler(_resync), {"name": str}, {"swaps": bool}),
+            "takeover": Command(self._pair_handler(_takeover), {"name": str}),
             "shadow_show": Command(self._shadow_handler(self._shadow_show),
                                    optional={"name": str}, read_only=True),
             "shadow_add": Command(self._shadow_handler(self._shadow_add),
@@ -457,7 +508,9 @@ class Daemon:
             try:
                 return op(self.pairs, req)
             except PairError as e:
-                raise ControlError(str(e)) from None
+                raise ControlError(str(e), getattr(e, "exit_status", 1)) from None
+            except LinkDown as e:
+                raise ControlError(f"{e} (the remote array is not reachable)", 242) from None
 
         return handle
 
@@ -469,7 +522,7 @@ class Daemon:
         if name is None:
             volumes = [m.display_volume(v) for v in m.volumes]
             return {"pairs": m.display(), "volumes": volumes}
-        if name in m.pairs:
+        if name in m.pairs or name in m.remote.pairs:
             return {"pairs": m.display(name), "volumes": []}
         if name not in m.volumes:
             raise PairError(f"no pair or volume {name!r}: see 'vscsi pair display'")

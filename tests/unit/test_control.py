@@ -95,7 +95,7 @@ def test_a_stranger_is_refused_every_command_and_logged(
                         {"status": Command(lambda r: ran.append("status"), read_only=True)})
     with caplog.at_level(logging.WARNING, logger="vscsi.control"):
         reply = srv.dispatch(line("status"), NOBODY)
-    assert reply == {"ok": False,
+    assert reply == {"ok": False, "exit": 1,
                      "error": "uid 65534 may not use the vscsi control socket (root only)"}
     assert ran == [] and "refused uid 65534 (pid 4242)" in caplog.text
     root = Peer(pid=1, uid=0, gid=0)
@@ -112,7 +112,8 @@ def test_the_socket_group_runs_read_only_commands_only(tmp_path: Path) -> None:
     for peer in (member, supplementary):
         assert srv.dispatch(line("status"), peer) == {"ok": True, "result": "up"}
         assert srv.dispatch(line("shadow_add", name="dsa1"), peer) == {
-            "ok": False, "error": f"shadow_add: group {group} may run read-only commands only"}
+            "ok": False, "exit": 1,
+            "error": f"shadow_add: group {group} may run read-only commands only"}
     assert not srv.dispatch(line("status"), NOBODY)["ok"]
 
 
@@ -156,8 +157,8 @@ def daemon_socket(tmp_path: Path) -> Iterator[str]:
          "pair_create: mu must be an integer, got '0'"),
         ("pair_create", {"name": "p", "pvol": "v0", "svol": 1, "mu": 0},
          "pair_create: svol must be a string, got 1"),
-        ("pair_create", {"name": "p", "pvol": "v0", "svol": "v1"},
-         "pair_create: argument 'mu' is required"),
+        ("pair_create", {"name": "p", "pvol": "v0", "mu": 0},
+         "pair_create: argument 'svol' is required"),
         ("pair_delete", {"name": "p", "force": True},
          "pair_delete: unknown argument 'force' (known: name)"),
         ("shadow_remove", {"name": "s", "member": "/m", "minicopy": 1},

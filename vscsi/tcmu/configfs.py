@@ -3,11 +3,18 @@
 Each served volume is a TCMU user backstore `vscsi-<volume>` with subtype `vscsi` and cfgstring
 `<volume>`, exported through a tcm_loop target whose WWN is derived from the volume name, so a
 restarted daemon finds (and re-attaches to) what an earlier one made.
+
+The kernel answers persistent reservations itself (docs/reservations.md). So that they survive a
+clean restart, each backstore has `force_pr_aptpl=1` (the kernel saves every registration in
+`<dbroot>/pr/aptpl_<unit serial>`), rtslib loads that file into a new backstore before it is
+exported, and the tcm_loop initiator port of each export has a stable name, the one the saved
+registrations were made through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import time
 import uuid
@@ -22,8 +29,13 @@ from rtslib_fb.utils import RTSLibError
 from vscsi.tcmu.uio import uio_for_device
 
 CONFIGFS = Path("/sys/kernel/config")
+SYS_MODULE = Path("/sys/module")
+DBROOT_DEFAULT = Path("/var/target")  # DB_ROOT_DEFAULT of target_core_mod
 PREFIX = "vscsi-"
 SUBTYPE = "vscsi"
+
+log = logging.getLogger("vscsi")
+_warned: set[str] = set()  # what this process has already warned about
 
 
 class ConfigfsError(Exception):
@@ -51,9 +63,10 @@ class LoopExport:
 
 
 def prepare_kernel() -> None:
-    """Load the modules and mount configfs (target_core_user must be loaded first)."""
+    """Load the modules and mount configfs (target_core_user must be loaded first), and make
+    the directory where the kernel saves persistent reservations."""
     for module in ("target_core_user", "tcm_loop"):
-        if not Path(f"/sys/module/{module}").exists():
+        if not (SYS_MODULE / module).exists():
             p = subprocess.run(["modprobe", module], capture_output=True, text=True)
             if p.returncode != 0:
                 raise ConfigfsError(f"modprobe {module} failed: {p.stderr.strip()}")
@@ -64,10 +77,41 @@ def prepare_kernel() -> None:
         if p.returncode != 0 and not (CONFIGFS / "target").exists():
             raise ConfigfsError(f"cannot mount configfs on {CONFIGFS}: {p.stderr.strip()}")
     # rtslib insists on moving LIO's dbroot to /etc/target, which may not exist (or be
-    # read-only); vscsi saves nothing there, so keep whatever the kernel has.
-    with contextlib.suppress(OSError):
-        current = (CONFIGFS / "target/dbroot").read_text().strip()
-        rtslib_fb.root.RTSRoot._preferred_dbroot = current
+    # read-only); keep whatever the kernel has, it is where its APTPL files are.
+    root = dbroot()
+    rtslib_fb.root.RTSRoot._preferred_dbroot = str(root)
+    _make_pr_dir(root / "pr")
+
+
+def dbroot() -> Path:
+    """LIO's dbroot (`/var/target`, or `/etc/target` if that existed when the module loaded)."""
+    try:
+        return Path((CONFIGFS / "target/dbroot").read_text().strip())
+    except OSError:
+        return DBROOT_DEFAULT
+
+
+def _make_pr_dir(pr: Path) -> None:
+    """The kernel rewrites `<dbroot>/pr/aptpl_<serial>` at every REGISTER, APTPL or not, but
+    never creates the directory: without it, every REGISTER is made in memory and still answered
+    NOT READY (LU communication failure). Volumes are served anyway (a read-only root, as in
+    the test VM), so that only the hosts that use reservations are hurt, and are told."""
+    try:
+        pr.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning(
+            "cannot create %s: %s; every PERSISTENT RESERVE OUT REGISTER will fail (NOT READY) "
+            "until it exists (create it, mode 0700, or before any backstore exists write a "
+            "writable directory to %s)",
+            pr,
+            e.strerror,
+            CONFIGFS / "target/dbroot",
+        )
+
+
+def aptpl_file(volume: str) -> Path:
+    """Where the kernel saves the persistent reservations of `volume` (keyed by unit serial)."""
+    return dbroot() / "pr" / f"aptpl_{unit_serial(volume)}"
 
 
 def _root() -> rtslib_fb.RTSRoot:
@@ -100,8 +144,10 @@ def create_backstore(
     volume: str, size: int, block_size: int, cmd_time_out: int | None = None
 ) -> Backstore:
     """A user backstore; `cmd_time_out` (seconds, 0 = never) is how long the kernel lets a
-    command wait in the ring for the daemon before failing it. It can only be set before the
-    backstore is exported."""
+    command wait in the ring for the daemon before failing it. It, `force_pr_aptpl` and the
+    saved registrations (rtslib loads `aptpl_file` while it creates the backstore) can only be
+    given to the kernel before the backstore is exported."""
+    _check_aptpl_file(volume)
     try:
         so = rtslib_fb.UserBackedStorageObject(
             PREFIX + volume,
@@ -114,7 +160,44 @@ def create_backstore(
             so.set_attribute("cmd_time_out", str(cmd_time_out))
     except (RTSLibError, OSError) as e:
         raise ConfigfsError(f"cannot create backstore {PREFIX}{volume}: {e}") from None
+    _force_aptpl(so)
     return Backstore(volume, so)
+
+
+def _check_aptpl_file(volume: str) -> None:
+    """Refuse a saved-reservations file rtslib cannot load: it reads an unreadable one as no
+    reservations, and fails on an empty one (the kernel truncates it before each rewrite)."""
+    path = aptpl_file(volume)
+    try:
+        text = path.read_text(errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing saved (or nowhere to save it: see _make_pr_dir)
+    except OSError as e:
+        raise ConfigfsError(
+            f"cannot read {path}, the saved persistent reservations of {volume}: {e.strerror}"
+        ) from None
+    if not text.split():
+        raise ConfigfsError(
+            f"{path} is empty: the saved persistent reservations of {volume} are lost (delete "
+            "the file to serve the volume without them)"
+        )
+
+
+def _force_aptpl(so: rtslib_fb.UserBackedStorageObject) -> None:
+    """Make the kernel save every registration as if the initiator had set APTPL, so that a
+    clean restart keeps them as an array's controller restart would. A kernel without the
+    attribute still serves the volume; it is said once, not per volume."""
+    try:
+        so.set_attribute("force_pr_aptpl", "1")
+    except RTSLibError as e:
+        if "force_pr_aptpl" not in _warned:
+            _warned.add("force_pr_aptpl")
+            log.warning(
+                "%s: %s: persistent reservations of vscsi volumes will not survive a clean "
+                "restart of the daemon",
+                so.name,
+                e,
+            )
 
 
 def unit_serial(volume: str) -> str:
@@ -134,6 +217,13 @@ def loop_wwn(volume: str) -> str:
     return f"naa.5001405{zlib.crc32(volume.encode()):08x}0"
 
 
+def loop_nexus(volume: str) -> str:
+    """The initiator port of the tcm_loop export of `volume`: the target port's WWN ending in
+    1 rather than 0. The kernel gives back saved registrations only to the initiator port
+    (and target port, TPG and LUN) they were made through, so it must not change."""
+    return loop_wwn(volume)[:-1] + "1"
+
+
 def find_export(bs: Backstore) -> LoopExport | None:
     wwn = loop_wwn(bs.volume)
     for target in _root().targets:
@@ -147,10 +237,20 @@ def export_loop(bs: Backstore) -> LoopExport:
     try:
         target = rtslib_fb.Target(rtslib_fb.FabricModule("loopback"), wwn)
         tpg = rtslib_fb.TPG(target, 1)
+        _set_nexus(tpg, loop_nexus(bs.volume))
         rtslib_fb.LUN(tpg, 0, bs.so)
     except (RTSLibError, OSError) as e:
         raise ConfigfsError(f"cannot export {bs.so.name} through tcm_loop: {e}") from None
     return LoopExport(wwn, target)
+
+
+def _set_nexus(tpg: rtslib_fb.TPG, name: str) -> None:
+    """rtslib gives a new TPG a random initiator port; "NULL" drops it, which tcm_loop allows
+    only while the TPG has no LUN, and the port can then be named."""
+    if tpg.nexus != name:
+        nexus = Path(tpg.path) / "nexus"
+        nexus.write_text("NULL")
+        nexus.write_text(name)
 
 
 def remove_export(export: LoopExport) -> None:

@@ -27,6 +27,18 @@ def _inside_vm() -> None:
         pytest.fail("integration tests run only inside the VM as root: use 'make integration'")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _writable_dbroot(_inside_vm: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """LIO saves persistent reservations under its dbroot (/var/target by default), which the
+    VM's read-only root does not have: every PR REGISTER would fail NOT READY. Point it at a
+    scratch directory before the first target device exists (the kernel refuses it later)."""
+    run("modprobe", "target_core_user")
+    if not CONFIGFS.parent.is_dir() or not CONFIGFS.exists():
+        run("mount", "-t", "configfs", "none", "/sys/kernel/config", check=False)
+    dbroot = tmp_path_factory.mktemp("lio-dbroot")
+    (CONFIGFS / "dbroot").write_text(str(dbroot))
+
+
 def run(*cmd: str, check: bool = True, timeout: float = 120, **kw: object) -> str:
     """Run a command; on failure show its output in the assertion."""
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]

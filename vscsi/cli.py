@@ -233,13 +233,51 @@ def takeover(name: str, as_json: bool, socket_path: str) -> None:
     sys.exit(result["exit"])
 
 
+EX_EWSTOT = 233  # CCI: timeout waiting for the specified status
+
+
 @pair.command("wait")
 @click.argument("name")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--status", "want", metavar="STATUS",
+              help="Wait for this status (e.g. PAIR, PSUE, SSWS) instead of the copy's end; "
+                   "exit 233 (EX_EWSTOT) at the timeout, like pairevtwait -s.")  # fmt: skip
 @socket_option
-def pair_wait(name: str, timeout: float | None, socket_path: str) -> None:
+def pair_wait(name: str, timeout: float | None, want: str | None, socket_path: str) -> None:
     """Wait until the pair's copy (COPY/RCPY) has ended, like CCI's pairevtwait."""
-    finish(socket_path, name, timeout if timeout is not None else float("inf"))
+    wait_s = timeout if timeout is not None else float("inf")
+    if want is None:
+        finish(socket_path, name, wait_s)
+        return
+    deadline = time.monotonic() + wait_s
+    while (status := _status(socket_path, name)) != want.upper():
+        if time.monotonic() >= deadline:
+            fail(f"pair {name}: {status}, not {want.upper()}, after {wait_s:g}s", EX_EWSTOT)
+        time.sleep(0.2)
+    click.echo(f"pair {name}: {status}")
+
+
+def _status(socket_path: str, name: str) -> str:
+    (p,) = call(socket_path, "pair_display", name=name)["pairs"]
+    return str(p["status"])
+
+
+@pair.command("check")
+@click.argument("name")
+@json_option
+@socket_option
+def pair_check(name: str, as_json: bool, socket_path: str) -> None:
+    """This array's volume of pair NAME, like CCI's pairvolchk: its role, status and fence."""
+    (p,) = call(socket_path, "pair_display", name=name)["pairs"]
+    remote = "remote" in p  # then this array's side is the one not named REMOTE:VOLUME
+    side = next((v for v in (p["pvol"], p["svol"]) if ":" not in v["volume"]), p["pvol"])
+    status = side["status"] if remote else p["status"]
+    fence = f" fence = {p['fence'].upper()}" if remote else ""
+    if as_json:
+        extra = {"fence": p["fence"]} if remote else {}
+        click.echo(json.dumps({"volstat": side["role"], "status": status, **extra}))
+        return
+    click.echo(f"pairvolchk : Volstat is {side['role']}.[status = {status}{fence} ]")
 
 
 def finish(socket_path: str, name: str, wait_s: float | None) -> None:

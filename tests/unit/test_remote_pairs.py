@@ -6,6 +6,7 @@ its restart and `resync --swaps`, a split brain reported, an S side crash never 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,39 @@ def test_an_s_side_crash_suspends_the_pair_and_the_resync_copies_its_logged_regi
     ma.remote.resync("tc")
     assert ma.remote.pair("tc").wait(10)
     assert same(a, b)
+
+
+def test_the_periodic_exchange_demotes_a_returning_old_primary_by_itself(
+    tmp_path: Path,
+) -> None:
+    a, b, _ = two_sites(tmp_path)
+    _, mb = paired(a, b)
+    a.crash()
+    assert mb.remote.takeover("tc") is Takeover.SVOL_E
+    ma = a.start(b)
+    ma.remote.watch(0.05)
+    deadline = time.monotonic() + 10
+    while ma.access("Av0") is not Access.READ_ONLY:
+        assert time.monotonic() < deadline, "the old primary was not demoted"
+        time.sleep(0.05)
+    ma.close()
+
+
+def test_a_primary_restarted_without_its_peer_is_fenced_until_a_takeover_here(
+    tmp_path: Path,
+) -> None:
+    """It cannot know whether the S side took over meanwhile: no writes on an unconfirmed
+    state. With the link up the restart changes nothing."""
+    a, b, link = two_sites(tmp_path)
+    paired(a, b)
+    a.crash()
+    ma = a.start(b)
+    ma.remote.check_peers()
+    assert ma.remote.pair("tc").status is Status.PAIR and ma.access("Av0") is Access.READ_WRITE
+    a.crash()
+    link.up = False
+    ma = a.start(b)
+    ma.remote.check_peers()
+    assert ma.remote.pair("tc").status is Status.PSUE and ma.access("Av0") is Access.READ_ONLY
+    assert ma.remote.takeover("tc") is Takeover.PVOL_PSUE  # the operator's (or agent's) call
+    write(ma, "Av0", 0, b"p" * 4096)

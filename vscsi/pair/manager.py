@@ -469,6 +469,7 @@ class PairManager:
         stop the copiers, then the write-intent logs (their last clear checkpoints against
         volumes all still open), then a final checkpoint of every pair (a later start resumes
         a copy from it), and only then close the volumes."""
+        self.remote.close()
         with self.lock:
             for pair in self.mirrors():
                 pair.stop_copier()

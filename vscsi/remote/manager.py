@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vscsi.pair.persist import PairRecord
@@ -45,6 +46,49 @@ class RemotePairs:
         self.peers = dict(peers)
         self.pairs: dict[str, RemotePair] = {}
         self.lock = threading.RLock()  # serialises remote operations and peer requests
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # -- the periodic exchange -------------------------------------------------------------------
+
+    def watch(self, interval: float) -> None:
+        """Exchange state with the peers every `interval` seconds in the background: after a
+        reconnect (or a restart) an old primary learns it was taken over, an S side learns a
+        suspension, a split brain is reported — without waiting for an operator command."""
+        self._watcher = threading.Thread(target=self._watch, args=(interval,),
+                                         name="remote-pairs", daemon=True)  # fmt: skip
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            for pair in list(self.pairs.values()):
+                try:
+                    with self.lock:
+                        pair.exchange()
+                except Exception as e:  # a refused or failed exchange: tried again next time
+                    log.warning("remote pair %s: exchange failed: %s", pair.name, e)
+
+    def check_peers(self) -> None:
+        """At start, before any LUN is served: a P-VOL whose peer cannot be reached may have
+        been taken over meanwhile, so it is fenced (PSUE, read only) until a resync, or a
+        takeover at this array (PVOL-takeover) decides otherwise. An old primary never
+        serves writes after a restart on the strength of a state it cannot confirm."""
+        for pair in list(self.pairs.values()):
+            with self.lock:
+                if pair.role is not Role.PVOL or pair.exchange() is not None:
+                    continue
+                st = pair.state
+                if st.fenced:
+                    continue
+                pair.set_state(replace(st, p=Status.PSUE, fenced=True))
+            log.warning("remote pair %s: %s unreachable at start: the P-VOL is fenced until a "
+                        "resync or a takeover here", pair.name, pair.peer.name)  # fmt: skip
+            self.m.changed(pair.local_name)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
 
     # -- lookups --------------------------------------------------------------------------------
 

@@ -121,6 +121,11 @@ class RemotePair(Mirror):
         self.manager.changed(self.local_name)
         return new
 
+    def set_state(self, new: PairState, **changes: Any) -> None:
+        """Take a state the rules did not derive from an event (what an exchange settled)."""
+        with self.lock:
+            self._set(new, **changes)
+
     def _set(self, new: PairState, *, create: bool = False, **changes: Any) -> None:
         """Under the lock: take `new` (and record fields `changes`), swap the names if the
         roles moved, save; undo on failure."""

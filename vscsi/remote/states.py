@@ -111,7 +111,7 @@ class PairState:
     s: Status = S.SMPL
     fence: Fence = Fence.NEVER
     svol_rw: bool = False  # split --rw: the S-VOL takes host writes in SSUS
-    fenced: bool = False  # the P-VOL refuses writes: fence=data after a failed update copy
+    fenced: bool = False  # P-VOL refuses writes: fence=data after a failed copy, or peer unknown
     demoted: bool = False  # an old P-VOL whose peer took over: refuses writes until swapped
 
     def role_of(self, serial: int) -> Role:

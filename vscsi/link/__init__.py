@@ -1,0 +1,1 @@
+"""The link between two arrays: frames, key material, sessions and the remote `Replica`."""

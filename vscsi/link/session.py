@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import queue
 import ssl
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -50,6 +51,7 @@ REQUESTS = frozenset({
     FrameType.READ, FrameType.WRITE, FrameType.UNMAP, FrameType.FLUSH, FrameType.EXTENT,
     FrameType.SIZE, FrameType.HEARTBEAT, FrameType.CONTROL,
 })  # fmt: skip
+MAX_ERROR = 1024  # characters of an error text sent back
 BACKOFF = (0.1, 5.0)  # seconds between connection attempts: first, then doubling up to this
 
 
@@ -256,8 +258,7 @@ class LinkSession:
             return
         conn.seq += 1
         conn.pending[conn.seq] = fut
-        conn.writer.write(build_header(ftype, conn.seq, len(payload)))
-        conn.writer.write(payload)
+        conn.writer.write(build_header(ftype, conn.seq, len(payload)) + payload)
 
     # -- the connection ------------------------------------------------------------------------
 
@@ -486,43 +487,49 @@ class LinkServer:
     async def _serve(
         self, remote: RemoteConfig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> str:
-        """Read, apply, answer, one request after the other; why the connection ended."""
+        """Read requests while the connection's applier applies them; why it ended."""
+        applier = _Applier(lambda frame: self._answer(remote, frame), writer, remote.name)
         expected = 1
         try:
             while True:
-                frame = await asyncio.wait_for(read_frame(reader), self.link.timeout)
+                async with asyncio.timeout(self.link.timeout):
+                    frame = await read_frame(reader)
                 if frame.seq != expected:
                     raise FrameError(f"sequence number {frame.seq}, expected {expected}")
                 if frame.type not in REQUESTS:
                     raise FrameError(f"unexpected {frame.type.name} from the P side")
                 expected += 1
-                if frame.type is FrameType.HEARTBEAT:
-                    status, error, data = Status.OK, "", b""
-                else:
-                    status, error, data = await asyncio.to_thread(self._apply, remote, frame)
-                writer.write(encode(
-                    FrameType.RESPONSE, frame.seq,
-                    answers=frame.seq, status=status, error=error, data=data,
-                ))  # fmt: skip
-                await writer.drain()
+                applier.queue.put(frame)
         except TimeoutError:
             return f"no frame for {self.link.timeout:g}s"
         except FrameError as e:
             return f"dropped: {e}"
         except (OSError, EOFError) as e:
             return reason(e)
+        finally:
+            await applier.stop()
+
+    def _answer(self, remote: RemoteConfig, frame: Frame) -> bytes:
+        """In the applier's thread: apply one request, and the RESPONSE to it."""
+        if frame.type is FrameType.HEARTBEAT:
+            status, error, data = Status.OK, "", b""
+        else:
+            status, error, data = self._apply(remote, frame)
+        return encode(
+            FrameType.RESPONSE, frame.seq,
+            answers=frame.seq, status=status, error=error[:MAX_ERROR], data=data,
+        )  # fmt: skip
 
     def _apply(self, remote: RemoteConfig, frame: Frame) -> Answer:
-        """In a worker thread: one request against its target."""
         b = frame.body
-        if frame.type is FrameType.CONTROL:
-            if self.on_control is None:
-                return Status.BAD_REQUEST, "this array takes no CONTROL messages", b""
-            return Status.OK, "", ControlResult.build(self.on_control(remote, b.body))
-        target = self.route(remote, b.volume)
-        if target is None:
-            return Status.NO_VOLUME, f"no volume {b.volume!r} for array {remote.name}", b""
         try:
+            if frame.type is FrameType.CONTROL:
+                if self.on_control is None:
+                    return Status.BAD_REQUEST, "this array takes no CONTROL messages", b""
+                return Status.OK, "", ControlResult.build(self.on_control(remote, b.body))
+            target = self.route(remote, b.volume)
+            if target is None:
+                return Status.NO_VOLUME, f"no volume {b.volume!r} for array {remote.name}", b""
             return Status.OK, "", _apply_to(target, frame)
         except _BadRequest as e:
             return Status.BAD_REQUEST, str(e), b""
@@ -533,8 +540,51 @@ class LinkServer:
         except (VolumeError, OSError) as e:
             return Status.FAILED, str(e), b""
         except Exception as e:  # a bug below must not take the link down with it
-            log.exception("link: %s on %s failed", frame.type.name, b.volume)
+            log.exception("link: %s from %s failed", frame.type.name, remote.name)
             return Status.FAILED, f"{type(e).__name__}: {e}", b""
+
+
+class _Applier:
+    """Applies one connection's requests in a thread of its own, in the order they came, and
+    hands the answers to the loop, several at once when requests queue up (a thread hop per
+    request would cost more than most requests). Requests still queued once the connection is
+    gone are dropped, not applied."""
+
+    def __init__(
+        self, answer: Callable[[Frame], bytes], writer: asyncio.StreamWriter, name: str
+    ) -> None:
+        self.answer = answer
+        self.writer = writer
+        self.loop = asyncio.get_running_loop()
+        self.queue: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self.gone = False
+        self.done = self.loop.create_future()
+        threading.Thread(target=self._run, name=f"link-apply-{name}", daemon=True).start()
+
+    async def stop(self) -> None:
+        """Once the request being applied (if any) is done."""
+        self.gone = True
+        self.queue.put(None)
+        await self.done
+
+    def _run(self) -> None:
+        answers: list[bytes] = []
+        try:
+            while (frame := self._next(answers)) is not None:
+                if not self.gone:
+                    answers.append(self.answer(frame))
+        finally:
+            self.loop.call_soon_threadsafe(self.done.set_result, None)
+
+    def _next(self, answers: list[bytes]) -> Frame | None:
+        """The next request; before waiting for one, send the answers made so far."""
+        try:
+            return self.queue.get_nowait()
+        except queue.Empty:
+            if answers:
+                self.loop.call_soon_threadsafe(self.writer.write, b"".join(answers))
+                answers.clear()
+            return self.queue.get()
 
 
 class _Peer:

@@ -13,7 +13,9 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
+import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
@@ -111,6 +113,8 @@ def reason(e: BaseException) -> str:
         return "connection reset by the peer"
     if isinstance(e, TimeoutError):
         return "timed out"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"TLS: {e.reason} ({e.verify_message})"
     if isinstance(e, ssl.SSLError):
         return f"TLS: {e.reason or e}"
     if isinstance(e, OSError) and e.strerror:
@@ -287,7 +291,7 @@ class LinkSession:
                 self._up.clear()
                 self._conn = None
                 conn.fail(LinkDown(f"link to {self.name} lost"))
-                conn.writer.close()
+                _reset(conn.writer)
             log.warning("%s down: %s", where, why)
 
     async def _connect(self) -> _Connection:
@@ -324,7 +328,9 @@ class LinkSession:
                 if fut is None:
                     raise FrameError(f"RESPONSE to #{frame.body.answers}, not in flight")
                 fut.set_result(frame.body)
-        except (OSError, EOFError, FrameError) as e:
+        except FrameError as e:
+            return f"dropped: {e}"
+        except (OSError, EOFError) as e:
             return reason(e)
 
     async def _watch(self, conn: _Connection) -> str:
@@ -336,6 +342,15 @@ class LinkSession:
             if loop.time() - conn.last_rx > timeout:
                 return f"no answer for {timeout:g}s"
             self._send(FrameType.HEARTBEAT, b"", concurrent.futures.Future())
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a reset: requests the kernel still holds for the peer are discarded, never
+    delivered late (they were failed to their callers)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.fileno() >= 0:  # None or closed: nothing is held any more
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 # -- the S side -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vscsi.link import (
     LinkSession,
     RemoteError,
     RemoteReplica,
+    replica,
     tls,
 )
 from vscsi.link.frames import (
@@ -172,6 +173,19 @@ def test_remote_replica_round_trips_every_operation(session: LinkSession, site: 
     assert session.control({"op": "suspend", "pair": "p1"}) == {
         "seen": {"op": "suspend", "pair": "p1"}, "from": A[0],
     }  # fmt: skip
+
+
+def test_large_requests_are_split(
+    session: LinkSession, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica, "MAX_DATA", 1024)  # as if 1 KiB were the most a frame carries
+    r = RemoteReplica(session, "s0")
+    data = bytes(range(256)) * 12
+    r.write(8192, [memoryview(data[:1000]), memoryview(data[1000:])], fua=True)
+    assert site.volume.writes == [(8192, 1024, True), (9216, 1024, True), (10240, 1024, True)]
+    bufs = [memoryview(bytearray(1500)), memoryview(bytearray(1572))]
+    r.readinto(8192, bufs)
+    assert b"".join(bytes(b) for b in bufs) == data
 
 
 def test_fua_and_flush_reach_the_s_volume(session: LinkSession, site: Site) -> None:

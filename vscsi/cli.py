@@ -432,3 +432,43 @@ def shadow_finish(socket_path: str, name: str, wait_s: float) -> None:
                 fail(f"{name}: still {s['state']} after {wait_s:g}s")
             time.sleep(0.2)
     click.echo(f"{name}: {s['state']}")
+
+
+# -- links between arrays -----------------------------------------------------------------------
+
+
+@main.group()
+def link() -> None:
+    """Links to peer arrays (remote pairs)."""
+
+
+@link.command("keys")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+              help="Where to write NAME.key and NAME.crt.")  # fmt: skip
+@click.option("--name", required=True, help="This array's name, as peers will call it.")
+@click.option("--serial", required=True, type=click.IntRange(1, (1 << 32) - 1),
+              help="This array's serial; peers check it against their [[remote]].")  # fmt: skip
+def link_keys(directory: str, name: str, serial: int) -> None:
+    """Make this array's link key (EC P-256) and self-signed certificate."""
+    from pathlib import Path
+
+    from vscsi.link.keys import KeyMaterialError, make_keys
+
+    try:
+        key, cert = make_keys(Path(directory).resolve(), name, serial)
+    except (KeyMaterialError, OSError) as e:
+        fail(str(e) if isinstance(e, KeyMaterialError) else f"--dir {directory}: {e.strerror}", 2)
+    click.echo(
+        f"made {key} (private: keep it here, mode 0600) and {cert}\n"
+        f"\nIn this array's config ({name}, serial {serial}):\n"
+        f"  [daemon]\n"
+        f'  link_cert = "{cert}"\n'
+        f'  link_key = "{key}"\n'
+        f'  link_listen = "0.0.0.0:PORT"    # to accept peers\n'
+        f"\nCopy {cert} to each peer array, and add to its config:\n"
+        f"  [[remote]]\n"
+        f'  name = "{name}"\n'
+        f'  address = "HOST:PORT"           # where this array listens\n'
+        f"  serial = {serial}\n"
+        f'  peer_cert = "/path/to/{cert.name}"'
+    )

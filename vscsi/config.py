@@ -1,4 +1,4 @@
-"""The TOML configuration: one `[[volume]]` table per emulated volume.
+"""The TOML configuration: one `[[volume]]` table per emulated volume, `[[remote]]` peer arrays.
 
 Every problem is reported as one `ConfigError` naming the field (`volume[1].path`), and is found
 before anything is created: `load()` validates the whole file, `open_volumes()` opens every
@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ from vscsi.store.file import FileVolume, StoreConfigError
 
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
+DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
 EXPORTS = ("loop", "none")
 READ_POLICIES = ("balanced", "master")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")  # volumes, sets, arrays
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -87,8 +89,37 @@ class ShadowSetConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """One `[[remote]]` table: a peer array, pinned by its certificate, which names `serial`."""
+
+    name: str
+    host: str
+    port: int
+    serial: int
+    peer_cert: str
+    index: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"remote[{self.index}]"
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """This array's end of its links (`[daemon] link_*`); name and serial come from its
+    certificate, so what it says in HELLO is what a peer can check."""
+
+    cert: str
+    key: str
+    name: str
+    serial: int
+    listen: tuple[str, int] | None = None  # None: accept no peer (only connect to them)
+    timeout: float = DEFAULT_LINK_TIMEOUT
+
+
+@dataclass(frozen=True)
 class Config:
-    """The whole file: daemon settings, the volumes and the shadow sets."""
+    """The whole file: daemon settings, the volumes, the shadow sets and the peer arrays."""
 
     volumes: list[VolumeConfig]
     shadow_sets: list[ShadowSetConfig] = field(default_factory=list)
@@ -98,6 +129,8 @@ class Config:
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
     socket_group: str | None = None  # may run read-only commands over the socket
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
+    link: LinkConfig | None = None  # set when the config has [[remote]] tables or link_listen
+    remotes: list[RemoteConfig] = field(default_factory=list)
     source: str = ""
 
 
@@ -167,7 +200,9 @@ _SHADOW_KEYS = {
 }  # fmt: skip
 _DAEMON_KEYS = {
     "socket", "state_dir", "copy_rate", "command_timeout", "socket_group", "shadow_add_paths",
+    "link_listen", "link_cert", "link_key", "link_timeout",
 }  # fmt: skip
+_REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
 _VOLUME_KEYS = {
     "name", "path", "size", "block_size", "write_cache", "create", "export", "identity",
     "follow_symlinks",
@@ -186,7 +221,7 @@ def _table(table: object, where: str, known: set[str]) -> dict[str, Any]:
 
 def _name(table: dict[str, Any], where: str) -> str:
     name = _get(table, "name", str, where)
-    if name is None or not _NAME.match(name):
+    if name is None or not NAME_RE.match(name):
         raise ConfigError(f"{where}.name: {name!r} must be 1-32 of A-Z a-z 0-9 _ . - (required)")
     return name
 
@@ -270,8 +305,8 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     """Validate a decoded TOML document."""
     base = base or Path.cwd()
     for key in data:
-        if key not in ("volume", "daemon", "shadow_set"):
-            raise ConfigError(f"{key}: unknown table (known: daemon, volume, shadow_set)")
+        if key not in ("volume", "daemon", "shadow_set", "remote"):
+            raise ConfigError(f"{key}: unknown table (known: daemon, volume, shadow_set, remote)")
     daemon = _table(data.get("daemon", {}), "daemon", _DAEMON_KEYS)
     socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
     state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
@@ -286,6 +321,11 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     volumes = [_volume(t, i, base) for i, t in enumerate(tables)]
     shadow_sets = [_shadow_set(t, i, base, len(volumes)) for i, t in enumerate(sets)]
     _check_unique([*volumes, *shadow_sets])
+    remote_tables = data.get("remote", [])
+    if not isinstance(remote_tables, list):
+        raise ConfigError("remote: expected [[remote]] tables")
+    remotes = [_remote(t, i, base) for i, t in enumerate(remote_tables)]
+    link = _link(daemon, base, remotes)
     return Config(
         volumes=volumes,
         shadow_sets=shadow_sets,
@@ -295,6 +335,8 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         command_timeout=timeout,
         socket_group=_socket_group(daemon),
         shadow_add_paths=_shadow_add_paths(daemon),
+        link=link,
+        remotes=remotes,
         source=source,
     )
 
@@ -323,6 +365,104 @@ def _shadow_add_paths(daemon: dict[str, Any]) -> list[str]:
             )
         dirs.append(os.path.normpath(d).rstrip("/") + "/")
     return dirs
+
+
+def _address(value: object, where: str) -> tuple[str, int]:
+    """"host:port" or "[v6 address]:port"."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f'{where}: {value!r} must be "host:port" (required)')
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f'{where}: {value!r} must be "host:port" with a port of 1-65535')
+    return host, int(port)
+
+
+def _serial(table: dict[str, Any], where: str) -> int:
+    serial = _get(table, "serial", int, where)
+    if serial is None or not 0 < serial < 1 << 32:
+        raise ConfigError(f"{where}.serial: {serial} must be between 1 and 4294967295 (required)")
+    return serial
+
+
+def _cert_identity(path: str, where: str) -> tuple[str, int]:
+    from vscsi.link.keys import KeyMaterialError, cert_identity  # cryptography: only for links
+
+    try:
+        return cert_identity(path)
+    except KeyMaterialError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _remote(table: object, index: int, base: Path) -> RemoteConfig:
+    where = f"remote[{index}]"
+    table = _table(table, where, _REMOTE_KEYS)
+    name = _name(table, where)
+    host, port = _address(table.get("address"), f"{where}.address")
+    serial = _serial(table, where)
+    cert = _get(table, "peer_cert", str, where)
+    if not cert:
+        raise ConfigError(f"{where}.peer_cert: required (the peer's certificate file)")
+    cert = _path(base, cert)
+    _, cert_serial = _cert_identity(cert, f"{where}.peer_cert")
+    if cert_serial != serial:
+        raise ConfigError(
+            f"{where}.serial: {serial}, but {cert} is the certificate of serial {cert_serial} "
+            "(fix serial or peer_cert)"
+        )
+    return RemoteConfig(name, host, port, serial, cert, index)
+
+
+def _link(daemon: dict[str, Any], base: Path, remotes: list[RemoteConfig]) -> LinkConfig | None:
+    """This array's certificate and key, which every link needs; None when nothing links."""
+    cert = _get(daemon, "link_cert", str, "daemon")
+    key = _get(daemon, "link_key", str, "daemon")
+    listen = daemon.get("link_listen")
+    timeout = _get(daemon, "link_timeout", (int, float), "daemon")
+    if not (remotes or listen is not None or cert or key):
+        return None
+    if not cert or not key:
+        missing = "link_key" if cert else "link_cert"
+        raise ConfigError(f"daemon.{missing}: required for links (make it with `vscsi link keys`)")
+    cert, key = _path(base, cert), _path(base, key)
+    try:
+        mode = os.stat(key).st_mode
+    except OSError as e:
+        raise ConfigError(f"daemon.link_key: cannot read {key} ({e.strerror})") from None
+    if mode & 0o077:
+        raise ConfigError(f"daemon.link_key: {key} is open to group or others (chmod 600 it)")
+    name, serial = _cert_identity(cert, "daemon.link_cert")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError):
+        raise ConfigError(f"daemon.link_key: {key} is not the key of {cert}") from None
+    if timeout is not None and not 0.1 <= timeout <= 600:
+        raise ConfigError(f"daemon.link_timeout: {timeout} must be 0.1 to 600 seconds")
+    _check_remotes(remotes, serial)
+    return LinkConfig(
+        cert=cert,
+        key=key,
+        name=name,
+        serial=serial,
+        listen=_address(listen, "daemon.link_listen") if listen is not None else None,
+        timeout=float(timeout) if timeout is not None else DEFAULT_LINK_TIMEOUT,
+    )
+
+
+def _check_remotes(remotes: list[RemoteConfig], own_serial: int) -> None:
+    """A peer is known by its name and by its serial: both unique, neither this array's."""
+    names: dict[str, str] = {}
+    serials: dict[int, str] = {}
+    for r in remotes:
+        if r.name in names:
+            raise ConfigError(f"{r.where}.name: {r.name!r} is already used by {names[r.name]}")
+        if r.serial == own_serial:
+            raise ConfigError(f"{r.where}.serial: {r.serial} is this array's own serial")
+        if r.serial in serials:
+            raise ConfigError(
+                f"{r.where}.serial: {r.serial} is already used by {serials[r.serial]}"
+            )
+        names[r.name], serials[r.serial] = r.where, r.where
 
 
 def _check_unique(units: list[VolumeConfig | ShadowSetConfig]) -> None:

@@ -1,0 +1,572 @@
+"""The link over real loopback TCP and TLS: two arrays made with `vscsi link keys`, the P side's
+`LinkSession` and `RemoteReplica`, the S side's `LinkServer` over in-memory volumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tests.unit.memvolume import MemVolume
+from vscsi.cli import main
+from vscsi.config import LinkConfig, RemoteConfig, parse
+from vscsi.link import (
+    LinkDown,
+    LinkError,
+    LinkServer,
+    LinkSession,
+    RemoteError,
+    RemoteReplica,
+    replica,
+    tls,
+)
+from vscsi.link.frames import (
+    HEADER_SIZE,
+    Frame,
+    FrameType,
+    Status,
+    encode,
+    parse_header,
+    parse_payload,
+)
+from vscsi.store.base import VolumeError
+
+A, B = ("siteA", 1001), ("siteB", 2002)  # the P side's array, the S side's
+TIMEOUT = 0.6  # link_timeout in these tests: dead-peer detection within about 1.25x this
+BACKOFF = (0.05, 0.2)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keys for A and B, and for impostors C and D claiming A's and B's name and serial."""
+    d = tmp_path_factory.mktemp("keys")
+    for sub, (name, serial) in (("a", A), ("b", B), ("c", A), ("d", B)):
+        r = CliRunner().invoke(
+            main, ["link", "keys", "--dir", str(d / sub), "--name", name, "--serial", str(serial)]
+        )
+        assert r.exit_code == 0, r.output
+    return d
+
+
+def array(
+    keys: Path, me: str, peer: str, peer_sub: str, port: int = 1
+) -> tuple[LinkConfig, RemoteConfig]:
+    """This array's link config and its one [[remote]], through the config parser."""
+    own = {"a": A, "b": B, "c": A, "d": B}[me]
+    other = B if own == A else A
+    cfg = parse({
+        "daemon": {
+            "link_cert": str(keys / me / f"{own[0]}.crt"),
+            "link_key": str(keys / me / f"{own[0]}.key"),
+            "link_timeout": TIMEOUT,
+        },
+        "volume": [{"name": "v", "path": "/nonexistent/v.img"}],
+        "remote": [{
+            "name": other[0], "address": f"127.0.0.1:{port}", "serial": other[1],
+            "peer_cert": str(keys / peer_sub / f"{peer}.crt"),
+        }],
+    })  # fmt: skip
+    assert cfg.link is not None
+    return dataclasses.replace(cfg.link, listen=("127.0.0.1", 0)), cfg.remotes[0]
+
+
+class GatedVolume(MemVolume):
+    """A MemVolume whose writes wait while `gate` is clear."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        self.entered.set()
+        self.gate.wait()
+        super().write(offset, bufs, fua)
+
+
+class Site:
+    """The S side: a LinkServer offering volume "s0" (and "raw", without extent_at) to A."""
+
+    def __init__(self, keys: Path, peer_sub: str = "a", port: int = 0) -> None:
+        link, remote = array(keys, "b", A[0], peer_sub)
+        self.link = dataclasses.replace(link, listen=("127.0.0.1", port))
+        self.remote = remote
+        self.volume = GatedVolume(size=1 << 20)
+        self.controls: list[dict[str, Any]] = []
+        self.server = self.make()
+
+    def route(self, peer: RemoteConfig, name: str) -> Any:
+        assert peer.serial == A[1]
+        return {"s0": self.volume, "raw": NoExtents(self.volume)}.get(name)
+
+    def control(self, peer: RemoteConfig, body: dict[str, Any]) -> dict[str, Any]:
+        self.controls.append(body)
+        return {"seen": body, "from": peer.name}
+
+    def make(self, remotes: list[RemoteConfig] | None = None) -> LinkServer:
+        server = LinkServer(self.link, remotes or [self.remote], self.route, self.control)
+        server.start()
+        return server
+
+    @property
+    def port(self) -> int:
+        return self.server.address[1]
+
+
+class NoExtents:
+    """A target that cannot say what is mapped (no extent_at)."""
+
+    def __init__(self, volume: MemVolume) -> None:
+        self.v = volume
+        self.size = volume.size
+        self.readinto, self.write, self.flush, self.unmap = (
+            volume.readinto, volume.write, volume.flush, volume.unmap,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def site(keys: Path) -> Iterator[Site]:
+    s = Site(keys)
+    yield s
+    s.server.close()
+
+
+def session_to(keys: Path, port: int, peer_sub: str = "b", me: str = "a") -> LinkSession:
+    link, remote = array(keys, me, B[0], peer_sub, port)
+    s = LinkSession(link, remote, backoff=BACKOFF)
+    s.start()
+    return s
+
+
+@pytest.fixture
+def session(keys: Path, site: Site) -> Iterator[LinkSession]:
+    s = session_to(keys, site.port)
+    assert s.wait_connected(5)
+    yield s
+    s.close()
+
+
+# -- the Replica operations ------------------------------------------------------------------
+
+
+def test_remote_replica_round_trips_every_operation(session: LinkSession, site: Site) -> None:
+    r = RemoteReplica(session, "s0")
+    assert r.size == 1 << 20
+    r.write(4096, [memoryview(b"a" * 512), memoryview(b"b" * 512)])
+    buf = bytearray(1024)
+    r.readinto(4096, [memoryview(buf)[:100], memoryview(buf)[100:]])
+    assert bytes(buf) == b"a" * 512 + b"b" * 512 == bytes(site.volume.data[4096:5120])
+    assert r.extent_at(0).mapped is False and r.extent_at(0).length == 4096
+    assert r.extent_at(4096) == site.volume.extent_at(4096)
+    r.unmap(4096, 512)
+    assert bytes(site.volume.data[4096:4608]) == bytes(512)
+    assert session.control({"op": "suspend", "pair": "p1"}) == {
+        "seen": {"op": "suspend", "pair": "p1"}, "from": A[0],
+    }  # fmt: skip
+
+
+def test_large_requests_are_split(
+    session: LinkSession, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replica, "MAX_DATA", 1024)  # as if 1 KiB were the most a frame carries
+    r = RemoteReplica(session, "s0")
+    data = bytes(range(256)) * 12
+    r.write(8192, [memoryview(data[:1000]), memoryview(data[1000:])], fua=True)
+    assert site.volume.writes == [(8192, 1024, True), (9216, 1024, True), (10240, 1024, True)]
+    bufs = [memoryview(bytearray(1500)), memoryview(bytearray(1572))]
+    r.readinto(8192, bufs)
+    assert b"".join(bytes(b) for b in bufs) == data
+
+
+def test_fua_and_flush_reach_the_s_volume(session: LinkSession, site: Site) -> None:
+    r = RemoteReplica(session, "s0")
+    r.write(0, [memoryview(bytes(512))], fua=True)
+    r.write(512, [memoryview(bytes(512))])
+    assert site.volume.writes == [(0, 512, True), (512, 512, False)]
+    r.flush()
+    assert site.volume.flushes == 1
+
+
+def test_a_write_is_answered_only_once_the_s_volume_has_it(
+    session: LinkSession, site: Site
+) -> None:
+    site.volume.gate.clear()
+    t = threading.Thread(target=RemoteReplica(session, "s0").write, args=(0, [b"x" * 512], True))
+    t.start()
+    assert site.volume.entered.wait(5)
+    t.join(0.3)
+    assert t.is_alive()  # the S volume has not finished the write: no answer yet
+    site.volume.gate.set()
+    t.join(5)
+    assert not t.is_alive() and site.volume.writes == [(0, 512, True)]
+
+
+def test_failures_on_the_s_side_are_answered_and_the_link_stays_up(
+    session: LinkSession, site: Site
+) -> None:
+    with pytest.raises(RemoteError, match="no volume 'nope' for array siteA") as e:
+        RemoteReplica(session, "nope").flush()
+    assert e.value.status is Status.NO_VOLUME
+    with pytest.raises(RemoteError, match="beyond the end") as e:
+        session.read("s0", 1 << 20, 512)
+    assert e.value.status is Status.BAD_REQUEST
+    site.volume.bad_write.add(8192)
+    with pytest.raises(RemoteError, match="write error at byte 8192") as e:
+        session.write("s0", 8192, bytes(512))
+    assert e.value.status is Status.FAILED
+    assert isinstance(e.value, LinkError) and isinstance(e.value, VolumeError)
+    assert session.connected and session.size("s0") == 1 << 20
+
+
+def test_a_target_without_extents_reports_everything_mapped(session: LinkSession) -> None:
+    assert RemoteReplica(session, "raw").extent_at(8192).mapped is True
+
+
+def test_control_without_a_handler_is_refused(keys: Path, site: Site) -> None:
+    site.server.close()
+    server = LinkServer(site.link, [site.remote], site.route)
+    server.start()
+    s = session_to(keys, server.address[1])
+    try:
+        assert s.wait_connected(5)
+        with pytest.raises(RemoteError, match="no CONTROL") as e:
+            s.control({"op": "x"})
+        assert e.value.status is Status.BAD_REQUEST
+    finally:
+        s.close()
+        server.close()
+
+
+# -- pipelining and order --------------------------------------------------------------------
+
+
+def test_sixteen_requests_are_in_flight_at_once(keys: Path) -> None:
+    """A fake S side that answers nothing until it holds 16 requests: a session that sent one
+    request at a time would never get there."""
+    link, remote = array(keys, "b", A[0], "a")
+    ctx = tls.context(link, [remote], server=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[Frame] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as s:
+            recv_frame(s)
+            s.sendall(hello_frame(*B))
+            while len(held) < 16:
+                f = recv_frame(s)
+                if f.type is FrameType.WRITE:
+                    held.append(f)
+            for f in reversed(held):  # answered out of order: each caller gets its own answer
+                s.sendall(ok(f.seq))
+
+    threading.Thread(target=serve, daemon=True).start()
+    s = session_to(keys, listener.getsockname()[1])
+    try:
+        assert s.wait_connected(5)
+        done: list[int] = []
+
+        def write(i: int) -> None:
+            s.write("s0", i * 512, bytes(512))
+            done.append(i)
+
+        writers = [threading.Thread(target=write, args=(i,)) for i in range(16)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(10)
+        assert sorted(done) == list(range(16)) and len(held) == 16
+    finally:
+        s.close()
+        listener.close()
+
+
+def test_pipelined_writes_are_applied_in_sequence_order(keys: Path, site: Site) -> None:
+    with raw_client(keys, site.port) as s:
+        frames = [
+            encode(FrameType.WRITE, seq, volume="s0", offset=(seq % 4) * 512, fua=False,
+                   data=bytes([seq]) * 512)
+            for seq in range(1, 33)
+        ]  # fmt: skip
+        s.sendall(b"".join(frames))  # all 32 sent before any answer is read
+        answers = [recv_frame(s) for _ in range(32)]
+    assert [a.body.answers for a in answers] == list(range(1, 33))
+    assert all(a.body.status is Status.OK for a in answers)
+    assert [w[0] for w in site.volume.writes] == [(seq % 4) * 512 for seq in range(1, 33)]
+    assert [site.volume.data[i * 512] for i in range(4)] == [32, 29, 30, 31]  # the last ones
+
+
+def test_a_reconnecting_peer_supersedes_its_old_connection(keys: Path, site: Site) -> None:
+    """Nothing sent on a connection the P side gave up on is applied after the new one is up:
+    the request being applied finishes first, the rest of the old connection is dropped."""
+    site.volume.gate.clear()
+    old = raw_client(keys, site.port)
+    old.sendall(
+        encode(FrameType.WRITE, 1, volume="s0", offset=0, fua=False, data=b"1" * 512)
+        + encode(FrameType.WRITE, 2, volume="s0", offset=0, fua=False, data=b"2" * 512)
+    )
+    assert site.volume.entered.wait(5)
+    new = session_to(keys, site.port)
+    try:
+        assert not new.wait_connected(2 * TIMEOUT)  # waits for the write being applied
+        site.volume.gate.set()
+        assert new.wait_connected(5)
+        new.write("s0", 512, b"3" * 512)
+        assert site.volume.writes == [(0, 512, False), (512, 512, False)]
+        assert bytes(site.volume.data[:512]) == b"1" * 512
+    finally:
+        new.close()
+        old.close()
+
+
+# -- authentication --------------------------------------------------------------------------
+
+
+def test_a_peer_with_an_unknown_certificate_is_refused(
+    keys: Path, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+        s = session_to(keys, site.port, me="c")  # C: A's name and serial, another key
+        try:
+            assert not s.wait_connected(0.5)
+            with pytest.raises(LinkDown):
+                s.write("s0", 0, b"x" * 512)
+        finally:
+            s.close()
+    assert site.volume.writes == []
+    assert any(
+        r.message.startswith("link: refused 127.0.0.1:") and "certificate" in r.message.lower()
+        for r in caplog.records
+    ), caplog.text
+
+
+def test_the_p_side_refuses_an_s_side_it_does_not_pin(
+    keys: Path, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+        s = session_to(keys, site.port, peer_sub="d")  # pins D's certificate for B
+        try:
+            assert not s.wait_connected(0.5)
+        finally:
+            s.close()
+    assert "cannot connect: TLS: CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+def test_a_certificate_with_another_serial_is_refused(
+    keys: Path, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    site.server.close()
+    site.server = site.make([dataclasses.replace(site.remote, serial=4242)])
+    with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+        s = session_to(keys, site.port)
+        try:
+            assert not s.wait_connected(0.5)
+        finally:
+            s.close()
+    assert "certificate says serial 1001, remote[0].serial is 4242" in caplog.text
+    assert site.volume.writes == []
+
+
+def test_a_hello_with_another_serial_is_refused(
+    keys: Path, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+        s = raw_client(keys, site.port, hello_serial=7)
+        s.sendall(encode(FrameType.WRITE, 1, volume="s0", offset=0, fua=True, data=bytes(512)))
+        assert closed(s)
+    assert "HELLO says serial 7, its certificate 1001" in caplog.text
+    assert site.volume.writes == []
+
+
+# -- malformed frames ------------------------------------------------------------------------
+
+
+def write_frame(seq: int = 1) -> bytes:
+    return encode(FrameType.WRITE, seq, volume="s0", offset=0, fua=False, data=bytes(512))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"JUNK" + write_frame()[4:],
+        write_frame()[:6] + b"\x63" + write_frame()[7:],  # frame type 99
+        write_frame(5),  # sequence 5 where 1 is due
+        encode(FrameType.RESPONSE, 1, answers=1, status=Status.OK, error="", data=b""),
+    ],
+    ids=["magic", "type", "sequence", "response-from-p"],
+)
+def test_a_malformed_frame_drops_the_connection_and_is_not_applied(
+    keys: Path, site: Site, frame: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+        s = raw_client(keys, site.port)
+        s.sendall(frame)
+        assert closed(s)
+    assert site.volume.writes == []
+    assert "down: dropped:" in caplog.text
+
+
+def test_a_write_with_bytes_left_over_is_not_applied(keys: Path, site: Site) -> None:
+    good = encode(FrameType.FLUSH, 1, volume="s0")
+    s = raw_client(keys, site.port)
+    header = parse_header(good[:HEADER_SIZE])
+    longer = (header.length + 1).to_bytes(4, "big")
+    s.sendall(good[: HEADER_SIZE - 4] + longer + good[HEADER_SIZE:] + b"!")
+    assert closed(s)
+    assert site.volume.flushes == 0
+
+
+# -- dead peers and reconnects ----------------------------------------------------------------
+
+
+def test_a_stopped_server_fails_requests_at_once(session: LinkSession, site: Site) -> None:
+    site.server.close()
+    start = time.monotonic()
+    with pytest.raises(LinkDown):
+        for _ in range(100):  # until the session has seen the connection end
+            session.flush("s0")
+            time.sleep(0.01)
+    assert time.monotonic() - start < TIMEOUT
+
+
+def test_a_silent_peer_fails_requests_within_the_link_timeout(keys: Path, site: Site) -> None:
+    proxy = Proxy(site.port)
+    s = session_to(keys, proxy.port)
+    try:
+        assert s.wait_connected(5)
+        s.write("s0", 0, bytes(512))
+        proxy.cut.set()  # packets are lost from now on; nobody closes anything
+        start = time.monotonic()
+        with pytest.raises(LinkDown, match="lost"):
+            s.write("s0", 512, bytes(512))
+        assert time.monotonic() - start < TIMEOUT * 1.25 + 0.3
+        assert not s.connected
+        proxy.cut.clear()
+        assert s.wait_connected(5)  # the link comes back by itself
+        s.write("s0", 1024, b"z" * 512)
+        assert bytes(site.volume.data[1024:1536]) == b"z" * 512
+    finally:
+        s.close()
+        proxy.close()
+
+
+def test_the_session_reconnects_when_the_server_comes_back(
+    session: LinkSession, site: Site
+) -> None:
+    port = site.port
+    site.server.close()
+    time.sleep(0.1)
+    assert not session.connected
+    site.link = dataclasses.replace(site.link, listen=("127.0.0.1", port))
+    site.server = site.make()
+    assert session.wait_connected(5)
+    session.write("s0", 0, b"r" * 512, fua=True)
+    assert site.volume.writes == [(0, 512, True)]
+
+
+def test_a_closed_session_refuses_requests(session: LinkSession) -> None:
+    session.close()
+    with pytest.raises(LinkDown, match="closed"):
+        session.flush("s0")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def recv_exactly(s: ssl.SSLSocket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def recv_frame(s: ssl.SSLSocket) -> Frame:
+    header = parse_header(recv_exactly(s, HEADER_SIZE))
+    payload = recv_exactly(s, header.length)
+    return Frame(header.type, header.seq, parse_payload(header.type, payload))
+
+
+def hello_frame(name: str, serial: int) -> bytes:
+    return encode(FrameType.HELLO, 0, name=name, serial=serial, min_version=1, max_version=1)
+
+
+def ok(seq: int) -> bytes:
+    return encode(FrameType.RESPONSE, seq, answers=seq, status=Status.OK, error="", data=b"")
+
+
+def raw_client(keys: Path, port: int, hello_serial: int = A[1]) -> ssl.SSLSocket:
+    """A P side speaking frames by hand: TLS as A, then HELLO (answered unless refused)."""
+    link, remote = array(keys, "a", B[0], "b", port)
+    ctx = tls.context(link, [remote], server=False)
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+    s.settimeout(5)
+    s.sendall(hello_frame(A[0], hello_serial))
+    if hello_serial == A[1]:
+        assert recv_frame(s).type is FrameType.HELLO
+    return s
+
+
+def closed(s: ssl.SSLSocket) -> bool:
+    """The S side closed the connection (without answering anything)."""
+    try:
+        return s.recv(1) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+    finally:
+        s.close()
+
+
+class Proxy:
+    """A TCP relay whose `cut` holds every byte (a link losing all packets) until cleared."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.upstream))
+            self.socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                cut_at = self.cut.is_set()
+                while self.cut.is_set():
+                    time.sleep(0.01)
+                if cut_at:
+                    return  # what was held is lost: the connection it belonged to is over
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.socks:
+            s.close()

@@ -205,15 +205,17 @@ def test_sigkill_under_writes_minimerge_with_log_full_merge_without(
 ) -> None:
     # writers within the first 4 MiB that are writing when the daemon dies, and after
     writers = [Writer(daemon.sd(name), 4 * MIB) for name in ("dsa1", "dsa2")]
-    for w in writers:
-        w.start()
-        w.wait_for(50)
-    daemon.kill()
-    daemon.start()  # the queued I/O is served; the writers go on
-    for w in writers:
-        w.wait_for(50)
-    for w in writers:
-        w.stop_and_verify()
+    try:
+        for w in writers:
+            w.start()
+            w.wait_for(50)
+        daemon.kill()
+        daemon.start()  # the queued I/O is served; the writers go on
+        for w in writers:
+            w.wait_for(50)
+    finally:  # never leave a writer running into the next test
+        for w in writers:
+            w.stop_and_verify()
     for name in ("dsa1", "dsa2"):
         wait_steady(daemon, name)
     one, two = show(daemon, "dsa1"), show(daemon, "dsa2")

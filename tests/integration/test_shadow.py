@@ -142,6 +142,8 @@ class Writer(threading.Thread):
     def stop_and_verify(self) -> None:
         """Every acknowledged block reads back as it was last written."""
         self._stop_writing.set()
+        if self.ident is None:  # never started
+            return
         self.join(300)
         assert self.error is None, self.error
         fd = os.open(self.dev, os.O_RDONLY | os.O_DIRECT)

@@ -31,9 +31,10 @@ from rich.logging import RichHandler
 from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
 from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
+from vscsi.link import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import PairError
-from vscsi.remote.peer import LinkDown
+from vscsi.remote.peer import LinkDown, LinkPeer
 from vscsi.remote.states import Fence
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
@@ -170,6 +171,8 @@ class Daemon:
         self._netlink: NetlinkListener | None = None
         self._control: ControlServer | None = None
         self.pairs: PairManager | None = None
+        self._sessions: list[LinkSession] = []  # to each peer array (remote pairs)
+        self._link_server: LinkServer | None = None
         self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
         self._state_lock: IO[str] | None = None
         self._keep_kernel_objects = False  # after a RingFailure: the restart re-attaches
@@ -212,6 +215,7 @@ class Daemon:
                 shadow = assembly.open(force=sc.name in self.force_mount)
                 self.shadow_sets[sc.name] = (assembly, shadow)
                 volumes[sc.name] = shadow
+            link = self.config.link
             self.pairs = PairManager(
                 self.config.state_dir,
                 volumes,
@@ -219,8 +223,12 @@ class Daemon:
                 on_change=self._pair_changed,
                 copy_rate=self.config.copy_rate,
                 committer=committer,
+                serial=link.serial if link is not None else 0,
+                peers=self._start_links(),
             )
+            self._serve_link(self.pairs)
         except (PairError, OSError, ValueError, DaemonError) as e:
+            self._stop_links()
             for vol in volumes.values():
                 vol.close()
             if isinstance(e, ConfigError | DaemonError):
@@ -230,6 +238,48 @@ class Daemon:
             vol = self.pairs.volume(u.name)
             lun = Lun(vol, u.identity, vendor_pages=self.pairs.vendor_pages(u.name))
             self.served[u.name] = Served(u, vol, lun)
+
+    # -- the link to peer arrays (remote pairs) --------------------------------------------------
+
+    def _start_links(self) -> dict[str, LinkPeer]:
+        """One session per `[[remote]]`, connecting in the background."""
+        link = self.config.link
+        if link is None:
+            return {}
+        for r in self.config.remotes:
+            session = LinkSession(link, r)
+            session.start()
+            self._sessions.append(session)
+        return {s.remote.name: LinkPeer(s, s.remote) for s in self._sessions}
+
+    def _serve_link(self, pairs: PairManager) -> None:
+        """Accept the peers' update copies and control messages; then, before any LUN is
+        served, settle every remote pair with its peer (a P-VOL whose peer is unreachable is
+        fenced) and keep exchanging state in the background."""
+        link = self.config.link
+        if link is None:
+            return
+        if link.listen is not None:
+            server = LinkServer(
+                link,
+                self.config.remotes,
+                lambda peer, volume: pairs.remote.replica_target(volume, peer.serial),
+                lambda peer, body: pairs.remote.handle(str(body.get("op")), body, peer.serial),
+            )
+            server.start()
+            self._link_server = server
+        for session in self._sessions:
+            session.wait_connected(min(link.timeout, 5.0))
+        pairs.remote.check_peers()
+        pairs.remote.watch(link.timeout)
+
+    def _stop_links(self) -> None:
+        if self._link_server is not None:
+            self._link_server.close()
+            self._link_server = None
+        for session in self._sessions:
+            session.close()
+        self._sessions.clear()
 
     def _units(self) -> list[VolumeConfig | ShadowSetConfig]:
         return [*self.config.volumes, *self.config.shadow_sets]
@@ -340,6 +390,7 @@ class Daemon:
             self._netlink.stop()
         if self._control is not None:
             self._control.close()
+        self._stop_links()
         if self.pairs is not None:
             self.pairs.close()  # copiers stop at a checkpoint; every volume is closed
         if self._state_lock is not None:

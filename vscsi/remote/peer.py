@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from vscsi.config import RemoteConfig
+from vscsi.link import LinkDown, LinkSession, RemoteError, RemoteReplica
 from vscsi.pair.replica import Replica
-from vscsi.store.base import VolumeError
+from vscsi.pair.states import PairError
 
-
-class LinkDown(VolumeError):
-    """The peer array cannot be reached (or did not answer in time)."""
+__all__ = ["LinkDown", "LinkPeer", "Peer"]
 
 
 class Peer(Protocol):
@@ -31,3 +31,29 @@ class Peer(Protocol):
     def replica(self, volume: str) -> Replica:
         """The peer's volume as an S-VOL written by this array."""
         ...
+
+
+class LinkPeer:
+    """A peer array over the TLS link (`vscsi.link`): control calls are CONTROL frames,
+    ordered after the update copies sent before them."""
+
+    def __init__(self, session: LinkSession, remote: RemoteConfig) -> None:
+        self.session = session
+        self.remote = remote
+
+    @property
+    def name(self) -> str:
+        return self.remote.name
+
+    @property
+    def serial(self) -> int:
+        return self.remote.serial
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        try:
+            return self.session.control({"op": op, **args})
+        except RemoteError as e:  # the peer's pair layer refused: its reason, one line
+            raise PairError(f"array {self.name}: {e}") from None
+
+    def replica(self, volume: str) -> Replica:
+        return RemoteReplica(self.session, volume)

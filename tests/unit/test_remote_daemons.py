@@ -1,0 +1,140 @@
+"""Two daemons as two arrays on this host, joined by the real TLS link, driven through the CLI
+an operator (or a failover script) uses: a remote pair created, mirrored and refused on its
+S-VOL; the link cut under fence data; takeover with CCI's exit codes; resync --swaps; the old
+primary fenced after a restart without its peer."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.unit.scsi_harness import Sense, run
+from vscsi.cli import main
+from vscsi.config import load
+from vscsi.control import ControlServer
+from vscsi.daemon import Daemon
+
+MIB = 1 << 20
+WRITE10 = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0])  # LBA 8, one block
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Array:
+    def __init__(self, root: Path, name: str, serial: int, peer: str, peer_serial: int,
+                 port: int, peer_port: int) -> None:  # fmt: skip
+        self.root, self.name = root / name, name
+        self.root.mkdir(parents=True, exist_ok=True)
+        r = CliRunner().invoke(main, ["link", "keys", "--dir", str(root / "keys"),
+                                      "--name", name, "--serial", str(serial)])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        keys = root / "keys"
+        (self.root / "vscsi.toml").write_text(
+            f'[daemon]\nsocket = "{self.root}/ctl.sock"\nstate_dir = "state"\n'
+            f'link_cert = "{keys}/{name}.crt"\nlink_key = "{keys}/{name}.key"\n'
+            f'link_listen = "127.0.0.1:{port}"\nlink_timeout = 2.0\n'
+            f'[[remote]]\nname = "{peer}"\naddress = "127.0.0.1:{peer_port}"\n'
+            f'serial = {peer_serial}\npeer_cert = "{keys}/{peer}.crt"\n'
+            f'[[volume]]\nname = "{name}v"\npath = "v.img"\nsize = "4MiB"\ncreate = true\n'
+            f"[volume.identity]\nserial = {serial}\nvolume_id = 0x100\n"
+        )
+        self.d: Daemon | None = None
+        self.srv: ControlServer | None = None
+
+    def start(self) -> Daemon:
+        self.d = Daemon(load(str(self.root / "vscsi.toml")))
+        self.d.open()
+        self.srv = ControlServer(self.d.config.socket, self.d.handlers())
+        self.srv.start()
+        return self.d
+
+    def linked(self, timeout: float = 15) -> bool:
+        """Whether this array's link to its peer is up (its sessions back off while the peer
+        is away, so a test waits for the reconnect before it relies on it)."""
+        assert self.d is not None
+        return all(s.wait_connected(timeout) for s in self.d._sessions)
+
+    def stop(self) -> None:
+        if self.srv is not None:
+            self.srv.close()
+        if self.d is not None:
+            self.d.stop()
+        self.d = self.srv = None
+
+    def cli(self, *args: str) -> tuple[int, str]:
+        r = CliRunner().invoke(main, [*args, "--socket", str(self.root / "ctl.sock")])
+        return r.exit_code, r.output
+
+    def lun_write(self, data: bytes = b"h" * 512) -> Sense | None:
+        """WRITE(10) of one block on this array's volume, after the pending unit attentions
+        (each state change queues 3F/03) are taken by TEST UNIT READY."""
+        assert self.d is not None
+        lun = self.d.served[f"{self.name}v"].lun
+        for _ in range(8):
+            if Sense.of(run(lun, bytes(6))[0]) is None:
+                break
+        return Sense.of(run(lun, WRITE10, data)[0])
+
+    def image(self) -> bytes:
+        return (self.root / "v.img").read_bytes()
+
+
+@pytest.fixture
+def arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
+    pa, pb = free_port(), free_port()
+    (tmp_path / "keys").mkdir()
+    a = Array(tmp_path, "siteA", 410001, "siteB", 410002, pa, pb)
+    b = Array(tmp_path, "siteB", 410002, "siteA", 410001, pb, pa)
+    (a.root / "v.img").write_bytes(os.urandom(4 * MIB))
+    b.start()
+    a.start()
+    for arr in (a, b):
+        assert arr.linked()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def test_remote_pair_through_the_cli_and_the_tls_link(arrays: tuple[Array, Array]) -> None:
+    a, b = arrays
+    rc, out = a.cli("pair", "create", "siteAv", "siteB:siteBv", "--fence", "data",
+                    "--name", "tc", "--wait", "30")  # fmt: skip
+    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    assert a.image() == b.image()
+    assert a.lun_write() is None and a.image() == b.image()  # mirrored before the answer
+    sense = b.lun_write()
+    assert sense is not None and (sense.key, sense.asc, sense.ascq) == (0x7, 0x27, 0x00)
+    assert b.cli("pair", "check", "tc") == (
+        0, "pairvolchk : Volstat is S-VOL.[status = PAIR fence = DATA ]\n")
+    rc, out = b.cli("takeover", "tc")
+    assert (rc, out) == (1, "pair tc: swap\n")  # both up and PAIR: swap-takeover
+    assert b.lun_write() is None and a.image() == b.image()  # now B -> A
+    assert a.cli("pair", "check", "tc")[1].startswith("pairvolchk : Volstat is S-VOL.")
+
+
+def test_the_link_cut_under_fence_data_and_an_svol_takeover(
+    arrays: tuple[Array, Array],
+) -> None:
+    a, b = arrays
+    assert a.cli("pair", "create", "siteAv", "siteB:siteBv", "--fence", "data", "--name", "tc",
+                 "--wait", "30")[0] == 0  # fmt: skip
+    a.stop()  # the P site goes away
+    rc, out = b.cli("takeover", "tc")
+    assert (rc, out) == (225, "pair tc: svol_e\n")  # SSWS, the P side unknown: EX_VOLCUR
+    assert b.lun_write(b"S" * 512) is None
+    a.start()  # the old primary comes back: demoted (its peer took over), refuses writes
+    assert a.linked() and b.linked()
+    sense = a.lun_write()
+    assert sense is not None and (sense.key, sense.asc) == (0x7, 0x27)
+    rc, out = b.cli("pair", "resync", "tc", "--swaps", "--wait", "30")
+    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    assert a.image() == b.image()

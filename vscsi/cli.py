@@ -104,6 +104,9 @@ def status(socket_path: str, as_json: bool) -> None:
         for v in result["volumes"]
     ]
     click.echo(columns([head, *rows]))
+    for link in result.get("links", []):
+        state = "up" if link["up"] else "DOWN"
+        click.echo(f"link to {link['remote']} (serial {link['serial']}): {state}")
 
 
 main.add_command(inq)

@@ -440,7 +440,10 @@ class Daemon:
             if self.pairs is not None:
                 d["role"] = self.pairs.display_volume(s.cfg.name)["role"]
             volumes.append(d)
-        return {"pid": os.getpid(), "config": self.config.source, "volumes": volumes}
+        links = [{"remote": x.remote.name, "serial": x.remote.serial, "up": x.connected}
+                 for x in self._sessions]  # fmt: skip
+        return {"pid": os.getpid(), "config": self.config.source, "volumes": volumes,
+                "links": links}  # fmt: skip
 
     # -- pairs ------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ primary fenced after a restart without its peer."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -110,6 +111,8 @@ def test_remote_pair_through_the_cli_and_the_tls_link(arrays: tuple[Array, Array
                     "--name", "tc", "--wait", "30")  # fmt: skip
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
     assert a.image() == b.image()
+    rc, out = a.cli("status", "--json")
+    assert json.loads(out)["links"] == [{"remote": "siteB", "serial": 410002, "up": True}]
     assert a.lun_write() is None and a.image() == b.image()  # mirrored before the answer
     sense = b.lun_write()
     assert sense is not None and (sense.key, sense.asc, sense.ascq) == (0x7, 0x27, 0x00)

@@ -157,7 +157,8 @@ def test_the_socket_group_may_read_but_not_change(workdir: Path, rundir: Path) -
         status = as_user(*reader, d.socket, {"cmd": "status"})
         assert status["ok"] and status["result"]["volumes"][0]["name"] == "owngrp", status
         assert as_user(*reader, d.socket, {"cmd": "pair_delete", "name": "x"}) == {
-            "ok": False, "error": "pair_delete: group nogroup may run read-only commands only"}
+            "ok": False, "exit": 1,
+            "error": "pair_delete: group nogroup may run read-only commands only"}
         assert as_user(12345, 12345, "", d.socket, {"cmd": "status"}) == {
             "connect": "Permission denied"}
     finally:

@@ -143,12 +143,12 @@ def test_create_copy_then_pair(daemon: Daemon, workdir: Path) -> None:
     run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=32", "oflag=direct")
     unit_attentions(daemon, "pv")
     vscsi(daemon, "pair", "create", "pv", "sv0", "--mu", "0", "--name", "si0")
-    body = vpd_c0(daemon, "pv")
+    body, sbody = vpd_c0(daemon, "pv"), vpd_c0(daemon, "sv0")  # at once: the copy takes 32 s
     assert mu_roles(body)[0] == ("P-VOL", "COPY") and body.slots[1].progress < 100
+    assert mu_roles(sbody)[0] == ("S-VOL", "COPY")
     assert body.slots[1].partner_volume_id == 0x201
     gen = body.slots[1].generation
     assert "Inquiry data has changed" in unit_attentions(daemon, "pv")
-    assert mu_roles(vpd_c0(daemon, "sv0"))[0] == ("S-VOL", "COPY")
     vscsi(daemon, "pair", "wait", "si0", "--timeout", "120")
     body = vpd_c0(daemon, "pv")
     assert mu_roles(body)[0] == ("P-VOL", "PAIR") and body.slots[1].progress == 100

@@ -254,12 +254,12 @@ def test_sigkill_during_copy_resumes_from_its_progress(daemon: Daemon, workdir: 
 def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
     vscsi(daemon, "pair", "split", "si0")
     good = backing(workdir, "sv0")
-    run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=24", "oflag=direct")
-    vscsi(daemon, "pair", "restore", "si0")
-    assert mu_roles(vpd_c0(daemon, "pv"))[0] == ("P-VOL", "RCPY")
+    run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=32", "oflag=direct")
+    vscsi(daemon, "pair", "restore", "si0")  # 32 MiB at 1 MiB/s: the checks below come first
     unit_attentions(daemon, "pv")  # the restore's 3F/03 first: sg_dd does not retry after it
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={daemon.sg('pv')}", "bs=512", "count=1")
     assert rc != 0 and re.search(r"not ready", out, re.I), out  # P-VOL: no writes in RCPY
+    assert mu_roles(vpd_c0(daemon, "pv"))[0] == ("P-VOL", "RCPY")
     wait_for(lambda: pair(daemon, "si0")["progress"] >= 30, what="restore progress")
     daemon.kill()
     daemon.start()

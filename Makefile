@@ -34,7 +34,7 @@ lint: venv
 	$(VENV)/bin/ruff check vscsi tests scripts bench
 
 unit: venv
-	$(VPY) -m pytest tests/unit -q
+	$(VPY) -m pytest tests/unit -q --timeout=120
 
 # One boot, all integration tests; a skipped integration test fails the run (tests/integration).
 integration: deps

@@ -6,7 +6,6 @@ kernel path.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from vscsi.control import ControlError, request
 
 VSCSI = str(Path(sys.executable).with_name("vscsi"))
 CONFIGFS = Path("/sys/kernel/config/target")
@@ -79,10 +80,13 @@ class Daemon:
         raise AssertionError(f"volumes not served within {timeout}s:\n{self.output()}")
 
     def try_status(self) -> dict[str, dict[str, object]] | None:
-        rc, out = run_rc(VSCSI, "status", "--json", "--socket", self.socket)
-        if rc != 0:
+        """What `vscsi status --json` shows, asked on the control socket directly: it is polled,
+        and a CLI process per poll costs seconds in the emulated VM (test_serve runs the CLI)."""
+        try:
+            result = request(self.socket, "status", timeout=60)
+        except ControlError:
             return None
-        return {v["name"]: v for v in json.loads(out)["volumes"]}
+        return {v["name"]: v for v in result["volumes"]}
 
     def status(self) -> dict[str, dict[str, object]]:
         vols = self.try_status()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc
+from vscsi.control import request
 
 MIB = 1 << 20
 SIZE = 16 * MIB
@@ -58,7 +59,7 @@ def cli(d: Daemon, *args: str) -> tuple[int, str]:
 
 def linked(d: Daemon, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while not all(x["up"] for x in json.loads(cli(d, "status", "--json")[1])["links"]):
+    while not all(x["up"] for x in request(d.socket, "status")["links"]):
         assert time.monotonic() < deadline, "the link did not come up"
         time.sleep(0.5)
 

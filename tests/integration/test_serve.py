@@ -6,6 +6,7 @@ One daemon serves several volumes for the whole module: a 512-byte-block file, a
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
@@ -76,6 +77,12 @@ def test_status_lists_devices(daemon: Daemon) -> None:
     out = run("lsscsi", "-g")
     for v in vols.values():
         assert str(v["sd"]) in out
+    # the CLI a user runs shows the same (the fixtures ask the control socket directly)
+    as_json = json.loads(run(VSCSI, "status", "--json", "--socket", daemon.socket))
+    assert {v["name"]: v["sd"] for v in as_json["volumes"]} == {n: v["sd"] for n, v in vols.items()}
+    table = run(VSCSI, "status", "--socket", daemon.socket)
+    for v in vols.values():
+        assert re.search(rf"^{v['name']}\s+serving\s.*\s{v['sd']}\s", table, re.M), table
 
 
 def test_inquiry(daemon: Daemon) -> None:

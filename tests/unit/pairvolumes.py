@@ -8,7 +8,8 @@ import threading
 from collections.abc import Sequence
 
 from tests.unit.memvolume import MemVolume
-from vscsi.pair import LocalReplica, PairManager
+from vscsi.pair.manager import PairManager
+from vscsi.pair.replica import LocalReplica
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import MediumError, Volume
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.unit.memvolume import MemVolume
-from vscsi.pair import PairManager
+from vscsi.pair.manager import PairManager
 from vscsi.remote.peer import LinkDown
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Extent

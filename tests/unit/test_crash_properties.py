@@ -44,7 +44,8 @@ from tests.unit.pairvolumes import identities
 from vscsi.durable import faults
 from vscsi.durable.committer import Committer
 from vscsi.durable.faults import Crash
-from vscsi.pair import PairManager, Status
+from vscsi.pair.manager import PairManager
+from vscsi.pair.states import Status
 from vscsi.shadow import AREA, ShadowSet, Tuning
 from vscsi.shadow.control import read_block
 from vscsi.shadow.states import MemberState

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.unit.pairvolumes import MIB, FaultyVolume, manager, read, volumes, write
-from vscsi.pair import LocalReplica, PairManager, Status
+from vscsi.pair.manager import PairManager
+from vscsi.pair.replica import LocalReplica
+from vscsi.pair.states import Status
 from vscsi.pair.volume import GRAIN
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Volume, WriteProtectedError

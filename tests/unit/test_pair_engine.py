@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.pairvolumes import MIB, manager, read, volumes, write
-from vscsi.pair import PairError, PairManager, Status
+from vscsi.pair.manager import PairManager
+from vscsi.pair.states import PairError, Status
 from vscsi.pair.volume import GRAIN
 from vscsi.store.base import MediumError, NotReadyError, WriteProtectedError
 

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 from tests.unit.pairvolumes import GatedReplica
-from vscsi.pair import PairManager, Status
+from vscsi.pair.manager import PairManager
 from vscsi.pair.persist import PairRecord, PairStore
+from vscsi.pair.states import Status
 from vscsi.scsi.identity import Identity
 from vscsi.store.file import FileVolume
 from vscsi.tracker import DirtyMap
@@ -23,7 +24,8 @@ SIZE = 8 << 20
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from vscsi.pair import LocalReplica, PairManager
+    from vscsi.pair.manager import PairManager
+    from vscsi.pair.replica import LocalReplica
     from vscsi.store.file import FileVolume
 
     class Slow(LocalReplica):

@@ -19,7 +19,8 @@ from tests.unit.test_shadow_support import (
     reopen,
     scribble,
 )
-from vscsi.pair import PairManager, Status
+from vscsi.pair.manager import PairManager
+from vscsi.pair.states import Status
 from vscsi.shadow import OpKind, ShadowSet
 from vscsi.store.file import FileVolume
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.remotepeers import SIZE, Site, two_sites
-from vscsi.pair import PairManager
+from vscsi.pair.manager import PairManager
 from vscsi.pair.states import Access, PairError, Status
 from vscsi.pair.volume import GRAIN
 from vscsi.pair.vpd import parse_page

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.unit.memvolume import MemVolume
-from vscsi.pair import PairManager, Status
+from vscsi.pair.manager import PairManager
+from vscsi.pair.states import Status
 from vscsi.resync.engine import Resync, Settings
 from vscsi.resync.holes import Mapped, Run, copy_kind
 from vscsi.store.file import FileVolume

@@ -273,7 +273,8 @@ class LinkSession:
         where = f"link to {self.name} ({self.remote.host}:{self.remote.port})"
         while True:
             try:
-                conn = await asyncio.wait_for(self._connect(), self.link.timeout)
+                async with asyncio.timeout(self.link.timeout):  # not wait_for: on 3.11 it
+                    conn = await self._connect()  # can swallow close()'s cancel (gh-86296)
             except (OSError, EOFError, TimeoutError, FrameError, Refused) as e:
                 if reason(e) != last:  # one line per new reason, not one per attempt
                     last = reason(e)
@@ -460,9 +461,11 @@ class LinkServer:
         who = f"{host}:{port}"
         writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.wait_for(self._tls(transport), self.link.timeout)
+            async with asyncio.timeout(self.link.timeout):
+                reader, writer = await self._tls(transport)
             remote = tls.authenticate(writer.get_extra_info("ssl_object"), self.remotes)
-            check_hello(await asyncio.wait_for(read_frame(reader), self.link.timeout), remote)
+            async with asyncio.timeout(self.link.timeout):
+                check_hello(await read_frame(reader), remote)
             peer.remote = remote
             await self._supersede(task, remote)
             writer.write(hello(self.link))

@@ -1,24 +1,6 @@
 """Local pairs (ShadowImage-style): state machine, durable records, VPD page 0xC0, engine.
 
-The daemon builds one `PairManager` over its volumes and stacks `manager.volume(name)` under
-each LUN, with `vendor_pages=manager.vendor_pages(name)`.
+The daemon builds one `manager.PairManager` over its volumes and stacks `manager.volume(name)`
+under each LUN, with `vendor_pages=manager.vendor_pages(name)`. This package imports nothing
+itself, so that host-side tools reading page 0xC0 start without the engine.
 """
-
-from vscsi.pair.manager import PairManager
-from vscsi.pair.pair import Pair
-from vscsi.pair.replica import LocalReplica, Replica
-from vscsi.pair.states import Access, Event, PairError, Role, Status
-from vscsi.pair.volume import PairVolume
-
-__all__ = [
-    "Access",
-    "Event",
-    "LocalReplica",
-    "Pair",
-    "PairError",
-    "PairManager",
-    "PairVolume",
-    "Replica",
-    "Role",
-    "Status",
-]

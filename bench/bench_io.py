@@ -3,12 +3,15 @@
 Every backend sits behind tcm_loop on the same kind of backing store (a file on the VM's tmpfs)
 and runs the same fio jobs; the table gives each result as a ratio to LIO's in-kernel fileio
 (no userspace hop: the ceiling). A second table runs the write jobs on a vscsi P-VOL in PAIR
-(every write mirrored to a local S-VOL before it is acknowledged) next to simplex vscsi.
+(every write mirrored before it is acknowledged) next to simplex vscsi: with a local S-VOL
+(ShadowImage-style), and with an S-VOL on a second daemon (a remote array) whose link runs over
+a veth pair between two network namespaces (TrueCopy-style).
 Absolute numbers mean nothing across machines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import rtslib_fb
 
+from vscsi.control import ControlError, request
 from vscsi.tcmu import configfs
 
 SIZE = 256 << 20
@@ -121,15 +125,75 @@ def vscsi_pair_backend(work: Path) -> Iterator[str]:
         yield dev
 
 
+SITES = {  # name: (network namespace, link address, serial)
+    "siteA": ("vscsi-bench-a", "10.78.0.1", 420001),
+    "siteB": ("vscsi-bench-b", "10.78.0.2", 420002),
+}
+
+
 @contextmanager
-def vscsi_daemon(work: Path, volumes: str) -> Iterator[tuple[Path, str]]:
-    """`vscsi up` over `volumes` (TOML [[volume]] bodies, SIZE each); yields the socket and
-    the first volume's disk, and removes the backing files afterwards."""
-    sock = work / "bench.sock"
-    cfg = work / "bench.toml"
+def vscsi_remote_backend(work: Path) -> Iterator[str]:
+    """A P-VOL in PAIR (fence never) with the S-VOL on a second daemon, a remote array; the
+    link (TLS) runs over a veth pair between two network namespaces, one per site."""
+    keys = work / "keys"
+    for name, (_, _, serial) in SITES.items():
+        subprocess.run([VSCSI, "link", "keys", "--dir", str(keys), "--name", name, "--serial",
+                        str(serial)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    s_vol = 'name = "sv"\npath = "sv.img"\nexport = "none"'
+    with (
+        two_sites(),
+        vscsi_daemon(work, s_vol, "b", link(keys, "siteB", "siteA")),
+        vscsi_daemon(work, 'name = "pv"\npath = "pv.img"', "a", link(keys, "siteA", "siteB"))
+        as (sock, dev),
+    ):
+        subprocess.run([VSCSI, "pair", "create", "pv", "siteB:sv", "--fence", "never",
+                        "--wait", "600", "--socket", str(sock)],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        yield dev
+
+
+def link(keys: Path, me: str, peer: str) -> str:
+    """The [daemon] link lines and the [[remote]] table of array `me`."""
+    ns, addr, _ = SITES[me]
+    _, peer_addr, peer_serial = SITES[peer]
+    return (f'link_cert = "{keys}/{me}.crt"\nlink_key = "{keys}/{me}.key"\n'
+            f'link_listen = "{addr}:7001"\nlink_netns = "{ns}"\n'
+            f'[[remote]]\nname = "{peer}"\naddress = "{peer_addr}:7001"\n'
+            f'serial = {peer_serial}\npeer_cert = "{keys}/{peer}.crt"\n')  # fmt: skip
+
+
+@contextmanager
+def two_sites() -> Iterator[None]:
+    (ns_a, addr_a, _), (ns_b, addr_b, _) = SITES.values()
+    for ns in (ns_a, ns_b):
+        ip("netns", "add", ns)
+    try:
+        ip("link", "add", "bA", "netns", ns_a, "type", "veth", "peer", "name", "bB", "netns", ns_b)
+        for ns, dev, addr in ((ns_a, "bA", addr_a), (ns_b, "bB", addr_b)):
+            ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            ip("-n", ns, "link", "set", dev, "up")
+        yield
+    finally:
+        for ns in (ns_a, ns_b):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True)
+
+
+@contextmanager
+def vscsi_daemon(
+    work: Path, volumes: str, name: str = "bench", daemon: str = ""
+) -> Iterator[tuple[Path, str]]:
+    """`vscsi up` over `volumes` (TOML [[volume]] bodies, SIZE each) with `daemon` added to its
+    [daemon] table; yields the socket and the first volume's disk ("" when not exported), and
+    removes the backing files afterwards."""
+    sock = work / f"{name}.sock"
+    cfg = work / f"{name}.toml"
     body = volumes.replace("\n[[volume]]\n", f"\nsize = {SIZE}\ncreate = true\n[[volume]]\n")
     cfg.write_text(
-        f'[daemon]\nsocket = "{sock}"\nstate_dir = "state"\n[[volume]]\n{body}\n'
+        f'[daemon]\nsocket = "{sock}"\nstate_dir = "state-{name}"\n{daemon}[[volume]]\n{body}\n'
         f"size = {SIZE}\ncreate = true\n"
     )
     proc = subprocess.Popen([VSCSI, "up", "-c", str(cfg)], stdout=subprocess.DEVNULL)
@@ -146,18 +210,16 @@ def wait_served(sock: Path, proc: subprocess.Popen[bytes]) -> str:
     for _ in range(240):
         if proc.poll() is not None:
             raise SystemExit(f"vscsi up exited {proc.returncode}")
-        p = subprocess.run([VSCSI, "status", "--json", "--socket", str(sock)],
-                           capture_output=True, text=True)
-        if p.returncode == 0:
-            vol = json.loads(p.stdout)["volumes"][0]
-            if vol.get("sd"):
-                return str(vol["sd"])
+        with contextlib.suppress(ControlError):
+            vol = request(str(sock), "status")["volumes"][0]
+            if vol["state"] == "serving" and (vol.get("sd") or vol["export"] == "none"):
+                return str(vol.get("sd") or "")
         time.sleep(0.5)
     raise SystemExit("vscsi did not serve its volume in time")
 
 
 def table(results: dict[str, dict[str, float]]) -> str:
-    names = [n for n in results if n != "vscsi-pair"]
+    names = [n for n in results if n not in PAIRED]
     head = f"| job | {' | '.join(names)} | " + " | ".join(f"{n}/fileio" for n in names[1:])
     head += " | vscsi/tcmu-runner |"
     lines = [head, "|" + "---|" * (len(names) * 2 + 1)]
@@ -170,11 +232,19 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+PAIRED = {"vscsi-pair": "local PAIR", "vscsi-remote": "remote PAIR"}
+
+
 def pair_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| job | vscsi simplex | vscsi PAIR | PAIR/simplex |", "|---|---|---|---|"]
+    kinds = [k for k in PAIRED if k in results]
+    head = "| job | vscsi simplex | " + " | ".join(PAIRED[k] for k in kinds)
+    head += " | " + " | ".join(f"{PAIRED[k]}/simplex" for k in kinds) + " |"
+    lines = [head, "|" + "---|" * (2 * len(kinds) + 2)]
     for job, *_ in PAIR_JOBS:
-        simplex, paired = results["vscsi"][job], results["vscsi-pair"][job]
-        lines.append(f"| {job} | {simplex:,.0f} | {paired:,.0f} | {paired / simplex:.2f}x |")
+        simplex = results["vscsi"][job]
+        cells = [f"{results[k][job]:,.0f}" for k in kinds]
+        ratios = [f"{results[k][job] / simplex:.2f}x" for k in kinds]
+        lines.append(f"| {job} | {simplex:,.0f} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     return "\n".join(lines)
 
 
@@ -185,6 +255,7 @@ def main() -> None:
         "tcmu-runner": tcmu_runner_backend,
         "vscsi": vscsi_backend,
         "vscsi-pair": vscsi_pair_backend,
+        "vscsi-remote": vscsi_remote_backend,
     }
     only = os.environ.get("VSCSI_BENCH_ONLY")
     if only:
@@ -197,7 +268,7 @@ def main() -> None:
             for name, backend in backends.items():
                 print(f"== {name}", file=sys.stderr, flush=True)
                 with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                    results[name] = run_jobs(dev, PAIR_JOBS if name == "vscsi-pair" else JOBS)
+                    results[name] = run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS)
                 print(json.dumps(results[name]), file=sys.stderr, flush=True)
         finally:
             subprocess.run(["umount", tmp], check=False)
@@ -207,7 +278,7 @@ def main() -> None:
     print(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)")
     print(table(results))
     print()
-    print("mirrored writes: a P-VOL in PAIR (local S-VOL) against simplex")
+    print("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) against simplex")
     print(pair_table(results))
     out = os.environ.get("VSCSI_VM_OUT")
     if out:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vscsi.link import netns
 from vscsi.scsi.identity import Identity
 from vscsi.store.claim import store_key
 from vscsi.store.file import FileVolume, StoreConfigError
@@ -115,6 +116,7 @@ class LinkConfig:
     serial: int
     listen: tuple[str, int] | None = None  # None: accept no peer (only connect to them)
     timeout: float = DEFAULT_LINK_TIMEOUT
+    netns: str | None = None  # the network namespace the link's sockets live in; None: ours
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ _SHADOW_KEYS = {
 }  # fmt: skip
 _DAEMON_KEYS = {
     "socket", "state_dir", "copy_rate", "command_timeout", "socket_group", "shadow_add_paths",
-    "link_listen", "link_cert", "link_key", "link_timeout",
+    "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
 }  # fmt: skip
 _REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
 _VOLUME_KEYS = {
@@ -419,6 +421,7 @@ def _link(daemon: dict[str, Any], base: Path, remotes: list[RemoteConfig]) -> Li
     key = _get(daemon, "link_key", str, "daemon")
     listen = daemon.get("link_listen")
     timeout = _get(daemon, "link_timeout", (int, float), "daemon")
+    netns = _get(daemon, "link_netns", str, "daemon")
     if not (remotes or listen is not None or cert or key):
         return None
     if not cert or not key:
@@ -439,6 +442,8 @@ def _link(daemon: dict[str, Any], base: Path, remotes: list[RemoteConfig]) -> Li
     if timeout is not None and not 0.1 <= timeout <= 600:
         raise ConfigError(f"daemon.link_timeout: {timeout} must be 0.1 to 600 seconds")
     _check_remotes(remotes, serial)
+    if netns is not None:
+        _check_netns(netns)
     return LinkConfig(
         cert=cert,
         key=key,
@@ -446,7 +451,17 @@ def _link(daemon: dict[str, Any], base: Path, remotes: list[RemoteConfig]) -> Li
         serial=serial,
         listen=_address(listen, "daemon.link_listen") if listen is not None else None,
         timeout=float(timeout) if timeout is not None else DEFAULT_LINK_TIMEOUT,
+        netns=netns,
     )
+
+
+def _check_netns(name: str) -> None:
+    try:
+        path = netns.path_of(name)
+    except ValueError as e:
+        raise ConfigError(f"daemon.link_netns: {e}") from None
+    if not path.exists():
+        raise ConfigError(f"daemon.link_netns: no network namespace {name} (ip netns add {name})")
 
 
 def _check_remotes(remotes: list[RemoteConfig], own_serial: int) -> None:

@@ -31,7 +31,7 @@ from rich.logging import RichHandler
 from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
 from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
-from vscsi.link import LinkServer, LinkSession
+from vscsi.link.session import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import PairError
 from vscsi.remote.peer import LinkDown, LinkPeer

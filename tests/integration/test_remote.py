@@ -1,13 +1,14 @@
-"""Remote pairs between two daemons (two arrays) through the real kernel: each serves its
-volume on its own LUN, the TLS link joins them over loopback, and `tc netem` cuts it. Checked
-with `cmp` of the backing stores, sg_dd's sense data and CCI-like exit codes.
+"""Remote pairs between two daemons (two arrays) through the real kernel. Each serves its volume
+on its own LUN; their links live in two network namespaces joined by a veth pair (the two
+sites' replication network), which the tests cut with `ip link set down` or `tc netem`.
+Checked with fio's verification, a writer that remembers every acknowledged block, `cmp` of
+the backing stores, sg_dd's sense data and CCI-like exit codes.
 
-Both daemons run in the initial network namespace: TCMU's generic netlink family exists only
-there, so a daemon in another namespace could not serve its LUN (see docs/remote.md)."""
+The daemons themselves run in the initial namespace: TCMU's generic netlink family exists only
+there. `link_netns` puts only their link sockets in the site's namespace (docs/link.md)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -17,55 +18,103 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc
+from tests.integration.hostio import Writer, fio
 from vscsi.control import request
 
 MIB = 1 << 20
 SIZE = 16 * MIB
+SPAN = 4 * MIB  # where the host writes during a test: a resync copies at most this
+NS = {"siteA": "vscsi-siteA", "siteB": "vscsi-siteB"}
+ADDR = {"siteA": "10.77.0.1", "siteB": "10.77.0.2"}
+DEV = {"siteA": "vA", "siteB": "vB"}
+PORT = {"siteA": 7101, "siteB": 7102}
+SERIAL = {"siteA": 410011, "siteB": 410012, "siteC": 410013}
 
 
-def array(workdir: Path, name: str, serial: int, port: int, peer: str, peer_serial: int,
-          peer_port: int, vol: str) -> Daemon:  # fmt: skip
-    keys = workdir / "linkkeys"
+def array(workdir: Path, name: str, peer: str, vol: str, keys: str = "linkkeys",
+          accept: bool = True, serial: int | None = None) -> Daemon:  # fmt: skip
+    """A daemon with array `name`'s key material from `keys`, its link in `name`'s network
+    (accepting peers there unless told not to), linked to `peer`, serving one volume."""
+    listen = f'link_listen = "{ADDR[name]}:{PORT[name]}"\n' if accept else ""
     return Daemon(workdir, (
-        f'state_dir = "{workdir}/{name}-state"\n'
-        f'link_cert = "{keys}/{name}.crt"\nlink_key = "{keys}/{name}.key"\n'
-        f'link_listen = "127.0.0.1:{port}"\nlink_timeout = 2.0\n'
-        f'[[remote]]\nname = "{peer}"\naddress = "127.0.0.1:{peer_port}"\n'
-        f'serial = {peer_serial}\npeer_cert = "{keys}/{peer}.crt"\n'
+        f'state_dir = "{workdir}/{name}-{vol}-state"\n'
+        f'link_cert = "{workdir}/{keys}/{name}.crt"\nlink_key = "{workdir}/{keys}/{name}.key"\n'
+        f'{listen}link_timeout = 3.0\nlink_netns = "{NS[name]}"\n'
+        f'[[remote]]\nname = "{peer}"\naddress = "{ADDR[peer]}:{PORT[peer]}"\n'
+        f'serial = {SERIAL[peer]}\npeer_cert = "{workdir}/linkkeys/{peer}.crt"\n'
         f'[[volume]]\nname = "{vol}"\npath = "{workdir}/{vol}.img"\nsize = "16MiB"\n'
-        f'create = true\n[volume.identity]\nserial = {serial}\nvolume_id = 0x600\n'
-    ), name)  # fmt: skip
+        f'create = true\n[volume.identity]\nserial = {serial or SERIAL[name]}\n'
+        f'volume_id = 0x600\n'
+    ), f"{name}-{vol}")  # fmt: skip
+
+
+def network() -> None:
+    """Two sites, each a namespace, joined by a veth pair vA (10.77.0.1) -- vB (10.77.0.2)."""
+    for ns in NS.values():
+        run("ip", "netns", "add", ns)
+    run("ip", "link", "add", "vA", "netns", NS["siteA"], "type", "veth",
+        "peer", "name", "vB", "netns", NS["siteB"])  # fmt: skip
+    for site, ns in NS.items():
+        run("ip", "-n", ns, "addr", "add", f"{ADDR[site]}/24", "dev", DEV[site])
+        run("ip", "-n", ns, "link", "set", DEV[site], "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
 
 
 @pytest.fixture(scope="module")
 def sites(workdir: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    keys = workdir / "linkkeys"
-    run(VSCSI, "link", "keys", "--dir", str(keys), "--name", "siteA", "--serial", "410011")
-    run(VSCSI, "link", "keys", "--dir", str(keys), "--name", "siteB", "--serial", "410012")
-    a = array(workdir, "siteA", 410011, 7101, "siteB", 410012, 7102, "ra")
-    b = array(workdir, "siteB", 410012, 7102, "siteA", 410011, 7101, "rb")
-    b.start()
-    a.start()
-    yield a, b
-    run_rc("tc", "qdisc", "del", "dev", "lo", "root")
-    for d in (a, b):
-        if d.proc is not None:
-            d.stop()
+    for site in ("siteA", "siteB"):
+        run(VSCSI, "link", "keys", "--dir", str(workdir / "linkkeys"), "--name", site,
+            "--serial", str(SERIAL[site]))  # fmt: skip
+    network()
+    a, b = array(workdir, "siteA", "siteB", "ra"), array(workdir, "siteB", "siteA", "rb")
+    try:
+        b.start()
+        a.start()
+        yield a, b
+    finally:
+        for d in (a, b):
+            if d.proc is not None:
+                d.stop()
+        for ns in NS.values():
+            run_rc("ip", "netns", "del", ns)
+
+
+# -- helpers ----------------------------------------------------------------------------------
 
 
 def cli(d: Daemon, *args: str) -> tuple[int, str]:
     return run_rc(VSCSI, *args, "--socket", d.socket, timeout=300)
 
 
+def links(d: Daemon) -> list[dict[str, object]]:
+    return list(request(d.socket, "status")["links"])
+
+
 def linked(d: Daemon, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while not all(x["up"] for x in request(d.socket, "status")["links"]):
-        assert time.monotonic() < deadline, "the link did not come up"
+    while not all(x["up"] for x in links(d)):
+        assert time.monotonic() < deadline, f"the link did not come up: {links(d)}"
         time.sleep(0.5)
 
 
-def same(workdir: Path) -> bool:
-    return (workdir / "ra.img").read_bytes() == (workdir / "rb.img").read_bytes()
+def cut(how: str) -> None:
+    """Lose every packet between the sites: the veth down, or netem dropping all of them."""
+    if how == "down":
+        run("ip", "-n", NS["siteA"], "link", "set", "vA", "down")
+    else:
+        run("ip", "netns", "exec", NS["siteA"], "tc", "qdisc", "add", "dev", "vA", "root",
+            "netem", "loss", "100%")  # fmt: skip
+
+
+def mend(how: str) -> None:
+    if how == "down":
+        run("ip", "-n", NS["siteA"], "link", "set", "vA", "up")
+    else:
+        run("ip", "netns", "exec", NS["siteA"], "tc", "qdisc", "del", "dev", "vA", "root")
+
+
+def same(workdir: Path) -> None:
+    run("cmp", str(workdir / "ra.img"), str(workdir / "rb.img"))
 
 
 def settle(d: Daemon, vol: str) -> None:
@@ -79,41 +128,145 @@ def host_write(d: Daemon, vol: str, offset: int, data: bytes, workdir: Path) -> 
     src = workdir / "remote-chunk.bin"
     src.write_bytes(data)
     settle(d, vol)
-    return run_rc("dd", f"if={src}", f"of={d.sd(vol)}", "bs=4096", f"seek={offset // 4096}",
-                  "oflag=direct", "conv=notrunc,fsync")  # fmt: skip
+    return run_rc("sg_dd", f"if={src}", f"of={d.sg(vol)}", "bs=512", f"seek={offset // 512}",
+                  f"count={len(data) // 512}")  # fmt: skip
 
 
 def status(d: Daemon) -> dict[str, object]:
-    (p,) = json.loads(cli(d, "pair", "display", "tc", "--json")[1])["pairs"]
-    return p
+    (p,) = request(d.socket, "pair_display", name="tc")["pairs"]
+    return dict(p)
 
 
-def test_mirror_fence_never_link_cut_and_resync(
+def create(a: Daemon, fence: str) -> None:
+    rc, out = cli(a, "pair", "create", "ra", "siteB:rb", "--fence", fence, "--name", "tc",
+                  "--wait", "120")  # fmt: skip
+    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+
+
+def resync(a: Daemon, workdir: Path, *extra: str) -> None:
+    """Resync to PAIR; only what changed was copied; the copies are identical."""
+    rc, out = cli(a, "pair", "resync", "tc", *extra, "--wait", "120")
+    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    assert 0 < int(status(a)["copy_total"]) <= SPAN, status(a)
+    same(workdir)
+
+
+def fio_cut(d: Daemon, vol: str, how: str) -> tuple[int, str]:
+    """fio writing 4 MiB of random blocks (rate-limited so that it surely runs ~16 s) with
+    verification; the link is cut a few seconds in and mended once fio ends."""
+    job = fio(d.sd(vol), size="4M", rate_iops=64)
+    time.sleep(4)
+    assert job.poll() is None, "fio ended before the link was cut"
+    cut(how)
+    try:
+        out, _ = job.communicate(timeout=300)
+    finally:
+        mend(how)
+    return job.returncode, out
+
+
+# -- tests, in order: each starts from the pair the previous one left -------------------------
+
+
+def test_mirror_then_fence_never_under_fio_with_the_link_down(
     sites: tuple[Daemon, Daemon], workdir: Path
 ) -> None:
     a, b = sites
     linked(a)
     linked(b)
-    rc, out = cli(a, "pair", "create", "ra", "siteB:rb", "--fence", "never", "--name", "tc",
-                  "--wait", "120")  # fmt: skip
-    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    create(a, "never")
     assert host_write(a, "ra", MIB, os.urandom(4 * MIB), workdir)[0] == 0
-    assert same(workdir)
+    same(workdir)
     settle(b, "rb")
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={b.sg('rb')}", "bs=512", "count=1")
     assert rc != 0 and re.search(r"data protect", out, re.I), out  # S-VOL read only in PAIR
-    run("tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "100%")
-    try:
-        rc, out = host_write(a, "ra", 8 * MIB, os.urandom(64 * 1024), workdir)
-        assert rc == 0, out  # fence never: the write succeeds, the pair suspends
-    finally:
-        run("tc", "qdisc", "del", "dev", "lo", "root")
-    assert status(a)["status"] == "PSUE"
+    rc, out = fio_cut(a, "ra", "down")
+    assert rc == 0 and "err= 0" in out, out  # fence never: every write succeeds, verified
+    assert status(a)["status"] == "PSUE" and not status(a)["fenced"]
     linked(a)
-    rc, out = cli(a, "pair", "resync", "tc", "--wait", "120")
-    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
-    assert status(a)["copy_total"] == 64 * 1024  # only the changed grain
-    assert same(workdir)
+    resync(a, workdir)
+
+
+def test_sigkill_of_the_p_daemon_under_writes_resends_only_logged_regions(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, _ = sites
+    writer = Writer(a.sd("ra"), SPAN)
+    try:
+        writer.start()
+        writer.wait_for(30)
+        a.kill()
+        a.start()  # the queued I/O is served; the writer goes on
+        writer.wait_for(30)
+    finally:
+        writer.stop_and_verify()
+    assert cli(a, "pair", "wait", "tc", "--status", "PAIR", "--timeout", "120")[0] == 0
+    assert 0 < int(status(a)["copy_total"]) <= SPAN, status(a)  # the write-intent log's regions
+    same(workdir)
+
+
+def test_sigkill_of_the_s_daemon_under_writes_then_resync(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, b = sites
+    writer = Writer(a.sd("ra"), SPAN)
+    try:
+        writer.start()
+        writer.wait_for(30)
+        b.kill()
+        writer.wait_for(30)  # fence never: the P-VOL goes on alone
+        assert status(a)["status"] == "PSUE"
+    finally:
+        writer.stop_and_verify()
+    b.start()
+    linked(a)
+    resync(a, workdir)
+
+
+def test_swap_takeover_with_both_sites_up_and_back(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, b = sites
+    rc, out = cli(b, "takeover", "tc")
+    assert (rc, out) == (1, "pair tc: swap\n"), out  # swap-takeover: roles swap, nothing copied
+    assert cli(b, "pair", "check", "tc")[1].startswith("pairvolchk : Volstat is P-VOL.")
+    assert host_write(b, "rb", 2 * MIB, os.urandom(256 * 1024), workdir)[0] == 0
+    same(workdir)  # the new P-VOL's write is on the old primary too
+    assert host_write(a, "ra", 0, os.urandom(4096), workdir)[0] != 0  # now an S-VOL in PAIR
+    rc, out = cli(a, "takeover", "tc")
+    assert (rc, out) == (1, "pair tc: swap\n"), out  # fail back
+    assert host_write(a, "ra", 3 * MIB, os.urandom(256 * 1024), workdir)[0] == 0
+    same(workdir)
+
+
+def test_fence_data_fails_the_write_and_fences_the_pvol(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, _ = sites
+    assert cli(a, "pair", "delete", "tc")[0] == 0
+    create(a, "data")
+    rc, out = fio_cut(a, "ra", "down")
+    assert rc != 0 and "Input/output error" in out, out  # the write that could not be copied
+    assert status(a)["status"] == "PSUE" and status(a)["fenced"]
+    rc, out = host_write(a, "ra", 8 * MIB, bytes(4096), workdir)
+    assert rc != 0 and re.search(r"data protect", out, re.I), out  # read only until resync
+    run("dd", f"if={a.sd('ra')}", "of=/dev/null", "bs=1M", "iflag=direct")  # reads go on
+    linked(a)
+    resync(a, workdir)
+
+
+def test_fence_status_fails_the_write_it_could_not_report_then_tracks(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, _ = sites
+    assert cli(a, "pair", "delete", "tc")[0] == 0
+    create(a, "status")
+    rc, out = fio_cut(a, "ra", "netem")
+    assert rc != 0 and "Input/output error" in out, out  # the S side could not be marked
+    assert status(a)["status"] == "PSUE" and not status(a)["fenced"]
+    assert host_write(a, "ra", 0, os.urandom(4096), workdir)[0] == 0  # then writable, tracked
+    linked(a)
+    resync(a, workdir)
 
 
 def test_svol_takeover_with_the_p_site_down_old_primary_refused_then_swapped(
@@ -130,5 +283,46 @@ def test_svol_takeover_with_the_p_site_down_old_primary_refused_then_swapped(
     assert rc != 0, out
     rc, out = cli(b, "pair", "resync", "tc", "--swaps", "--wait", "120")
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
-    assert same(workdir)
+    same(workdir)
     assert cli(a, "pair", "check", "tc")[1].startswith("pairvolchk : Volstat is S-VOL.")
+
+
+def test_an_impostor_and_a_malformed_hello_are_refused_and_change_nothing(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    a, b = sites
+    before = (workdir / "rb.img").read_bytes()
+    # an array with its own key claiming to be siteA (name and serial): not the pinned cert
+    run(VSCSI, "link", "keys", "--dir", str(workdir / "impostor"), "--name", "siteA",
+        "--serial", str(SERIAL["siteA"]))  # fmt: skip
+    c = array(workdir, "siteA", "siteB", "rc", keys="impostor", accept=False,
+              serial=SERIAL["siteC"])  # fmt: skip
+    c.start()
+    try:
+        time.sleep(3)
+        (link,) = links(c)
+        assert not link["up"], link
+    finally:
+        c.stop()
+    assert re.search(r"link: refused 10\.77\.0\.1:\d+: TLS", b.output()), b.output()[-2000:]
+    # the real siteA's key, then a frame that is not a HELLO: dropped before it is applied
+    keys = workdir / "linkkeys"
+    rc, out = run_rc("ip", "netns", "exec", NS["siteA"], str(Path(VSCSI).with_name("python")),
+                     "-c", MALFORMED, str(keys), f"{ADDR['siteB']}:{PORT['siteB']}")  # fmt: skip
+    assert rc == 0 and out.strip() == "closed", out
+    assert re.search(r"link: refused 10\.77\.0\.1:\d+: .*magic", b.output()), b.output()[-2000:]
+    assert (workdir / "rb.img").read_bytes() == before
+    assert all(x["up"] for x in links(a))  # the real link was not disturbed
+
+
+MALFORMED = """
+import socket, ssl, sys
+keys, (host, port) = sys.argv[1], sys.argv[2].split(":")
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_cert_chain(f"{keys}/siteA.crt", f"{keys}/siteA.key")
+ctx.load_verify_locations(f"{keys}/siteB.crt")
+with ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=30)) as s:
+    s.sendall(b"NOTAFRAME" * 8)
+    print("closed" if s.recv(4096) == b"" else "answered")
+"""

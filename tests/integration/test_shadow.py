@@ -11,12 +11,6 @@ One daemon serves three sets for the whole module:
 from __future__ import annotations
 
 import json
-import mmap
-import os
-import random
-import struct
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run
+from tests.integration.hostio import Writer, fio, fio_ok
 from vscsi.control import request
 from vscsi.shadow import AREA
 
@@ -88,80 +83,6 @@ def show(d: Daemon, name: str) -> dict[str, Any]:
 def wait_steady(d: Daemon, name: str, timeout: float = 300) -> None:
     run(VSCSI, "shadow", "wait", name, "--timeout", str(timeout), "--socket", d.socket,
         timeout=timeout + 30)  # fmt: skip
-
-
-def fio(dev: str, size: str = "12M") -> subprocess.Popen[str]:
-    """fio writing random 4 KiB blocks with crc32c checksums over the first `size` bytes, then
-    verifying every block (12M: ~10 s of writes in the emulated VM)."""
-    cmd = ["fio", "--name=shadow", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
-           "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--size={size}", "--verify=crc32c",
-           "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
-           "--randrepeat=0"]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-class Writer(threading.Thread):
-    """Writes 4 KiB blocks (O_DIRECT) at random places in the first `span` bytes of `dev` until
-    stopped, remembering what each block held when its write was acknowledged. It never ends
-    by itself, so a daemon killed while it runs is killed with writes in flight by
-    construction (fio's time_based mode would skip its verify phase)."""
-
-    def __init__(self, dev: str, span: int) -> None:
-        super().__init__(daemon=True)
-        self.dev, self.blocks = dev, span // 4096
-        self.acked: dict[int, bytes] = {}
-        self.count = 0
-        self.error: BaseException | None = None
-        self._stop_writing = threading.Event()
-
-    def run(self) -> None:
-        fd = os.open(self.dev, os.O_RDWR | os.O_DIRECT)
-        buf = mmap.mmap(-1, 4096)
-        rng = random.Random(self.dev)
-        try:
-            while not self._stop_writing.is_set():
-                block = rng.randrange(self.blocks)
-                data = struct.pack("<QQ", block, self.count) + rng.randbytes(4080)
-                buf[:] = data
-                os.pwrite(fd, buf, block * 4096)
-                self.acked[block] = data
-                self.count += 1
-        except BaseException as e:
-            self.error = e
-        finally:
-            os.close(fd)
-
-    def wait_for(self, writes: int, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        target = self.count + writes
-        while self.count < target:
-            assert self.error is None and self.is_alive(), self.error
-            assert time.monotonic() < deadline, f"{self.dev}: {self.count} of {target} writes"
-            time.sleep(0.2)
-
-    def stop_and_verify(self) -> None:
-        """Every acknowledged block reads back as it was last written."""
-        self._stop_writing.set()
-        if self.ident is None:  # never started
-            return
-        self.join(300)
-        assert self.error is None, self.error
-        fd = os.open(self.dev, os.O_RDONLY | os.O_DIRECT)
-        buf = mmap.mmap(-1, 4096)
-        try:
-            for block, data in self.acked.items():
-                os.preadv(fd, [buf], block * 4096)
-                assert buf[:] == data, f"{self.dev}: block {block} lost an acknowledged write"
-        finally:
-            os.close(fd)
-
-
-def fio_ok(p: subprocess.Popen[str], d: Daemon, timeout: float = 600) -> None:
-    out, _ = p.communicate(timeout=timeout)
-    if p.returncode != 0 or "err= 0" not in out:
-        dmesg = run("dmesg", check=False).splitlines()[-30:]
-        log = d.output().splitlines()[-40:]
-        raise AssertionError("\n".join([out[-3000:], "-- dmesg", *dmesg, "-- vscsi", *log]))
 
 
 def cmp_members(*members: str) -> None:

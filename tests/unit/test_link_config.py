@@ -105,6 +105,10 @@ def test_a_config_without_links_has_none(site: Path) -> None:
         (DAEMON, REMOTE + "fence = 1\n", "remote[0].fence: unknown key"),
         (DAEMON, REMOTE + REMOTE, "remote[1].name: 'siteB' is already used by remote[0]"),
         (DAEMON, REMOTE.replace('"siteB"', '"b/"'), "remote[0].name:"),
+        (DAEMON + 'link_netns = "vscsi-no-such-ns"', REMOTE,
+         "daemon.link_netns: no network namespace vscsi-no-such-ns (ip netns add vscsi-no-"),
+        (DAEMON + 'link_netns = "../../proc/1/ns/net"', REMOTE,
+         "daemon.link_netns: '../../proc/1/ns/net' is not a namespace name"),
     ],
 )
 def test_link_mistakes_are_one_line_naming_the_field(

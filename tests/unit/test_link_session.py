@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -19,16 +20,7 @@ from click.testing import CliRunner
 from tests.unit.memvolume import MemVolume
 from vscsi.cli import main
 from vscsi.config import LinkConfig, RemoteConfig, parse
-from vscsi.link import (
-    LinkDown,
-    LinkError,
-    LinkServer,
-    LinkSession,
-    RemoteError,
-    RemoteReplica,
-    replica,
-    tls,
-)
+from vscsi.link import replica, tls
 from vscsi.link.frames import (
     HEADER_SIZE,
     Frame,
@@ -38,6 +30,8 @@ from vscsi.link.frames import (
     parse_header,
     parse_payload,
 )
+from vscsi.link.replica import RemoteReplica
+from vscsi.link.session import LinkDown, LinkError, LinkServer, LinkSession, RemoteError
 from vscsi.store.base import VolumeError
 
 A, B = ("siteA", 1001), ("siteB", 2002)  # the P side's array, the S side's
@@ -570,3 +564,54 @@ class Proxy:
         self.listener.close()
         for s in self.socks:
             s.close()
+
+
+# -- link_netns --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def netns_name() -> Iterator[str]:
+    """A fresh network namespace with its loopback up (needs root, as `ip netns add` does)."""
+    if os.geteuid() != 0:
+        pytest.skip("making a network namespace needs root")
+    from pyroute2 import NetNS, netns
+
+    name = f"vscsi-test-{os.getpid()}"
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def test_link_sockets_live_in_the_configured_namespace(
+    keys: Path, site: Site, netns_name: str
+) -> None:
+    """Server and session both in namespace N: they reach each other on N's loopback, and
+    nothing in the daemon's own namespace can reach the server."""
+    site.server.close()
+    site.link = dataclasses.replace(site.link, netns=netns_name)
+    site.server = site.make()
+    port = site.port
+    link, remote = array(keys, "a", B[0], "b", port)
+    s = LinkSession(dataclasses.replace(link, netns=netns_name), remote, backoff=BACKOFF)
+    s.start()
+    try:
+        assert s.wait_connected(5)
+        s.write("s0", 0, b"n" * 512)
+        assert bytes(site.volume.data[:512]) == b"n" * 512
+        with pytest.raises(ConnectionRefusedError):  # 127.0.0.1 here is another loopback
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        here = os.readlink("/proc/thread-self/ns/net")
+        assert here == os.readlink("/proc/self/ns/net")  # only the link's threads moved
+    finally:
+        s.close()
+
+
+def test_a_missing_namespace_fails_start_with_its_name(keys: Path) -> None:
+    link, remote = array(keys, "a", B[0], "b", 1)
+    s = LinkSession(dataclasses.replace(link, netns="vscsi-no-such-ns"), remote)
+    with pytest.raises(OSError, match="network namespace vscsi-no-such-ns"):
+        s.start()

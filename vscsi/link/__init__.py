@@ -1,6 +1,3 @@
-"""The link between two arrays: frames, key material, sessions and the remote `Replica`."""
-
-from vscsi.link.replica import RemoteReplica
-from vscsi.link.session import LinkDown, LinkError, LinkServer, LinkSession, RemoteError
-
-__all__ = ["LinkDown", "LinkError", "LinkServer", "LinkSession", "RemoteError", "RemoteReplica"]
+"""The link between two arrays: frames (`frames`), key material (`keys`, `tls`), sessions
+(`session`), the remote `Replica` (`replica`) and the namespace its sockets live in (`netns`).
+This package imports nothing itself: the config loader uses `netns` without the sessions."""

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from construct import Container
 
 from vscsi.config import LinkConfig, RemoteConfig
+from vscsi.link import netns as link_netns
 from vscsi.link import tls
 from vscsi.link.frames import (
     HEADER_SIZE,
@@ -123,12 +124,32 @@ def reason(e: BaseException) -> str:
 
 
 class _LoopThread:
-    """An asyncio loop running in a daemon thread."""
+    """An asyncio loop running in a daemon thread; in network namespace `netns`, when given,
+    so every socket the loop opens is there. OSError when that namespace cannot be entered."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, netns: str | None = None) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        entered: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.thread = threading.Thread(
+            target=self._run, args=(netns, entered), name=name, daemon=True
+        )
         self.thread.start()
+        try:
+            entered.result()
+        except OSError:
+            self.thread.join()
+            self.loop.close()
+            raise
+
+    def _run(self, netns: str | None, entered: concurrent.futures.Future[None]) -> None:
+        if netns is not None:
+            try:
+                link_netns.enter(netns)
+            except OSError as e:
+                entered.set_exception(OSError(e.errno, f"network namespace {netns}: {e.strerror}"))
+                return
+        entered.set_result(None)
+        self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -179,7 +200,7 @@ class LinkSession:
         return self.remote.name
 
     def start(self) -> None:
-        self._thread = _LoopThread(f"link-{self.name}")
+        self._thread = _LoopThread(f"link-{self.name}", self.link.netns)
         self._keeper = self._thread.run(self._spawn())
 
     async def _spawn(self) -> asyncio.Task[None]:
@@ -412,7 +433,7 @@ class LinkServer:
 
     def start(self) -> None:
         """Listen; raises OSError when the address cannot be bound."""
-        self._thread = _LoopThread("link-server")
+        self._thread = _LoopThread("link-server", self.link.netns)
         try:
             self._thread.run(self._listen())
         except OSError:

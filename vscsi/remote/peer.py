@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from vscsi.config import RemoteConfig
-from vscsi.link import LinkDown, LinkSession, RemoteError, RemoteReplica
+from vscsi.link.replica import RemoteReplica
+from vscsi.link.session import LinkDown, LinkSession, RemoteError
 from vscsi.pair.replica import Replica
 from vscsi.pair.states import PairError
 

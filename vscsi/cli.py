@@ -284,7 +284,8 @@ def pair_check(name: str, as_json: bool, socket_path: str) -> None:
 
 
 def finish(socket_path: str, name: str, wait_s: float | None) -> None:
-    """Poll until the pair leaves COPY/RCPY; exit 1 if it is still copying at the deadline."""
+    """Poll until the pair leaves COPY/RCPY; exit 233 (EX_EWSTOT, as pairevtwait) if it is
+    still copying at the deadline."""
     if wait_s is None:
         return
     deadline = time.monotonic() + wait_s
@@ -294,7 +295,8 @@ def finish(socket_path: str, name: str, wait_s: float | None) -> None:
             click.echo(f"pair {name}: {p['status']}")
             return
         if time.monotonic() >= deadline:
-            fail(f"pair {name}: still {p['status']} ({p['progress']}%) after {wait_s:g}s")
+            fail(f"pair {name}: still {p['status']} ({p['progress']}%) after {wait_s:g}s",
+                 EX_EWSTOT)
         time.sleep(0.2)
 
 

@@ -33,7 +33,7 @@ from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
 from vscsi.link.session import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
-from vscsi.pair.states import PairError
+from vscsi.pair.states import NoSuchPair, PairError
 from vscsi.remote.peer import LinkDown, LinkPeer
 from vscsi.remote.states import Fence
 from vscsi.scsi import sense
@@ -579,6 +579,6 @@ class Daemon:
         if name in m.pairs or name in m.remote.pairs:
             return {"pairs": m.display(name), "volumes": []}
         if name not in m.volumes:
-            raise PairError(f"no pair or volume {name!r}: see 'vscsi pair display'")
+            raise NoSuchPair(f"no pair or volume {name!r}: see 'vscsi pair display'")
         vol = m.display_volume(name)
         return {"pairs": vol["pairs"], "volumes": [vol]}

@@ -90,20 +90,20 @@ def test_create_wait_display_and_unit_attention(daemon: Daemon) -> None:
 def test_refusals_are_one_line(daemon: Daemon) -> None:
     assert cli(daemon, "pair", "create", "v0", "v1", "--mu", "0", "--wait", "30")[0] == 0
     rc, out = cli(daemon, "pair", "split", "nope")
-    assert rc == 1 and out == "vscsi: no pair 'nope': see pair display\n"
+    assert rc == 247 and out == "vscsi: no pair 'nope': see pair display\n"
     rc, out = cli(daemon, "pair", "restore", "v0-v1")
-    assert rc == 1
+    assert rc == 228  # EX_INVSTP
     assert out == "vscsi: cannot restore pair 'v0-v1': it is PAIR, restore needs PSUS\n"
     rc, out = cli(daemon, "pair", "create", "v0", "v2", "--mu", "0")
-    assert rc == 1 and out == "vscsi: MU#0 of 'v0' is in use: pick a free MU\n"
+    assert rc == 222 and out == "vscsi: MU#0 of 'v0' is in use: pick a free MU\n"
     rc, out = cli(daemon, "pair", "create", "v2", "v1", "--mu", "1")
-    assert rc == 1 and "'v1' is not simplex" in out
+    assert rc == 222 and "'v1' is not simplex" in out  # EX_INVVOL
     rc, out = cli(daemon, "pair", "create", "v0", "v3", "--mu", "3")
     assert rc == 2 and "3 is not in the range 0<=x<=2" in out
     rc, out = cli(daemon, "pair", "create", "v0", "v3", "--mu", "1", "--name", "a/b")
-    assert rc == 1 and "pair name 'a/b' must be" in out
+    assert rc == 221 and "pair name 'a/b' must be" in out  # EX_CMDRJE
     rc, out = cli(daemon, "pair", "display", "zz")
-    assert rc == 1 and out == "vscsi: no pair or volume 'zz': see 'vscsi pair display'\n"
+    assert rc == 247 and out == "vscsi: no pair or volume 'zz': see 'vscsi pair display'\n"
 
 
 def test_split_resync_restore_delete_through_the_cli(daemon: Daemon) -> None:
@@ -133,7 +133,7 @@ def test_delete_during_copy_says_content_undefined(tmp_path: Path) -> None:
     try:
         assert cli(d, "pair", "create", "v0", "v2", "--mu", "1")[0] == 0
         rc, out = cli(d, "pair", "wait", "v0-v2", "--timeout", "0.3")
-        assert rc == 1 and out.startswith("vscsi: pair v0-v2: still COPY (")
+        assert rc == 233 and out.startswith("vscsi: pair v0-v2: still COPY (")  # EX_EWSTOT
         assert cli(d, "pair", "delete", "v0-v2")[0] == 0
         assert (
             cli(d, "pairdisplay")[1] == "no pairs\nv2: SMPL, content undefined (copy abandoned)\n"

@@ -17,7 +17,19 @@ from vscsi.pair.mirror import Mirror
 from vscsi.pair.pair import Pair
 from vscsi.pair.persist import PairRecord, PairStore
 from vscsi.pair.replica import LocalReplica, Replica
-from vscsi.pair.states import Access, Event, PairError, Role, Status, access, copying, next_status
+from vscsi.pair.states import (
+    Access,
+    Event,
+    NoSuchPair,
+    PairError,
+    Role,
+    Status,
+    StatusRefused,
+    VolumeRefused,
+    access,
+    copying,
+    next_status,
+)
 from vscsi.pair.volume import GRAIN, PairVolume
 from vscsi.pair.vpd import PAGE_CODE, SlotInfo, build_page
 from vscsi.remote.manager import RemotePairs
@@ -105,13 +117,13 @@ class PairManager:
         try:
             return self.volumes[name]
         except KeyError:
-            raise PairError(f"no volume {name!r}: configure it first") from None
+            raise NoSuchPair(f"no volume {name!r}: configure it first") from None
 
     def pair(self, name: str) -> Pair:
         try:
             return self.pairs[name]
         except KeyError:
-            raise PairError(f"no pair {name!r}: see pair display") from None
+            raise NoSuchPair(f"no pair {name!r}: see pair display") from None
 
     def mirrors(self) -> list[Mirror]:
         """Every pair, local and remote."""
@@ -189,18 +201,18 @@ class PairManager:
         if sec is not None:
             raise PairError(f"{p.name!r} is an S-VOL of pair {sec.name!r}: cascades unsupported")
         if any(x.status is Status.RCPY for x in prim):
-            raise PairError(f"{p.name!r} is being restored: wait for the restore to end")
+            raise StatusRefused(f"{p.name!r} is being restored: wait for the restore to end")
         if any(x.rec.mu == mu for x in prim):
-            raise PairError(f"MU#{mu} of {p.name!r} is in use: pick a free MU")
+            raise VolumeRefused(f"MU#{mu} of {p.name!r} is in use: pick a free MU")
         if self.pairs_of(s.name):
-            raise PairError(f"{s.name!r} is not simplex: delete its pair first")
+            raise VolumeRefused(f"{s.name!r} is not simplex: delete its pair first")
         if s.size < p.size or s.block_size != p.block_size:
-            raise PairError(
+            raise VolumeRefused(
                 f"S-VOL {s.name!r} ({s.size} bytes, {s.block_size}-byte blocks) cannot hold "
                 f"P-VOL {p.name!r} ({p.size} bytes, {p.block_size}-byte blocks)"
             )
         if s.base.read_only:
-            raise PairError(f"S-VOL {s.name!r} is a read-only backstore")
+            raise VolumeRefused(f"S-VOL {s.name!r} is a read-only backstore")
 
     def split(self, name: str, read_only: bool = False) -> None:
         """PAIR -> PSUS at one instant: writes are quiesced while the status flips."""
@@ -235,7 +247,7 @@ class PairManager:
                 if other.status is Status.RCPY or (
                     event is Event.RESTORE and other.status in (Status.COPY, Status.PAIR)
                 ):
-                    raise PairError(
+                    raise StatusRefused(
                         f"cannot {event.value} pair {name!r}: pair {other.name!r} of the same "
                         f"P-VOL is {other.status.value}; split it or wait for its copy"
                     )

@@ -10,7 +10,29 @@ from enum import Enum
 
 
 class PairError(Exception):
-    """An operation that does not apply (wrong state, wrong volume): a one-line reason."""
+    """An operation that does not apply: a one-line reason. `exit_status` is the CCI code the
+    CLI exits with (research brief §2.3 lists the codes; which refusal gets which is our
+    choice, docs/pairs.md): this base class is a rejected command (EX_CMDRJE)."""
+
+    exit_status = 221  # EX_CMDRJE
+
+
+class NoSuchPair(PairError):
+    """A pair, volume or remote array the daemon does not know."""
+
+    exit_status = 247  # EX_ENOENT: no such device or group
+
+
+class StatusRefused(PairError):
+    """The pair's status does not allow the operation (the state tables say what would)."""
+
+    exit_status = 228  # EX_INVSTP: invalid pair status
+
+
+class VolumeRefused(PairError):
+    """The volume cannot take that part: in another pair, too small, read only."""
+
+    exit_status = 222  # EX_INVVOL: invalid volume status
 
 
 class Role(Enum):
@@ -101,7 +123,7 @@ def next_status(name: str, status: Status, event: Event) -> Status:
     try:
         return TRANSITIONS[(status, event)]
     except KeyError:
-        raise PairError(
+        raise StatusRefused(
             f"cannot {event.value} pair {name!r}: it is {status.value}, {event.value} needs "
             f"{_NEEDS[event]}"
         ) from None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.pair.persist import PairRecord
 from vscsi.pair.replica import Replica
-from vscsi.pair.states import PairError, Role, Status
+from vscsi.pair.states import NoSuchPair, PairError, Role, Status, StatusRefused, VolumeRefused
 from vscsi.pair.volume import GRAIN
 from vscsi.remote import states
 from vscsi.remote.pair import (
@@ -97,13 +97,13 @@ class RemotePairs:
             return self.peers[name]
         except KeyError:
             known = ", ".join(sorted(self.peers)) or "none configured"
-            raise PairError(f"no remote array {name!r} (known: {known})") from None
+            raise NoSuchPair(f"no remote array {name!r} (known: {known})") from None
 
     def pair(self, name: str) -> RemotePair:
         try:
             return self.pairs[name]
         except KeyError:
-            raise PairError(f"no remote pair {name!r}: see pair display") from None
+            raise NoSuchPair(f"no remote pair {name!r}: see pair display") from None
 
     def adopt(self, rec: PairRecord) -> RemotePair:
         info = rec.extra["remote"]
@@ -129,7 +129,7 @@ class RemotePairs:
             raise PairError(f"pair {name!r} already exists: pick another name or delete it")
         prim, sec = self.m.roles(volume)
         if any(isinstance(p, RemotePair) for p in prim) or sec is not None:
-            raise PairError(f"{volume!r} is already in a remote pair or an S-VOL")
+            raise VolumeRefused(f"{volume!r} is already in a remote pair or an S-VOL")
 
     # -- operations issued at this array ------------------------------------------------------
 
@@ -260,13 +260,13 @@ class RemotePairs:
         sv = self.m.volume(svol)
         self._check_free(name, svol)
         if self.m.pairs_of(svol):
-            raise PairError(f"{svol!r} is not simplex: delete its pair first")
+            raise VolumeRefused(f"{svol!r} is not simplex: delete its pair first")
         if sv.size < int(args["size"]) or sv.block_size != int(args["block_size"]):
-            raise PairError(f"S-VOL {svol!r} ({sv.size} bytes, {sv.block_size}-byte blocks) "
+            raise VolumeRefused(f"S-VOL {svol!r} ({sv.size} bytes, {sv.block_size}-byte blocks) "
                             f"cannot hold the P-VOL ({args['size']} bytes, "
                             f"{args['block_size']}-byte blocks)")  # fmt: skip
         if sv.base.read_only:
-            raise PairError(f"S-VOL {svol!r} is a read-only backstore")
+            raise VolumeRefused(f"S-VOL {svol!r} is a read-only backstore")
         peer = next((p for p in self.peers.values() if p.serial == peer_serial), None)
         if peer is None:
             raise PairError(f"array {peer_serial} is not a configured remote")
@@ -291,10 +291,10 @@ class RemotePairs:
         writing after a swap) is refused, so no stale P side can overwrite it."""
         _, sec = self.m.roles(volume)
         if not isinstance(sec, RemotePair):
-            raise PairError(f"{volume!r} is not the S-VOL of a remote pair")
+            raise VolumeRefused(f"{volume!r} is not the S-VOL of a remote pair")
         st = sec.state
         if st.primary != peer_serial or st.s not in (Status.COPY, Status.PAIR):
-            raise PairError(f"{volume!r} takes no update copies from array {peer_serial} "
+            raise StatusRefused(f"{volume!r} takes no update copies from array {peer_serial} "
                             f"({st.s.value})")  # fmt: skip
         return UpdateTarget(sec.local)
 

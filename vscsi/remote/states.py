@@ -26,7 +26,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from vscsi.pair.states import Access, PairError, Role, Status
+from vscsi.pair.states import Access, PairError, Role, Status, StatusRefused
 
 
 class Fence(Enum):
@@ -128,12 +128,12 @@ def apply(name: str, state: PairState, event: Event, *, rw: bool = False) -> Pai
     --rw (the S-VOL writable in SSUS)."""
     rule = RULES[event]
     if state.p not in rule.p or state.s not in rule.s:
-        raise PairError(
+        raise StatusRefused(
             f"cannot {event.value} pair {name!r}: it is {state.p.value}/{state.s.value} "
             f"(P/S), {event.value} needs {rule.needs}"
         )
     if event is E.PVOL_TAKEOVER and not state.fenced:
-        raise PairError(f"cannot {event.value} pair {name!r}: its P-VOL is not fenced")
+        raise StatusRefused(f"cannot {event.value} pair {name!r}: its P-VOL is not fenced")
     new = replace(
         state,
         p=rule.to_p or state.p,

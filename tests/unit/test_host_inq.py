@@ -189,12 +189,13 @@ def test_json_decodes_every_field(target: Target) -> None:
     )  # fmt: skip
     assert info["remote"] == {
         "kind": "remote", "mu": 0, "role": "SMPL", "status": "SMPL", "progress": 0, "flags": 0,
-        "split_read_only": False, "partner_serial": 0, "partner_volume_id": 0, "generation": 0,
+        "split_read_only": False, "fenced": False, "partner_serial": 0, "partner_volume_id": 0,
+        "generation": 0,
     }  # fmt: skip
     assert info["mu"][1] == {
         "kind": "local", "mu": 1, "role": "S-VOL", "status": "PSUS", "progress": 100, "flags": 1,
-        "split_read_only": True, "partner_serial": 410001, "partner_volume_id": 1,
-        "generation": 9,
+        "split_read_only": True, "fenced": False, "partner_serial": 410001,
+        "partner_volume_id": 1, "generation": 9,
     }  # fmt: skip
     assert [s["role"] for s in info["mu"]] == ["SMPL", "S-VOL", "SMPL"]
 

@@ -15,7 +15,7 @@ from tests.unit.remotepeers import SIZE, Site, two_sites
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import Access, PairError, Status
 from vscsi.pair.volume import GRAIN
-from vscsi.pair.vpd import parse_page
+from vscsi.pair.vpd import FLAG_FENCED, parse_page
 from vscsi.remote.states import Fence, Takeover
 from vscsi.store.base import WriteProtectedError
 
@@ -71,6 +71,8 @@ def test_link_failure_under_each_fence_level(tmp_path, fence, write_ok, p_access
             write(ma, "Av0", 8 * GRAIN, b"n" * 4096)
     pair = ma.remote.pair("tc")
     assert pair.status is Status.PSUE and ma.access("Av0") is p_access
+    fenced = parse_page(ma.vpd_page("Av0")).body.slots[0].flags & FLAG_FENCED
+    assert bool(fenced) is (fence is Fence.DATA)  # what a host's page 0xC0 shows
     assert pair.rec.pdiff is not None and pair.rec.pdiff.test(8 * GRAIN, 4096)
     link.up = True
     if fence is Fence.DATA:
@@ -104,6 +106,8 @@ def test_svol_takeover_old_primary_refused_after_restart_then_swapped_back(
     ma = a.start(b)  # the old primary comes back
     assert ma.remote.pair("tc").exchange() is not None
     assert ma.access("Av0") is Access.READ_ONLY  # never two primaries
+    slot = parse_page(ma.vpd_page("Av0")).body.slots[0]
+    assert slot.role.value == "P-VOL" and slot.flags & FLAG_FENCED  # a host sees it demoted
     with pytest.raises(WriteProtectedError):
         write(ma, "Av0", 0, b"old" * 100)
     with pytest.raises(PairError, match="resync --swaps"):

@@ -16,7 +16,13 @@ from construct import ConstructError, Container
 
 from vscsi.host import sgio
 from vscsi.pair.states import Role, Status
-from vscsi.pair.vpd import FLAG_SPLIT_READ_ONLY, FORMAT_VERSION, PAGE_CODE, parse_page
+from vscsi.pair.vpd import (
+    FLAG_FENCED,
+    FLAG_SPLIT_READ_ONLY,
+    FORMAT_VERSION,
+    PAGE_CODE,
+    parse_page,
+)
 from vscsi.scsi.sense import ILLEGAL_REQUEST
 
 STD_INQUIRY_LEN = 36  # vendor, product and revision end here; every device accepts 36
@@ -102,6 +108,7 @@ def _slot(slot: Container) -> dict[str, Any]:
         "progress": slot.progress,
         "flags": slot.flags,
         "split_read_only": bool(slot.flags & FLAG_SPLIT_READ_ONLY),
+        "fenced": bool(slot.flags & FLAG_FENCED),
         "partner_serial": slot.partner_serial,
         "partner_volume_id": slot.partner_volume_id,
         "generation": slot.generation,

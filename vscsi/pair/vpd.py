@@ -37,6 +37,7 @@ STATUS_CODES = {Status.SMPL: 0, Status.COPY: 1, Status.PAIR: 2, Status.PSUS: 3, 
                 Status.RCPY: 5, Status.SSUS: 6, Status.SSWS: 7}  # fmt: skip
 
 FLAG_SPLIT_READ_ONLY = 0x01
+FLAG_FENCED = 0x02  # remote slot: a P-VOL that refuses host writes (fenced or demoted)
 
 Slot = Struct(
     "kind" / Int8ub,  # 0 remote (TrueCopy), 1 local (ShadowImage)
@@ -81,6 +82,7 @@ class SlotInfo:
     partner_volume_id: int = 0
     generation: int = 0
     split_read_only: bool = False
+    fenced: bool = False
 
 
 def _slot(index: int, info: SlotInfo) -> dict[str, Any]:
@@ -90,7 +92,8 @@ def _slot(index: int, info: SlotInfo) -> dict[str, Any]:
         "role": info.role,
         "status": info.status,
         "progress": info.progress,
-        "flags": FLAG_SPLIT_READ_ONLY if info.split_read_only else 0,
+        "flags": (FLAG_SPLIT_READ_ONLY if info.split_read_only else 0)
+        | (FLAG_FENCED if info.fenced else 0),
         "reserved": bytes(2),
         "partner_serial": info.partner_serial,
         "partner_volume_id": info.partner_volume_id,

@@ -347,6 +347,7 @@ class RemotePair(Mirror):
             self.role, st.status_of(self.serial), self.progress(), self.peer.serial,
             int(self.info.get("peer_volume_id", 0)), self.rec.generation,
             not st.svol_rw and st.s is Status.SSUS,
+            self.role is Role.PVOL and (st.fenced or st.demoted),
         )  # fmt: skip
 
     def access(self) -> Access:

@@ -14,69 +14,50 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc
 from tests.integration.hostio import Writer, fio
+from tests.integration.sites import (
+    ADDR,
+    NS,
+    PORT,
+    SERIAL,
+    array,
+    cut,
+    make_keys,
+    mend,
+    network,
+    volume,
+)
 from vscsi.control import request
 
 MIB = 1 << 20
 SIZE = 16 * MIB
 SPAN = 4 * MIB  # where the host writes during a test: a resync copies at most this
-NS = {"siteA": "vscsi-siteA", "siteB": "vscsi-siteB"}
-ADDR = {"siteA": "10.77.0.1", "siteB": "10.77.0.2"}
-DEV = {"siteA": "vA", "siteB": "vB"}
-PORT = {"siteA": 7101, "siteB": 7102}
-SERIAL = {"siteA": 410011, "siteB": 410012, "siteC": 410013}
 
 
-def array(workdir: Path, name: str, peer: str, vol: str, keys: str = "linkkeys",
-          accept: bool = True, serial: int | None = None) -> Daemon:  # fmt: skip
-    """A daemon with array `name`'s key material from `keys`, its link in `name`'s network
-    (accepting peers there unless told not to), linked to `peer`, serving one volume."""
-    listen = f'link_listen = "{ADDR[name]}:{PORT[name]}"\n' if accept else ""
-    return Daemon(workdir, (
-        f'state_dir = "{workdir}/{name}-{vol}-state"\n'
-        f'link_cert = "{workdir}/{keys}/{name}.crt"\nlink_key = "{workdir}/{keys}/{name}.key"\n'
-        f'{listen}link_timeout = 3.0\nlink_netns = "{NS[name]}"\n'
-        f'[[remote]]\nname = "{peer}"\naddress = "{ADDR[peer]}:{PORT[peer]}"\n'
-        f'serial = {SERIAL[peer]}\npeer_cert = "{workdir}/linkkeys/{peer}.crt"\n'
-        f'[[volume]]\nname = "{vol}"\npath = "{workdir}/{vol}.img"\nsize = "16MiB"\n'
-        f'create = true\n[volume.identity]\nserial = {serial or SERIAL[name]}\n'
-        f'volume_id = 0x600\n'
-    ), f"{name}-{vol}")  # fmt: skip
-
-
-def network() -> None:
-    """Two sites, each a namespace, joined by a veth pair vA (10.77.0.1) -- vB (10.77.0.2)."""
-    for ns in NS.values():
-        run("ip", "netns", "add", ns)
-    run("ip", "link", "add", "vA", "netns", NS["siteA"], "type", "veth",
-        "peer", "name", "vB", "netns", NS["siteB"])  # fmt: skip
-    for site, ns in NS.items():
-        run("ip", "-n", ns, "addr", "add", f"{ADDR[site]}/24", "dev", DEV[site])
-        run("ip", "-n", ns, "link", "set", DEV[site], "up")
-        run("ip", "-n", ns, "link", "set", "lo", "up")
+def site_array(workdir: Path, name: str, peer: str, vol: str, **kw: Any) -> Daemon:
+    serial = kw.pop("serial", SERIAL[name])
+    return array(workdir, name, peer, volume(workdir, vol, serial, 0x600), f"{name}-{vol}", **kw)
 
 
 @pytest.fixture(scope="module")
 def sites(workdir: Path) -> Iterator[tuple[Daemon, Daemon]]:
-    for site in ("siteA", "siteB"):
-        run(VSCSI, "link", "keys", "--dir", str(workdir / "linkkeys"), "--name", site,
-            "--serial", str(SERIAL[site]))  # fmt: skip
-    network()
-    a, b = array(workdir, "siteA", "siteB", "ra"), array(workdir, "siteB", "siteA", "rb")
-    try:
-        b.start()
-        a.start()
-        yield a, b
-    finally:
-        for d in (a, b):
-            if d.proc is not None:
-                d.stop()
-        for ns in NS.values():
-            run_rc("ip", "netns", "del", ns)
+    make_keys(workdir)
+    a = site_array(workdir, "siteA", "siteB", "ra")
+    b = site_array(workdir, "siteB", "siteA", "rb")
+    with network():
+        try:
+            b.start()
+            a.start()
+            yield a, b
+        finally:
+            for d in (a, b):
+                if d.proc is not None:
+                    d.stop()
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -95,22 +76,6 @@ def linked(d: Daemon, timeout: float = 60) -> None:
     while not all(x["up"] for x in links(d)):
         assert time.monotonic() < deadline, f"the link did not come up: {links(d)}"
         time.sleep(0.5)
-
-
-def cut(how: str) -> None:
-    """Lose every packet between the sites: the veth down, or netem dropping all of them."""
-    if how == "down":
-        run("ip", "-n", NS["siteA"], "link", "set", "vA", "down")
-    else:
-        run("ip", "netns", "exec", NS["siteA"], "tc", "qdisc", "add", "dev", "vA", "root",
-            "netem", "loss", "100%")  # fmt: skip
-
-
-def mend(how: str) -> None:
-    if how == "down":
-        run("ip", "-n", NS["siteA"], "link", "set", "vA", "up")
-    else:
-        run("ip", "netns", "exec", NS["siteA"], "tc", "qdisc", "del", "dev", "vA", "root")
 
 
 def same(workdir: Path) -> None:
@@ -293,10 +258,9 @@ def test_an_impostor_and_a_malformed_hello_are_refused_and_change_nothing(
     a, b = sites
     before = (workdir / "rb.img").read_bytes()
     # an array with its own key claiming to be siteA (name and serial): not the pinned cert
-    run(VSCSI, "link", "keys", "--dir", str(workdir / "impostor"), "--name", "siteA",
-        "--serial", str(SERIAL["siteA"]))  # fmt: skip
-    c = array(workdir, "siteA", "siteB", "rc", keys="impostor", accept=False,
-              serial=SERIAL["siteC"])  # fmt: skip
+    make_keys(workdir, "impostor", "siteA")
+    c = site_array(workdir, "siteA", "siteB", "rc", keys="impostor", accept=False,
+                   serial=SERIAL["siteC"])  # fmt: skip
     c.start()
     try:
         time.sleep(3)

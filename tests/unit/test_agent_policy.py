@@ -50,6 +50,11 @@ CASES = [
      "siteB", "down"),
     # the site's heartbeat failed although its array answers: a site failure too
     (obs(sick("siteA", 3), up("siteB"), A_PVOL, B_SVOL), "takeover", "siteB", "heartbeat"),
+    # the site's heartbeat failed, its array answers and the link is down: that array still
+    # serves (fence never), a takeover would make a second primary
+    (obs(SiteHealth("siteA", True, False, links_up=False, failures=3, reason="heartbeat"),
+         up("siteB", links=False), view("siteA", PVOL, "PSUE"), B_SVOL), "none", None,
+     "takeover refused: the array at siteA still answers and the link is down"),
     # the link, not a site: both arrays healthy, fence never keeps the P-VOL serving
     (obs(up("siteA", links=False), up("siteB", links=False), view("siteA", PVOL, "PSUE"),
          B_SVOL), "none", None, "link down, both sites healthy: no action"),

@@ -5,7 +5,7 @@ the P-VOL's site has failed `down_after` checks in a row, the S site is healthy 
 holds consistent data (PAIR, PSUE, SSUS). A link failure between two healthy arrays is not a
 site failure: with fence never the P-VOL keeps serving, and a takeover would make a second
 primary. Whatever cannot be decided safely (both sites unreachable, a split brain, an S-VOL
-mid-copy) is left alone, with the reason.
+mid-copy, a P array that still answers while the link is down) is left alone, with the reason.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ def decide(obs: Observation, down_after: int) -> Decision:
     if not s.healthy:
         return none(f"cannot decide: {p.name} (P-VOL) down and {s.name} (S-VOL) unhealthy "
                     f"({s.reason}): no action")  # fmt: skip
+    if p.reachable and (p.links_up is False or s.links_up is False):
+        return none(f"takeover refused: the array at {p.name} still answers and the link is "
+                    f"down, so a takeover would make a second primary ({p.reason}); stop that "
+                    "array or restore the link")  # fmt: skip
     view = obs.views.get(s.name)
     if view is None:
         return none(f"cannot decide: {s.name} does not show the pair "

@@ -84,5 +84,8 @@ def test_pair_view_reads_the_local_role_from_the_volume_names(tmp_path: Path) ->
             "S-VOL", "PSUE", "SSWS", True)  # fmt: skip
         assert pair_view("siteB", str(tmp_path / "b.sock"), "local", 2.0) == (
             None, "no remote pair 'local' there")  # fmt: skip
+        rows.append({"pair": "odd", "remote": "siteA", "pvol": None})
+        view, why = pair_view("siteB", str(tmp_path / "b.sock"), "odd", 2.0)
+        assert view is None and why.startswith("pair_display answered what no vscsi array does")
     finally:
         srv.close()

@@ -70,11 +70,14 @@ def pair_view(site: str, socket: str, pair: str, timeout: float,
     result, why = ask_reason(ask, socket, "pair_display", timeout, name=pair)
     if result is None:
         return None, why
-    rows = [p for p in result.get("pairs", []) if p.get("pair") == pair and "remote" in p]
-    if not rows:
-        return None, f"no remote pair {pair!r} there"
-    row = rows[0]
-    # the peer's volume is named REMOTE:VOLUME; a local volume name never has a colon
-    local = PVOL if ":" not in row["pvol"]["volume"] else SVOL
-    return PairView(site, local, row["pvol"]["status"], row["svol"]["status"],
-                    bool(row.get("split_brain")), bool(row.get("demoted"))), ""  # fmt: skip
+    try:
+        rows = [p for p in result["pairs"] if p.get("pair") == pair and "remote" in p]
+        if not rows:
+            return None, f"no remote pair {pair!r} there"
+        row = rows[0]
+        # the peer's volume is named REMOTE:VOLUME; a local volume name never has a colon
+        local = PVOL if ":" not in row["pvol"]["volume"] else SVOL
+        return PairView(site, local, str(row["pvol"]["status"]), str(row["svol"]["status"]),
+                        bool(row.get("split_brain")), bool(row.get("demoted"))), ""  # fmt: skip
+    except (KeyError, TypeError, AttributeError):
+        return None, f"pair_display answered what no vscsi array does: {result!r:.200}"

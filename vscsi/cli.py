@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from vscsi.agent.command import agent
 from vscsi.config import DEFAULT_SOCKET, ConfigError, load
 from vscsi.control import ControlError, request
 from vscsi.host.inq import inq
@@ -110,6 +111,7 @@ def status(socket_path: str, as_json: bool) -> None:
 
 
 main.add_command(inq)
+main.add_command(agent)
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:

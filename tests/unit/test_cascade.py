@@ -47,6 +47,12 @@ def si(m: PairManager, pvol: str, svol: str) -> None:
     assert m.wait("si", 10) and m.pair("si").status is Status.PAIR
 
 
+def idle(m: PairManager) -> None:
+    """Clear the write-intent logs' idle regions, as a daemon's cleaner does after wil_idle."""
+    for pv in m.volumes.values():
+        pv.wil.flush_idle(time.monotonic() + 7200)
+
+
 def corrupt(m: PairManager, volume: str) -> None:
     """A host scribbles over a few grains (the "file system corruption" of the seed)."""
     for g in (1, 7, 30):
@@ -195,9 +201,8 @@ def test_a_restart_keeps_both_pairs_and_the_cascade(tmp_path: Path) -> None:
     si(mb, "Bv0", "Bv1")
     mb.split("si")
     instant = data(b, "Bv1")
-    for m in (ma, mb):  # the write-intent logs idle, as a daemon's are after wil_idle
-        for pv in m.volumes.values():
-            pv.wil.flush_idle(time.monotonic() + 7200)
+    for m in (ma, mb):
+        idle(m)
         m.close()
     mb, ma = b.start(a), a.start(b)
     assert ma.wait("tc", 10) and ma.remote.pair("tc").status is Status.PAIR
@@ -215,6 +220,27 @@ def test_a_restart_keeps_both_pairs_and_the_cascade(tmp_path: Path) -> None:
 
 MIRRORS = r"P-VOL of TC pair 'tc' \(PAIR\): the TC pair mirrors"
 HALF_DONE = r"S-VOL of TC pair 'tc' \(COPY\): .*half-done"
+
+
+def test_an_s_array_crash_recopies_its_logged_regions_to_the_local_pair_too(
+    tmp_path: Path,
+) -> None:
+    """Update copies are logged like host writes, so after a crash of the S array its local
+    pair in PAIR copies the logged regions again, as the remote pair's resync does."""
+    a, b, _ = two_sites(tmp_path)
+    ma, mb = paired(a, b)
+    si(mb, "Bv0", "Bv1")
+    idle(mb)
+    write(ma, "Av0", 6 * GRAIN, b"c" * 4096)  # acknowledged by B, maybe only in its cache
+    b.vols["Bv1"].data[6 * GRAIN : 6 * GRAIN + 4096] = bytes(4096)  # ... and lost there
+    b.crash()
+    mb = b.start(a)
+    assert mb.wait("si", 10) and mb.pair("si").status is Status.PAIR
+    assert data(b, "Bv1") == data(b, "Bv0")
+    assert mb.display("si")[0]["copy_total"] == 16 * GRAIN  # the logged 1 MiB region
+    ma.remote.pair("tc").exchange()
+    ma.remote.resync("tc")
+    assert ma.wait("tc", 10) and data(b, "Bv1") == data(b, "Bv0") == data(a, "Av0")
 
 
 def _state(p: Status, s: Status, **kw: object) -> PairState:

@@ -281,10 +281,13 @@ def test_the_cascade_table(
     assert "\n" not in str(e.value) and "'si'" in str(e.value)
 
 
-def test_page_c0_of_a_cascaded_svol_shows_both_pairs(tmp_path: Path) -> None:
+def test_page_c0_and_display_of_a_cascaded_svol_show_both_pairs(tmp_path: Path) -> None:
     a, b, _ = two_sites(tmp_path)
     _, mb = paired(a, b)
     si(mb, "Bv0", "Bv1")
+    vol = mb.display_volume("Bv0")
+    assert vol["role"] == "S-VOL"  # a shared volume reports its TC role (brief §2.2)
+    assert [p["pair"] for p in vol["pairs"]] == ["tc", "si"]
     horc, mu0 = parse_page(mb.vpd_page("Bv0")).body.slots[:2]
     assert (horc.role, horc.status) == (Role.SVOL, Status.PAIR)
     assert (mu0.role, mu0.status) == (Role.PVOL, Status.PAIR)

@@ -374,7 +374,7 @@ class PairManager:
             "volume": volume,
             "role": role.value,
             "access": self.access(volume).value,
-            "pairs": [self._describe(p) for p in ([sec] if sec else prim)],
+            "pairs": [self._describe(p) for p in ([sec] if sec else []) + prim],  # a cascade
             **self._identity(self.identities.get(volume, Identity())),
             **self.store.notes().get(volume, {}),
         }

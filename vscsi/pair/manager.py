@@ -177,7 +177,8 @@ class PairManager:
             pending.mark(0, p.size)
             rec = PairRecord(name, pvol, svol, mu, Status.SMPL, generation=0)
             rec.copy_total = p.size
-            with p.gate.exclusive(), s.gate.exclusive():
+            with self.remote.lock, p.gate.exclusive(), s.gate.exclusive():
+                self.remote.allow_local(pvol, name, Event.CREATE)
                 pair = self._adopt(rec)
                 try:
                     self.store.set_note(svol, None)
@@ -198,8 +199,9 @@ class PairManager:
         if not 0 <= mu < MUS:
             raise PairError(f"MU#{mu} does not exist: local pairs use MU#0..{MUS - 1}")
         prim, sec = self.roles(p.name)
-        if sec is not None:
-            raise PairError(f"{p.name!r} is an S-VOL of pair {sec.name!r}: cascades unsupported")
+        if isinstance(sec, Pair):
+            raise PairError(f"{p.name!r} is an S-VOL of pair {sec.name!r}: local pairs "
+                            f"cascade only from a volume of a remote pair")  # fmt: skip
         if any(x.status is Status.RCPY for x in prim):
             raise StatusRefused(f"{p.name!r} is being restored: wait for the restore to end")
         if any(x.rec.mu == mu for x in prim):
@@ -220,7 +222,8 @@ class PairManager:
             pair = self.pair(name)
             next_status(name, pair.status, Event.SPLIT)
             size = pair.p.size
-            with self._quiesced(pair):
+            with self.remote.lock, self._quiesced(pair):
+                self.remote.allow_local(pair.rec.pvol, name, Event.SPLIT)
                 pair.replica.flush()
                 fault_point("pair.split.flushed")
                 pair.apply(
@@ -242,7 +245,8 @@ class PairManager:
         with self.lock:
             pair = self.pair(name)
             next_status(name, pair.status, event)
-            others = [o for o in self.roles(pair.rec.pvol)[0] if o is not pair]
+            others = [o for o in self.roles(pair.rec.pvol)[0] if isinstance(o, Pair)]
+            others.remove(pair)
             for other in others:
                 if other.status is Status.RCPY or (
                     event is Event.RESTORE and other.status in (Status.COPY, Status.PAIR)
@@ -251,7 +255,8 @@ class PairManager:
                         f"cannot {event.value} pair {name!r}: pair {other.name!r} of the same "
                         f"P-VOL is {other.status.value}; split it or wait for its copy"
                     )
-            with self._quiesced(pair):
+            with self.remote.lock, self._quiesced(pair):
+                self.remote.allow_local(pair.rec.pvol, name, event)
                 rec = pair.rec
                 pending = rec.pdiff.copy() if rec.pdiff else DirtyMap(pair.p.size, GRAIN)
                 if rec.sdiff is not None:
@@ -282,17 +287,30 @@ class PairManager:
             self.changed(pair.rec.pvol, pair.rec.svol)
 
     def restored(self, pair: Pair, offset: int, length: int) -> None:
-        """A restore rewrote P-VOL grains: the P-VOL's other (split) pairs now differ there."""
-        for other in self.roles(pair.rec.pvol)[0]:
-            if other is not pair and other.rec.pdiff is not None:
+        """A restore rewrote P-VOL grains: the P-VOL's other (split) pairs now differ there,
+        and its remote pair has a change made on this array alone (see `cascade`)."""
+        for other in self._beside(pair):
+            if isinstance(other, RemotePair):
+                other.changed_here(offset, length)
+            elif other.rec.pdiff is not None:
                 other.rec.pdiff.mark(offset, length)
 
     def save_restore_marks(self, pair: Pair) -> None:
         """Make the marks `restored` left on the P-VOL's other pairs durable (before the
         restoring pair's record may say the grains are restored)."""
-        for other in self.roles(pair.rec.pvol)[0]:
-            if other is not pair:
-                other.save()
+        for other in self._beside(pair):
+            other.save()
+
+    def _beside(self, pair: Pair) -> list[Mirror]:
+        """The other pairs of `pair`'s P-VOL: its local pairs and its remote pair, either side."""
+        prim, sec = self.roles(pair.rec.pvol)
+        remote = [sec] if isinstance(sec, RemotePair) else []
+        return [o for o in (*prim, *remote) if o is not pair]
+
+    def restoring(self, volume: str) -> Pair | None:
+        """The local pair restoring `volume` (RCPY), if any."""
+        prim = self.roles(volume)[0]
+        return next((p for p in prim if isinstance(p, Pair) and p.status is Status.RCPY), None)
 
     def wait(self, name: str, timeout: float | None = None) -> bool:
         """Wait for the pair's copy (COPY/RCPY) to end; True when none is running."""
@@ -368,7 +386,7 @@ class PairManager:
             "volume": volume,
             "role": role.value,
             "access": self.access(volume).value,
-            "pairs": [self._describe(p) for p in ([sec] if sec else prim)],
+            "pairs": [self._describe(p) for p in ([sec] if sec else []) + prim],  # a cascade
             **self._identity(self.identities.get(volume, Identity())),
             **self.store.notes().get(volume, {}),
         }
@@ -384,7 +402,7 @@ class PairManager:
             if isinstance(pair, RemotePair):
                 remote = pair.slot()
                 continue
-            if sec is not None and pair is not sec:
+            if isinstance(sec, Pair) and pair is not sec:
                 continue  # an S-VOL shows the pair it is the S-VOL of
             rec = pair.rec
             partner = rec.svol if rec.pvol == volume else rec.pvol

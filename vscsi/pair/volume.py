@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, Status
+from vscsi.resync.engine import deallocate
 from vscsi.store.base import Extent, NotReadyError, Volume, WriteProtectedError
 from vscsi.store.locks import Guarded, Guards, RegionLocks, WriteGate
 from vscsi.tracker import WriteIntentLog
@@ -146,6 +147,27 @@ class PairVolume:
                     lambda: self.held.unmap_base(offset, length),
                     lambda replica: replica.unmap(offset, length),
                 )  # fmt: skip
+
+    def replicate(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        """An update copy from the P side of the remote pair whose S-VOL this is: written like
+        a host write, so the volume's local pairs mirror or track it (a cascade), but past the
+        host's access check and not counted as a change of the S side."""
+        length = sum(len(b) for b in bufs)
+        with self.gate.shared(), self._tracked(offset, length):
+            self._paired(
+                offset, length, self.manager.roles(self.name)[0], None,
+                lambda: self.held.write_base(offset, bufs, fua),
+                lambda replica: replica.write(offset, bufs, fua),
+            )  # fmt: skip
+
+    def replicate_unmap(self, offset: int, length: int) -> None:
+        """An update copy's deallocation, as `replicate`."""
+        with self.gate.shared(), self._tracked(offset, length):
+            self._paired(
+                offset, length, self.manager.roles(self.name)[0], None,
+                lambda: deallocate(self.held, offset, length),
+                lambda replica: replica.unmap(offset, length),
+            )  # fmt: skip
 
     @staticmethod
     def _paired(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from vscsi.pair.persist import PairRecord
 from vscsi.pair.replica import Replica
+from vscsi.pair.states import Event as LocalEvent
 from vscsi.pair.states import NoSuchPair, PairError, Role, Status, StatusRefused, VolumeRefused
 from vscsi.pair.volume import GRAIN
 from vscsi.remote import states
@@ -26,7 +27,6 @@ from vscsi.remote.pair import (
 )
 from vscsi.remote.peer import Peer
 from vscsi.remote.states import TAKEOVER_EVENT, Event, Fence, Lineage, PairState, Takeover
-from vscsi.resync.engine import deallocate
 from vscsi.store.base import Extent
 from vscsi.tracker import DirtyMap
 
@@ -130,6 +130,30 @@ class RemotePairs:
         prim, sec = self.m.roles(volume)
         if any(isinstance(p, RemotePair) for p in prim) or sec is not None:
             raise VolumeRefused(f"{volume!r} is already in a remote pair or an S-VOL")
+        self._not_restoring(name, volume, Event.CREATE)
+
+    def _not_restoring(self, name: str, volume: str, event: Event) -> None:
+        """`event` of remote pair `name` would copy over `volume` or copy from it while a local
+        pair restores it (`states.RESTORE_EXCLUDES`)."""
+        local = self.m.restoring(volume)
+        if local is not None and event in states.RESTORE_EXCLUDES:
+            raise StatusRefused(
+                f"cannot {event.value} pair {name!r}: local pair {local.name!r} is restoring "
+                f"{volume!r}; wait for the restore to end"
+            )
+
+    def of_volume(self, volume: str) -> RemotePair | None:
+        """The remote pair `volume` is in, on either side."""
+        prim, sec = self.m.roles(volume)
+        return next((p for p in (*prim, sec) if isinstance(p, RemotePair)), None)
+
+    def allow_local(self, volume: str, local: str, event: LocalEvent) -> None:
+        """PairError when the remote pair of `volume` refuses `event` of local pair `local`
+        (the cascade table, `states.CASCADE`). Under `lock`, which the caller holds until the
+        local pair took the event, so no remote event slips in between."""
+        pair = self.of_volume(volume)
+        if pair is not None:
+            states.cascade(pair.name, pair.state, self.serial, local, event)
 
     # -- operations issued at this array ------------------------------------------------------
 
@@ -190,7 +214,11 @@ class RemotePairs:
             if (pair.role is Role.PVOL) == swaps:
                 side = "S-VOL" if swaps else "P-VOL"
                 raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
+            self._not_restoring(name, pair.local_name, event)
             theirs = pair.peer.call("describe", pair=name)
+            if theirs.get("restoring"):
+                raise PairError(f"cannot {event.value} pair {name!r}: array {pair.peer.name}: "
+                                f"{theirs['restoring']}")  # fmt: skip
             pending = self._union(pair, theirs)
             with pair.local.gate.exclusive():
                 pair.apply(event, pending=pending, fence=0, copy_total=pending.dirty_bytes(),
@@ -258,9 +286,7 @@ class RemotePairs:
     def _peer_create(self, args: dict[str, Any], peer_serial: int) -> dict[str, Any]:
         name, svol = str(args["pair"]), str(args["svol"])
         sv = self.m.volume(svol)
-        self._check_free(name, svol)
-        if self.m.pairs_of(svol):
-            raise VolumeRefused(f"{svol!r} is not simplex: delete its pair first")
+        self._check_free(name, svol)  # the P-VOL of local pairs it may be: a cascade
         if sv.size < int(args["size"]) or sv.block_size != int(args["block_size"]):
             raise VolumeRefused(f"S-VOL {svol!r} ({sv.size} bytes, {sv.block_size}-byte blocks) "
                             f"cannot hold the P-VOL ({args['size']} bytes, "
@@ -300,9 +326,10 @@ class RemotePairs:
 
 
 class UpdateTarget:
-    """An S-VOL as the peer's update copies write it: each write marked in the volume's
-    write-intent log first, so after a crash of this array the regions whose acknowledged
-    copies its cache may have lost are known (`RemotePair.recover_secondary`)."""
+    """An S-VOL as the peer's update copies write it: through the volume as a host write goes
+    (`PairVolume.replicate`), so each write is marked in the volume's write-intent log first
+    (after a crash of this array the regions whose acknowledged copies its cache may have lost
+    are known, `RemotePair.recover_secondary`) and reaches the volume's local pairs."""
 
     def __init__(self, volume: PairVolume) -> None:
         self.volume = volume
@@ -315,15 +342,13 @@ class UpdateTarget:
         self.volume.base.readinto(offset, bufs)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        with self.volume.intent(offset, sum(len(b) for b in bufs)):
-            self.volume.base.write(offset, bufs, fua)
+        self.volume.replicate(offset, bufs, fua)
 
     def unmap(self, offset: int, length: int) -> None:
-        with self.volume.intent(offset, length):
-            deallocate(self.volume.base, offset, length)
+        self.volume.replicate_unmap(offset, length)
 
     def flush(self) -> None:
-        self.volume.base.flush()
+        self.volume.flush()  # and the S-VOLs of its local pairs that mirror it
 
     def extent_at(self, offset: int) -> Extent:
         return self.volume.base.extent_at(offset)

@@ -285,6 +285,16 @@ class RemotePair(Mirror):
             self.rec.sdiff.mark(offset, length)
             self._fork_once()
 
+    def changed_here(self, offset: int, length: int) -> None:
+        """A local pair's restore rewrote the range of this array's volume: a change made on
+        this side alone, like a host write (the cascade lets a restore run only where the
+        volume takes writes alone), for the next resync to copy."""
+        with self.lock:
+            if self.role is Role.PVOL:
+                self._track(offset, length)
+            else:
+                self.secondary_written(offset, length)
+
     @property
     def copies_here(self) -> bool:
         return self.role is Role.PVOL
@@ -377,10 +387,13 @@ class RemotePair(Mirror):
         """This side's state, lineage and changes, for the peer's exchange and resyncs."""
         with self.lock:
             diff = self.rec.sdiff if self.role is Role.SVOL else self.rec.pdiff
+            local = self.manager.restoring(self.local_name)
             return {
                 "state": encode_state(self.state),
                 "lineage": encode_lineage(self.lineage),
                 "changes": None if diff is None else diff.to_bytes().hex(),
+                "restoring": None if local is None else f"local pair {local.name!r} is "
+                f"restoring {self.local_name!r}; wait for the restore to end",
             }
 
     def _settled(self, st: PairState, peer: PairState) -> PairState:

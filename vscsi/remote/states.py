@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from vscsi.pair.states import Access, PairError, Role, Status, StatusRefused
+from vscsi.pair.states import Event as LocalEvent
 
 
 class Fence(Enum):
@@ -169,6 +170,48 @@ def access(state: PairState, serial: int) -> Access:
     if state.s is S.SSWS or (state.s is S.SSUS and state.svol_rw):
         return Access.READ_WRITE
     return Access.READ_ONLY
+
+
+# -- cascades: local (ShadowImage) pairs whose P-VOL is this array's volume of a TC pair ------
+
+L = LocalEvent
+_TAKE_OVER = "take the TC pair over first (split -RS or svol-takeover: SSWS)"
+_AT_S = "a TC S-VOL is written only by its P-VOL; " + _TAKE_OVER
+_MIRRORS = "the TC pair mirrors every write; split it first"
+_COPYING = "the TC S-VOL holds a half-done copy until the TC copy ends"
+
+# (this array's side of the TC pair, its status there) -> local pair operations refused, and
+# why; not listed: allowed. The "Cascades" table of docs/pairs.md. A restore writes the volume,
+# so it runs only where the volume takes writes alone and no TC copy can land on it; a split
+# or resync of a TC S-VOL's local pair keeps that S-VOL's image, so not while it is no image.
+CASCADE: dict[tuple[Role, Status], dict[LocalEvent, str]] = {
+    (Role.PVOL, S.COPY): {L.RESTORE: _MIRRORS},
+    (Role.PVOL, S.PAIR): {L.RESTORE: _MIRRORS},
+    (Role.SVOL, S.COPY): {L.SPLIT: _COPYING, L.RESYNC: _COPYING, L.RESTORE: _AT_S},
+    (Role.SVOL, S.PAIR): {L.RESTORE: _AT_S},
+    (Role.SVOL, S.SSUS): {L.RESTORE: "the TC P-VOL may resync over it at any time; " + _TAKE_OVER},
+    (Role.SVOL, S.PSUE): {L.RESYNC: "the TC S-VOL may hold a half-done copy; resync the TC pair "
+                                    "first", L.RESTORE: _AT_S},
+}
+
+# TC events refused while a local pair restores the volume: each would copy over it, or copy
+# a half-restored image to the peer.
+RESTORE_EXCLUDES = frozenset({E.CREATE, E.RESYNC, E.SWAP_RESYNC})
+
+
+def cascade(name: str, state: PairState, serial: int, local: str, event: LocalEvent) -> None:
+    """PairError (naming the TC status) when TC pair `name` in `state` refuses `event` of
+    local pair `local` on this array's (`serial`) volume of it."""
+    role, status = state.role_of(serial), state.status_of(serial)
+    why = CASCADE.get((role, status), {}).get(event)
+    if why is None and event is L.RESTORE and role is Role.PVOL:
+        if state.demoted:
+            why = f"array {state.secondary} took the TC pair over; resync --swaps there"
+        elif state.fenced:
+            why = "the TC P-VOL is fenced (read only); resync the TC pair or take it over"
+    if why is not None:
+        raise StatusRefused(f"cannot {event.value} pair {local!r}: its P-VOL is the "
+                            f"{role.value} of TC pair {name!r} ({status.value}): {why}")
 
 
 # -- a P-VOL write whose update copy failed ---------------------------------------------------

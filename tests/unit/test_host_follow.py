@@ -3,6 +3,7 @@ fake mounter (nothing is mounted on this machine), its control socket through th
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -10,7 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from vscsi.cli import main
 from vscsi.control import ControlError, ControlServer, request
 from vscsi.host.follow import (
     CHANGEOVER,
@@ -344,21 +347,24 @@ def test_run_stops_on_stop_and_unmounts_nothing() -> None:
 # -- remount and the control socket -------------------------------------------------------------
 
 
+Served = tuple[str, FakeReader, FakeMounter, Clock, Follower]
+
+
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, FakeReader, FakeMounter, Clock]]:
+def served(tmp_path: Path) -> Iterator[Served]:
     reader, mounter, clock = FakeReader(pvol(), svol()), FakeMounter(), Clock()
     f = follower(reader, mounter, clock)
     f.step()
     srv = ControlServer(str(tmp_path / "host.sock"), commands(f))
     srv.start()
     try:
-        yield srv.path, reader, mounter, clock
+        yield srv.path, reader, mounter, clock, f
     finally:
         f.stop.set()
         srv.close()
 
 
-def test_status_over_the_socket(served: tuple[str, FakeReader, FakeMounter, Clock]) -> None:
+def test_status_over_the_socket(served: Served) -> None:
     path, *_ = served
     assert os.stat(path).st_mode & 0o777 == 0o600
     result = request(path, "status")
@@ -371,22 +377,22 @@ def test_status_over_the_socket(served: tuple[str, FakeReader, FakeMounter, Cloc
                       "last_changeover_seconds", "since"}  # fmt: skip
 
 
-def test_remount_after_a_swap(served: tuple[str, FakeReader, FakeMounter, Clock]) -> None:
-    path, reader, mounter, _ = served
+def test_remount_after_a_swap(served: Served) -> None:
+    path, reader, mounter, *_ = served
     reader.set(dev("/dev/sdb", A, "S-VOL", "PAIR", B), dev("/dev/sdc", B, "P-VOL", "PAIR", A))
     result = request(path, "remount", name="fs1")
     assert result == {"name": "fs1", "device": "/dev/sdc", "changeover_seconds": 0.0}
     assert mounter.ops[1:] == [("umount", MP), ("mount", "/dev/sdc", MP, "ext4", "noatime")]
 
 
-def test_remount_always_unmounts_first(served: tuple[str, FakeReader, FakeMounter, Clock]) -> None:
-    path, _, mounter, _ = served
+def test_remount_always_unmounts_first(served: Served) -> None:
+    path, _, mounter, *_ = served
     assert request(path, "remount", name="fs1")["device"] == "/dev/sdb"
     assert [op[0] for op in mounter.ops] == ["mount", "umount", "mount"]
 
 
-def test_remount_waits_for_one_primary(served: tuple[str, FakeReader, FakeMounter, Clock]) -> None:
-    path, reader, mounter, clock = served
+def test_remount_waits_for_one_primary(served: Served) -> None:
+    path, reader, mounter, clock, _ = served
     reader.set(pvol("PSUE"), svol("SSWS"))
     with pytest.raises(ControlError) as e:
         request(path, "remount", name="fs1", wait=0)
@@ -407,7 +413,7 @@ def test_remount_waits_for_one_primary(served: tuple[str, FakeReader, FakeMounte
     assert result["device"] == "/dev/sdc" and result["changeover_seconds"] == 3.0
 
 
-def test_remount_refusals(served: tuple[str, FakeReader, FakeMounter, Clock]) -> None:
+def test_remount_refusals(served: Served) -> None:
     path, *_ = served
     with pytest.raises(ControlError, match=r"^remount: no filesystem 'fs9' in host.toml"):
         request(path, "remount", name="fs9")
@@ -415,3 +421,55 @@ def test_remount_refusals(served: tuple[str, FakeReader, FakeMounter, Clock]) ->
         request(path, "remount", name="fs1", wait="5")
     with pytest.raises(ControlError, match="argument 'name' is required"):
         request(path, "remount")
+    with pytest.raises(ControlError, match=r"^unmount: no filesystem 'fs9'"):
+        request(path, "unmount", name="fs9")
+
+
+def test_unmount_holds_until_remount_and_times_the_whole_change(served: Served) -> None:
+    path, reader, mounter, clock, f = served
+    assert request(path, "unmount", name="fs1") == {"name": "fs1", "device": "/dev/sdb"}
+    assert mounter.ops[-1] == ("umount", MP)
+    f.step()  # still the only primary, but held: not mounted again
+    assert MP not in mounter.table
+    s = fs1(f)
+    assert (s["state"], s["device"]) == (CHANGEOVER, None)
+    assert s["reason"] == "unmounted for a changeover (held until 'vscsi host remount fs1')"
+    reader.set(dev("/dev/sdb", A, "S-VOL", "PAIR", B), dev("/dev/sdc", B, "P-VOL", "PAIR", A))
+    clock.now += 7.0  # the swap-takeover
+    f.step()
+    assert MP not in mounter.table
+    result = request(path, "remount", name="fs1")
+    assert result == {"name": "fs1", "device": "/dev/sdc", "changeover_seconds": 7.0}
+    f.step()
+    assert [op[0] for op in mounter.ops] == ["mount", "umount", "mount"]
+
+
+def test_the_cli_over_the_socket(served: Served) -> None:
+    path, reader, *_ = served
+    run = CliRunner().invoke
+    result = run(main, ["host", "status", "--socket", path])
+    assert result.exit_code == 0
+    assert "fs1: mounted /dev/sdb on /mnt/fs1 (volume 410011:0600)" in result.output
+    assert "  /dev/sdb  410011:0600  P-VOL PAIR  primary" in result.output
+    assert json.loads(run(main, ["host", "status", "--json", "--socket", path]).output)[
+        "filesystems"][0]["device"] == "/dev/sdb"  # fmt: skip
+    result = run(main, ["host", "unmount", "fs1", "--socket", path])
+    assert result.output == (
+        "fs1: unmounted /dev/sdb; held until 'vscsi host remount fs1'\n")  # fmt: skip
+    reader.set(pvol("PSUE"), svol("SSWS"))
+    result = run(main, ["host", "remount", "fs1", "--timeout", "0", "--socket", path])
+    assert result.exit_code == 1
+    assert result.output.startswith("vscsi: remount fs1: two primaries for fs1: /dev/sdb")
+    assert result.output.count("\n") == 1
+    reader.set(svol("SSWS"))
+    result = run(main, ["host", "remount", "fs1", "--socket", path])
+    assert result.exit_code == 0
+    assert result.output.startswith("fs1: mounted /dev/sdc, changeover ")
+
+
+def test_no_follower_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["host", "status", "--socket", str(tmp_path / "no.sock")])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"vscsi: no vscsi host follower at {tmp_path}/no.sock; start one with "
+        "'vscsi host run -c FILE'\n")  # fmt: skip

@@ -162,6 +162,7 @@ class FsState:
     rdev: int | None = None
     changeover_since: float | None = None  # when the unmount that began a changeover ended
     last_changeover: float | None = None  # seconds, unmount to mount, of the last one
+    held: bool = False  # unmounted by the `unmount` command: left alone until `remount`
     since: float = field(default_factory=time.time)  # wall time of the last change of state
 
     def snapshot(self) -> dict[str, Any]:
@@ -216,7 +217,10 @@ class Follower:
                 mounted = self._mounted(fs, readings)
                 plan = decide(fs.config.name, fs.config.volume, readings, mounted,
                               fs.changeover_since is not None)  # fmt: skip
-                self._apply(fs, plan)
+                if fs.held:  # the agent unmounted it for a change: show, do not act
+                    self._set(fs, CHANGEOVER, self._held_reason(fs), plan.claims)
+                else:
+                    self._apply(fs, plan)
 
     def preview(self) -> tuple[list[Reading], dict[str, Plan]]:
         """One poll's readings and what each filesystem would get, without acting (`scan`)."""
@@ -325,44 +329,75 @@ class Follower:
             "filesystems": [self._snapshots[c.name] for c in self.config.filesystems],
         }
 
+    def unmount(self, args: dict[str, Any]) -> dict[str, Any]:
+        """What the agent calls before a planned role change ("users should unmount the file
+        systems before the change"): unmount now and hold it unmounted, whatever the claims,
+        until `remount`; the changeover is timed from here."""
+        fs = self._lookup("unmount", args["name"])
+        with self._lock:
+            device = self._vacate(fs, "unmount")
+            fs.held = True
+            self._set(fs, CHANGEOVER, self._held_reason(fs), fs.claims)
+            return {"name": fs.config.name, "device": device}
+
     def remount(self, args: dict[str, Any]) -> dict[str, Any]:
-        """What the external agent calls after a takeover: unmount now, wait (at most `timeout`
+        """What the external agent calls after a takeover: unmount now, wait (at most `wait`
         seconds) for exactly one primary, mount it; the reason in a ControlError otherwise."""
-        name, timeout = args["name"], args.get("wait", REMOUNT_TIMEOUT)
-        fs = self._fs.get(name)
-        if fs is None:
-            known = ", ".join(self._fs)
-            raise ControlError(f"remount: no filesystem {name!r} in {self.config.source} "
-                               f"(known: {known})")  # fmt: skip
+        fs = self._lookup("remount", args["name"])
+        timeout = args.get("wait", REMOUNT_TIMEOUT)
         if timeout < 0:
-            raise ControlError(f"remount {name}: wait must be 0 or more seconds, got {timeout}")
+            raise ControlError(f"remount {fs.config.name}: wait must be 0 or more seconds, "
+                               f"got {timeout}")  # fmt: skip
         with self._lock:
             return self._remount(fs, timeout)
 
-    def _remount(self, fs: FsState, timeout: float) -> dict[str, Any]:
+    def _lookup(self, cmd: str, name: str) -> FsState:
+        fs = self._fs.get(name)
+        if fs is None:
+            known = ", ".join(self._fs)
+            raise ControlError(f"{cmd}: no filesystem {name!r} in {self.config.source} "
+                               f"(known: {known})")  # fmt: skip
+        return fs
+
+    def _vacate(self, fs: FsState, cmd: str) -> str | None:
+        """Unmount for `cmd` whatever the claims (never a foreign mount) and start timing the
+        changeover; the device unmounted, if any."""
         c = fs.config
         readings = self.read()
         mounted = self._mounted(fs, readings)
-        if mounted is not None:
-            plan = decide(c.name, c.volume, readings, mounted)
-            if plan.state == REFUSED and not plan.unmount:
-                raise ControlError(f"remount {c.name}: {plan.reason}")
-            asked = Plan(CHANGEOVER, f"remount of {c.name} asked", plan.claims, unmount=True)
-            if not self._unmount(fs, asked):
-                raise ControlError(f"remount {c.name}: {fs.reason}")
-        elif fs.changeover_since is None:
-            fs.changeover_since = self.clock()
-        deadline = self.clock() + timeout
+        if mounted is None:
+            if fs.changeover_since is None:
+                fs.changeover_since = self.clock()
+            return None
+        plan = decide(c.name, c.volume, readings, mounted)
+        if plan.state == REFUSED and not plan.unmount:
+            raise ControlError(f"{cmd} {c.name}: {plan.reason}")
+        device = fs.device or mounted.device
+        if not self._unmount(fs, Plan(CHANGEOVER, f"{cmd} of {c.name} asked", plan.claims,
+                                      unmount=True)):  # fmt: skip
+            raise ControlError(f"{cmd} {c.name}: {fs.reason}")
+        return device
+
+    @staticmethod
+    def _held_reason(fs: FsState) -> str:
+        return (f"unmounted for a changeover (held until 'vscsi host remount "
+                f"{fs.config.name}')")  # fmt: skip
+
+    def _remount(self, fs: FsState, timeout: float) -> dict[str, Any]:
+        c = fs.config
+        self._vacate(fs, "remount")
+        fs.held = False
+        deadline = time.monotonic() + timeout
         while True:
+            readings = self.read()
             plan = decide(c.name, c.volume, readings, None, changeover=True)
             if plan.mount is not None and self._mount(fs, plan):
                 return {"name": c.name, "device": fs.device,
                         "changeover_seconds": fs.last_changeover}  # fmt: skip
             if plan.mount is None:
                 self._set(fs, plan.state, plan.reason, plan.claims)
-            if self.clock() >= deadline or self.stop.wait(min(self.config.poll, 0.5)):
+            if time.monotonic() >= deadline or self.stop.wait(min(self.config.poll, 0.5)):
                 raise ControlError(f"remount {c.name}: {fs.reason} (waited {timeout:g} s)")
-            readings = self.read()
 
     def unmount_all(self) -> None:
         """`run --unmount-on-exit`: leave nothing of ours mounted."""

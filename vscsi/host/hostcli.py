@@ -51,9 +51,11 @@ def _follower(config: HostConfig) -> Follower:
 
 
 def commands(follower: Follower) -> dict[str, Command]:
-    """The control socket's commands: `status` (read only) and `remount` (name, wait)."""
+    """The control socket's commands: `status` (read only), `unmount` (name) and `remount`
+    (name, wait)."""
     return {
         "status": Command(follower.status, read_only=True),
+        "unmount": Command(follower.unmount, required={"name": str}),
         "remount": Command(follower.remount, required={"name": str}, optional={"wait": int}),
     }
 
@@ -145,6 +147,16 @@ def remount(name: str, wait: int, socket_path: str) -> None:
     result = _call(socket_path, "remount", timeout=wait + 30.0, name=name, wait=wait)
     click.echo(f"{result['name']}: mounted {result['device']}, "
                f"changeover {result['changeover_seconds']:.3f} s")  # fmt: skip
+
+
+@host.command("unmount")
+@click.argument("name")
+@socket_option
+def unmount(name: str, socket_path: str) -> None:
+    """Unmount NAME before a planned role change; it stays unmounted until `remount`."""
+    result = _call(socket_path, "unmount", name=name)
+    what = f"unmounted {result['device']}" if result["device"] else "was not mounted"
+    click.echo(f"{result['name']}: {what}; held until 'vscsi host remount {result['name']}'")
 
 
 @host.command("scan")

@@ -318,7 +318,10 @@ def test_an_existing_mount_of_the_primary_is_adopted() -> None:
     mounter.table[MP] = rdev("/dev/sdb")
     f = follower(reader, mounter)
     f.step()
-    assert mounter.ops == [] and fs1(f)["state"] == MOUNTED
+    assert mounter.ops == [] and (fs1(f)["state"], fs1(f)["device"]) == (MOUNTED, "/dev/sdb")
+    reader.set(down(pvol()), svol("SSWS"))
+    f.step()
+    assert mounter.ops == [("umount", MP), ("mount", "/dev/sdc", MP, "ext4", "noatime")]
 
 
 def test_an_unmount_by_hand_is_mounted_again() -> None:

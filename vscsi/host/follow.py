@@ -183,7 +183,8 @@ def _claim(r: Reading, volume: Ident) -> dict[str, Any]:
 
 
 class Follower:
-    """Polls the devices, follows each filesystem's primary, serves `status` and `remount`.
+    """Polls the devices, follows each filesystem's primary, serves `status`, `unmount` and
+    `remount`.
     One lock orders polls and remounts; `status` reads snapshots and never waits for them."""
 
     def __init__(
@@ -220,7 +221,7 @@ class Follower:
                 if fs.held:  # the agent unmounted it for a change: show, do not act
                     self._set(fs, CHANGEOVER, self._held_reason(fs), plan.claims)
                 else:
-                    self._apply(fs, plan)
+                    self._apply(fs, plan, mounted)
 
     def preview(self) -> tuple[list[Reading], dict[str, Plan]]:
         """One poll's readings and what each filesystem would get, without acting (`scan`)."""
@@ -258,13 +259,15 @@ class Follower:
                 return Mounted(r.device, rdev)
         return Mounted(None, rdev)
 
-    def _apply(self, fs: FsState, plan: Plan) -> None:
+    def _apply(self, fs: FsState, plan: Plan, mounted: Mounted | None) -> None:
         if plan.unmount and not self._unmount(fs, plan):
             return
         if plan.mount is not None:
             self._mount(fs, plan)
-        else:
-            self._set(fs, plan.state, plan.reason, plan.claims)
+            return
+        if plan.state == MOUNTED and mounted is not None:  # kept; adopted if found mounted
+            fs.device, fs.rdev = mounted.device, mounted.rdev
+        self._set(fs, plan.state, plan.reason, plan.claims)
 
     def _unmount(self, fs: FsState, plan: Plan) -> bool:
         """Unmount; a failure leaves the filesystem mounted and nothing else is mounted."""

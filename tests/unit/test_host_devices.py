@@ -16,7 +16,7 @@ from vscsi.cli import main
 from vscsi.host import reader as reader_mod
 from vscsi.host import sgio
 from vscsi.host.follow import Reading
-from vscsi.host.mounts import MountError, mounted_at, run_tool
+from vscsi.host.mounts import MountError, SystemMounter, mounted_at, run_tool
 from vscsi.host.reader import SgReader, candidates, read_device
 from vscsi.host.sgio import SgIoHdr
 from vscsi.pair.states import Role, Status
@@ -157,3 +157,19 @@ def test_scan_without_devices_prints_nothing_and_changes_nothing(tmp_path: Path)
     result = CliRunner().invoke(main, ["host", "scan", "-c", str(cfg)])
     assert result.exit_code == 0
     assert result.output == "fs1: unmounted: no device of fs1 (410011:0600) seen\n"
+
+
+def test_the_kernel_looks_again_before_a_mount(tmp_path: Path) -> None:
+    block = tmp_path / "class" / "block" / "sdc"
+    (block / "device").mkdir(parents=True)
+    (block / "device" / "rescan").write_text("")
+    (block / "ro").write_text("0\n")
+    m = SystemMounter(sysfs=str(tmp_path))
+    m.revalidate("/dev/sdc")
+    assert (block / "device" / "rescan").read_text() == "1"
+    (block / "ro").write_text("1\n")  # still write protected: an S-VOL not taken over
+    with pytest.raises(MountError, match=r"^/dev/sdc is write protected \(read-only to the"):
+        m.revalidate("/dev/sdc")
+    m.revalidate("/dev/sdc", read_only=True)
+    with pytest.raises(MountError, match=r"^/dev/sdx: cannot rescan it \(No such file"):
+        m.revalidate("/dev/sdx")

@@ -64,14 +64,32 @@ def run_tool(argv: Sequence[str], timeout: float = TOOL_TIMEOUT) -> int:
 class SystemMounter:
     """The follower's mounter on a real host: mount(8), umount(8), fsck(8), mountinfo."""
 
-    def __init__(self, timeout: float = TOOL_TIMEOUT, mountinfo: str = MOUNTINFO) -> None:
+    def __init__(self, timeout: float = TOOL_TIMEOUT, mountinfo: str = MOUNTINFO,
+                 sysfs: str = "/sys") -> None:  # fmt: skip
         self.timeout = timeout
         self.mountinfo = mountinfo
+        self.sysfs = sysfs
+
+    def revalidate(self, device: str, read_only: bool = False) -> None:
+        """Have sd re-read the disk (capacity, write protection) before mounting it: an S-VOL
+        just taken over was write protected when the kernel last looked, and mount would
+        silently fall back to a read-only mount. Still read-only after that: refuse."""
+        block = f"{self.sysfs}/class/block/{os.path.basename(os.path.realpath(device))}"
+        try:
+            with open(f"{block}/device/rescan", "w") as f:
+                f.write("1")
+            with open(f"{block}/ro") as f:
+                ro = f.read().strip() == "1"
+        except OSError as e:
+            raise MountError(f"{device}: cannot rescan it ({e.strerror})") from None
+        if ro and not read_only:
+            raise MountError(f"{device} is write protected (read-only to the kernel)")
 
     def current(self, mountpoint: str) -> int | None:
         return mounted_at(mountpoint, self.mountinfo)
 
     def mount(self, device: str, mountpoint: str, fstype: str | None, options: str) -> None:
+        self.revalidate(device, read_only="ro" in options.split(","))
         argv = ["mount"]
         if fstype:
             argv += ["-t", fstype]

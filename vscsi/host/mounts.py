@@ -102,4 +102,5 @@ class SystemMounter:
 
     def check(self, device: str, fstype: str | None) -> None:
         """`fsck -p`: repairs what is safe to repair; anything more stops the mount."""
+        self.revalidate(device)  # fsck needs the disk writable too
         run_tool(["fsck", *(["-t", fstype] if fstype else []), "-p", device], self.timeout)

@@ -13,6 +13,7 @@ import click
 from vscsi.agent.command import agent
 from vscsi.config import DEFAULT_SOCKET, ConfigError, load
 from vscsi.control import ControlError, request
+from vscsi.host.hostcli import host
 from vscsi.host.inq import inq
 
 
@@ -112,6 +113,7 @@ def status(socket_path: str, as_json: bool) -> None:
 
 main.add_command(inq)
 main.add_command(agent)
+main.add_command(host)
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:

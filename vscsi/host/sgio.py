@@ -158,12 +158,12 @@ def device(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def execute(fd: int, cdb: bytes, alloc: int, what: str) -> bytes:
+def execute(fd: int, cdb: bytes, alloc: int, what: str, timeout_ms: int = TIMEOUT_MS) -> bytes:
     """Run a data-in command; returns only the bytes the device transferred (alloc - resid)."""
     data = ctypes.create_string_buffer(alloc)
     cmd = ctypes.create_string_buffer(cdb, len(cdb))
     sense = ctypes.create_string_buffer(SENSE_LEN)
-    hdr = bytearray(_request(cmd, data, sense))
+    hdr = bytearray(_request(cmd, data, sense, timeout_ms))
     try:
         fcntl.ioctl(fd, SG_IO, hdr, True)
     except OSError as e:
@@ -175,7 +175,7 @@ def execute(fd: int, cdb: bytes, alloc: int, what: str) -> bytes:
     return data.raw[: max(0, min(alloc, alloc - reply.resid))]
 
 
-def _request(cmd: Buffer, data: Buffer, sense: Buffer) -> bytes:
+def _request(cmd: Buffer, data: Buffer, sense: Buffer, timeout_ms: int) -> bytes:
     """A data-in request whose pointers are the addresses of our ctypes buffers."""
     return SgIoHdr.build(
         {
@@ -188,7 +188,7 @@ def _request(cmd: Buffer, data: Buffer, sense: Buffer) -> bytes:
             "dxferp": ctypes.addressof(data),
             "cmdp": ctypes.addressof(cmd),
             "sbp": ctypes.addressof(sense),
-            "timeout": TIMEOUT_MS,
+            "timeout": timeout_ms,
             "flags": 0,
             "pack_id": 0,
             "usr_ptr": 0,
@@ -225,9 +225,12 @@ def _check(reply: Container, sense: bytes, what: str) -> None:
         raise TransportError(f"{what}: SCSI status 0x{status:02X} {name}".rstrip())
 
 
-def inquiry(fd: int, page: int | None = None, alloc: int = VPD_ALLOC) -> bytes:
-    """Standard INQUIRY data (`page` None) or the VPD page `page`, as far as transferred."""
+def inquiry(
+    fd: int, page: int | None = None, alloc: int = VPD_ALLOC, timeout_ms: int = TIMEOUT_MS
+) -> bytes:
+    """Standard INQUIRY data (`page` None) or the VPD page `page`, as far as transferred;
+    a poller passes a short `timeout_ms` so one dead LUN costs it little."""
     evpd = page is not None
     cdb = BY_NAME["INQUIRY"].build(b1={"evpd": evpd}, page_code=page or 0, alloc_len=alloc)
     what = f"INQUIRY VPD 0x{page:02X}" if evpd else "INQUIRY"
-    return execute(fd, cdb, alloc, what)
+    return execute(fd, cdb, alloc, what, timeout_ms)

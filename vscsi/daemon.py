@@ -137,7 +137,7 @@ class Served:
             "size": self.volume.size,
             "block_size": self.volume.block_size,
             "write_cache": self.volume.write_cache,
-            "export": self.cfg.export,
+            "export": "+".join(self.cfg.export) or "none",
             "vendor": ident.vendor,
             "product": ident.product,
             "serial": ident.serial,
@@ -338,7 +338,7 @@ class Daemon:
                 daemon=True,
             )
             s.thread.start()
-            if s.cfg.export == "loop":
+            if "loop" in s.cfg.export:
                 s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
                 s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
             s.state = "serving"

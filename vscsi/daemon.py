@@ -28,9 +28,19 @@ from typing import IO, Any
 
 from rich.logging import RichHandler
 
-from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
+from vscsi.config import (
+    Config,
+    ConfigError,
+    HostGroupConfig,
+    ShadowSetConfig,
+    VolumeConfig,
+    open_volumes,
+)
 from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
+from vscsi.hostgroup import lio
+from vscsi.hostgroup import manager as hostgroup
+from vscsi.hostgroup.plan import PlanError, plan, wanted
 from vscsi.link.session import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import NoSuchPair, PairError
@@ -174,6 +184,7 @@ class Daemon:
         self._sessions: list[LinkSession] = []  # to each peer array (remote pairs)
         self._link_server: LinkServer | None = None
         self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
+        self.hostgroups: hostgroup.HostGroups | None = None
         self._state_lock: IO[str] | None = None
         self._keep_kernel_objects = False  # after a RingFailure: the restart re-attaches
 
@@ -227,6 +238,12 @@ class Daemon:
                 peers=self._start_links(),
             )
             self._serve_link(self.pairs)
+            self.hostgroups = hostgroup.HostGroups(self.config, committer, self._apply_host_groups)
+        except hostgroup.HostGroupError as e:
+            self._stop_links()
+            for vol in volumes.values():
+                vol.close()
+            raise DaemonError(str(e)) from None
         except (PairError, OSError, ValueError, DaemonError) as e:
             self._stop_links()
             for vol in volumes.values():
@@ -318,6 +335,23 @@ class Daemon:
         self._netlink.start()
         for s in self.served.values():
             self._serve(s)
+        self._start_iscsi()
+
+    # -- iSCSI ports and host groups ------------------------------------------------------------
+
+    def _start_iscsi(self) -> None:
+        """Once every backstore exists: the ports' targets as the host groups say (leftovers
+        of ports no longer configured go)."""
+        try:
+            if self.config.ports:
+                lio.prepare()
+            if self.hostgroups is not None:
+                self.hostgroups.start()
+        except (configfs.ConfigfsError, PlanError) as e:
+            raise DaemonError(f"iSCSI: {e}") from None
+
+    def _apply_host_groups(self, groups: list[HostGroupConfig]) -> None:
+        lio.apply(plan(wanted(self.config.ports, groups), lio.observe()))
 
     def _serve(self, s: Served) -> None:
         name = s.cfg.name
@@ -378,6 +412,9 @@ class Daemon:
         """Tear down in reverse: exports (the host may still flush through the rings), then
         ring threads, backstores, netlink, socket, files."""
         self._stop.set()
+        if self.config.ports and not self._keep_kernel_objects:
+            with contextlib.suppress(configfs.ConfigfsError):
+                lio.remove_ours()  # before the backstores, which its LUNs hold
         served = list(reversed(self.served.values()))
         for s in served:
             with contextlib.suppress(configfs.ConfigfsError):
@@ -443,7 +480,17 @@ class Daemon:
         links = [{"remote": x.remote.name, "serial": x.remote.serial, "up": x.connected}
                  for x in self._sessions]  # fmt: skip
         return {"pid": os.getpid(), "config": self.config.source, "volumes": volumes,
-                "links": links}  # fmt: skip
+                "links": links, "ports": self._ports_status()}  # fmt: skip
+
+    def _ports_status(self) -> list[dict[str, Any]]:
+        if self.hostgroups is None or not self.config.ports:
+            return []
+        try:
+            sessions = lio.sessions()
+        except configfs.ConfigfsError as e:
+            log.warning("%s", e)
+            sessions = []
+        return self.hostgroups.status(sessions)
 
     # -- pairs ------------------------------------------------------------------------------------
 
@@ -479,6 +526,8 @@ class Daemon:
         }  # fmt: skip
         for cmd, (op, args) in pair_ops.items():
             cmds[cmd] = Command(self._pair_handler(op), {"name": str, **args})
+        if self.hostgroups is not None:
+            cmds |= hostgroup.commands(self.hostgroups, (configfs.ConfigfsError, PlanError))
         return cmds
 
     # -- shadow sets ----------------------------------------------------------------------------

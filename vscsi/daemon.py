@@ -383,9 +383,11 @@ class Daemon:
     def _announce(self) -> None:
         for s in self.served.values():
             how = "re-attached" if s.reattached else "serving"
-            where = f"{s.sd} {s.sg}" if s.sd else "(not exported)"
+            where = [f"{s.sd} {s.sg}"] if s.sd else []
+            where += ["iSCSI"] if "iscsi" in s.cfg.export else []
             print(
-                f"{s.cfg.name}: {where} {how} on {s.device.name if s.device else '-'} "
+                f"{s.cfg.name}: {' and '.join(where) or '(not exported)'} {how} on "
+                f"{s.device.name if s.device else '-'} "
                 f"({s.cfg.path}, {s.volume.size} bytes)",
                 flush=True,
             )

@@ -210,6 +210,23 @@ def test_a_change_that_cannot_be_made_durable_is_taken_back_from_configfs(
     assert running.daemon.hostgroups.groups["CL1-A", "db"].luns == {0: "ldev0"}
 
 
+def test_a_change_configfs_refuses_half_way_is_taken_back(
+    running: Running, kernel: IscsiKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rtslib_fb
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise rtslib_fb.RTSLibError("Cannot create MappedLUN")
+
+    monkeypatch.setattr(rtslib_fb, "MappedLUN", refused)
+    rc, out = running.cli("lun", "map", "CL1-A", "db", "5", "ldev2")
+    assert rc == 1 and "Map initiator=" in out and "Cannot create MappedLUN" in out
+    monkeypatch.undo()
+    assert not (kernel.fake.lio / "iscsi" / IQN / "tpgt_1/lun/lun_2").exists()  # AddLun undone
+    assert running.daemon.hostgroups is not None
+    assert running.daemon.hostgroups.groups["CL1-A", "db"].luns == {0: "ldev0"}
+
+
 def test_status_shows_ports_host_groups_and_sessions(running: Running, kernel: IscsiKernel) -> None:
     kernel.login(H2)
     rc, out = running.cli("status")

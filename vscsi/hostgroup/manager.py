@@ -8,7 +8,7 @@ over the config only while the config still says what it said when the record wa
 operator who edits the config's host group afterwards means the edit, and the record is dropped
 (with a warning). A removed host group is a record with `removed: true`.
 
-Every change is applied to configfs first, then made durable; if that fails, configfs is put
+Every change is applied to configfs first, then made durable; if either fails, configfs is put
 back, so what survives a restart is what the host saw acknowledged.
 """
 
@@ -177,15 +177,23 @@ class HostGroups:
             check_host_groups(list(new.values()))
         except ConfigError as e:
             raise HostGroupError(str(e)) from None
-        self.apply(list(new.values()))
         record = {"base": self._base.get((port, name)), "removed": g is None,
                   "table": table_of(g if g is not None else old[port, name])}  # fmt: skip
         try:
+            self.apply(list(new.values()))
             self.committer.save(KIND, _key(port, name), record, create=True)
         except BaseException:
-            self.apply(list(old.values()))
+            self._restore(list(old.values()))
             raise
         self.groups = new
+
+    def _restore(self, groups: list[HostGroupConfig]) -> None:
+        """Put configfs back after a change failed half-way; the change's error is the one
+        reported, this one only logged."""
+        try:
+            self.apply(groups)
+        except Exception as e:  # the caller re-raises the first failure
+            log.error("host groups: configfs could not be put back: %s", e)
 
     # -- reading --------------------------------------------------------------------------------
 

@@ -185,6 +185,7 @@ class Daemon:
         self._link_server: LinkServer | None = None
         self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
         self.hostgroups: hostgroup.HostGroups | None = None
+        self._iscsi_owner = lio.owner_of(config.state_dir)  # marks this daemon's iSCSI targets
         self._state_lock: IO[str] | None = None
         self._keep_kernel_objects = False  # after a RingFailure: the restart re-attaches
 
@@ -351,7 +352,8 @@ class Daemon:
             raise DaemonError(f"iSCSI: {e}") from None
 
     def _apply_host_groups(self, groups: list[HostGroupConfig]) -> None:
-        lio.apply(plan(wanted(self.config.ports, groups), lio.observe()))
+        owner = self._iscsi_owner
+        lio.apply(plan(wanted(self.config.ports, groups), lio.observe(owner)), owner)
 
     def _serve(self, s: Served) -> None:
         name = s.cfg.name
@@ -416,7 +418,7 @@ class Daemon:
         self._stop.set()
         if self.config.ports and not self._keep_kernel_objects:
             with contextlib.suppress(configfs.ConfigfsError):
-                lio.remove_ours()  # before the backstores, which its LUNs hold
+                lio.remove_ours(self._iscsi_owner)  # before the backstores its LUNs hold
         served = list(reversed(self.served.values()))
         for s in served:
             with contextlib.suppress(configfs.ConfigfsError):
@@ -488,7 +490,7 @@ class Daemon:
         if self.hostgroups is None or not self.config.ports:
             return []
         try:
-            sessions = lio.sessions()
+            sessions = lio.sessions(self._iscsi_owner)
         except configfs.ConfigfsError as e:
             log.warning("%s", e)
             sessions = []

@@ -26,6 +26,7 @@ PORT = PortConfig("CL1-A", IQN, (("192.0.2.10", 3260), ("2001:db8::1", 3260)))
 CHAP = Chap("db", Secret("twelve-chars-secret"), "array", Secret("mutual-secret-16"))
 TPG_ATTRS = {"authentication": "0", "generate_node_acls": "0", "demo_mode_write_protect": "1",
              "cache_dynamic_acls": "0"}  # fmt: skip
+OWNER = "0123abcd"
 TPG_DIRS = ("attrib", "param", "auth", "np", "acls", "lun")
 ACL_DIRS = ("auth", "attrib", "param")
 
@@ -133,8 +134,8 @@ def group(name: str, initiators: tuple[str, ...], luns: dict[int, str], chap: Ch
 def sync(groups: list[HostGroupConfig], ports: tuple[PortConfig, ...] = (PORT,)) -> None:
     """What the daemon does: observe, plan, apply; then nothing is left to do."""
     want = p.wanted(ports, groups)
-    lio.apply(p.plan(want, lio.observe()))
-    assert p.plan(want, lio.observe()) == []
+    lio.apply(p.plan(want, lio.observe(OWNER)), OWNER)
+    assert p.plan(want, lio.observe(OWNER)) == []
 
 
 def tpg(kernel: IscsiKernel) -> Path:
@@ -145,7 +146,7 @@ def test_a_port_with_host_groups_in_configfs(kernel: IscsiKernel) -> None:
     sync([group("db", (H1,), {0: "ldev0", 4: "ldev1"}, CHAP), group("web", (H2,), {0: "ldev1"},
                                                                      CHAP)])  # fmt: skip
     t = tpg(kernel)
-    assert (t / "param/TargetAlias").read_text().strip() == "vscsi:CL1-A"
+    assert (t / "param/TargetAlias").read_text().strip() == f"vscsi:CL1-A:{OWNER}"
     assert {a: (t / "attrib" / a).read_text().strip() for a in TPG_ATTRS} == {
         "authentication": "1", "generate_node_acls": "0", "demo_mode_write_protect": "1",
         "cache_dynamic_acls": "0"}  # fmt: skip
@@ -158,7 +159,7 @@ def test_a_port_with_host_groups_in_configfs(kernel: IscsiKernel) -> None:
     assert (acl / "auth/password").read_text().strip() == "twelve-chars-secret"
     assert (acl / "auth/userid_mutual").read_text().strip() == "array"
     assert (acl / "auth/password_mutual").read_text().strip() == "mutual-secret-16"
-    seen = lio.observe()[IQN]
+    seen = lio.observe(OWNER)[IQN]
     assert seen.acls[H1].mapped == {0: 0, 4: 1} and seen.acls[H2].mapped == {0: 1}
     assert seen.luns == {0: "ldev0", 1: "ldev1"}
 
@@ -185,24 +186,48 @@ def test_removing_chap_clears_the_credentials(kernel: IscsiKernel) -> None:
     assert (tpg(kernel) / "attrib/authentication").read_text().strip() == "0"
 
 
-def test_a_port_no_longer_configured_is_removed_but_a_foreign_target_kept(
+def foreign(kernel: IscsiKernel, iqn: str, alias: str | None = None) -> Path:
+    """A target someone else made: targetcli (no alias of ours) or another daemon."""
+    tpg = kernel.fake.lio / "iscsi" / iqn / "tpgt_1"
+    for d in (tpg.parent.parent, tpg.parent, tpg):
+        d.mkdir(exist_ok=True)
+    if alias is not None:
+        (tpg / "param/TargetAlias").write_text(alias)
+    return tpg
+
+
+def test_a_port_no_longer_configured_is_removed_but_foreign_targets_kept(
     kernel: IscsiKernel,
 ) -> None:
-    other = kernel.fake.lio / "iscsi/iqn.2003-01.org.linux-iscsi:other/tpgt_1"
-    for d in (other.parent.parent, other.parent, other):  # as targetcli would make it
-        d.mkdir(exist_ok=True)
+    other = foreign(kernel, "iqn.2003-01.org.linux-iscsi:other")
+    daemon2 = foreign(kernel, "iqn.2026-01.com.example:site2", "vscsi:CL1-A:ffffffff")
     sync([group("db", (H1,), {0: "ldev0"})])
     sync([], ports=())
-    assert not (kernel.fake.lio / "iscsi" / IQN).exists() and other.exists()
-    assert lio.remove_ours() == []
+    assert not (kernel.fake.lio / "iscsi" / IQN).exists()
+    assert other.exists() and daemon2.exists()
+    assert lio.remove_ours(OWNER) == []
+    assert daemon2.exists()
+
+
+def test_a_port_iqn_another_daemon_uses_is_refused(kernel: IscsiKernel) -> None:
+    foreign(kernel, IQN, "vscsi:CL1-A:ffffffff")
+    with pytest.raises(p.PlanError, match="not made by this daemon"):
+        sync([])
+
+
+def test_the_owner_mark_is_the_state_directory(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert lio.owner_of(str(tmp_path / "a")) == lio.owner_of(str(tmp_path / "b"))
+    assert lio.owner_of(str(tmp_path / "a")) != lio.owner_of(str(tmp_path))
 
 
 def test_remove_ours_and_sessions(kernel: IscsiKernel) -> None:
     sync([group("db", (H1, H2), {0: "ldev0"})])
     kernel.login(H1)
-    assert lio.sessions() == [{"port": "CL1-A", "host_group": "db", "initiator": H1,
+    assert lio.sessions(OWNER) == [{"port": "CL1-A", "host_group": "db", "initiator": H1,
                                "state": "LOGGED_IN", "addresses": ["192.0.2.50"]}]  # fmt: skip
-    assert lio.remove_ours() == [f"iscsi/{IQN}"]
+    assert lio.remove_ours(OWNER) == [f"iscsi/{IQN}"]
     assert not (kernel.fake.lio / "iscsi" / IQN).exists()
     configfs.remove_all_vscsi()  # the backstores can go now
     assert not list(kernel.fake.lio.glob("core/user_*/vscsi-*"))
@@ -211,6 +236,6 @@ def test_remove_ours_and_sessions(kernel: IscsiKernel) -> None:
 def test_a_failed_step_names_the_target_and_never_a_secret(kernel: IscsiKernel) -> None:
     want = p.wanted([PORT], [group("db", (H1,), {0: "ldev9"}, CHAP)])
     with pytest.raises(configfs.ConfigfsError) as e:
-        lio.apply(p.plan(want, lio.observe()))
+        lio.apply(p.plan(want, lio.observe(OWNER)), OWNER)
     assert str(e.value).startswith(f"iSCSI target {IQN}: AddLun index=0 volume=ldev9:")
     assert "twelve" not in str(e.value)

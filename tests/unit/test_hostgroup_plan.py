@@ -146,5 +146,5 @@ def test_leftovers_are_adopted_and_old_ports_removed_but_foreign_targets_kept() 
 
 
 def test_a_wanted_iqn_taken_by_a_foreign_target_is_refused() -> None:
-    with pytest.raises(p.PlanError, match=r"^port CL1-A: iSCSI target .* not made by vscsi"):
+    with pytest.raises(p.PlanError, match=r"^port CL1-A: iSCSI target .* not made by this daemon"):
         p.plan(p.wanted([PORT], []), {IQN: p.SeenTarget(IQN, None)})

@@ -1,6 +1,7 @@
 """LIO's iSCSI fabric through rtslib-fb: read what is there (`observe`), carry out a plan
-(`apply`), list the logged-in sessions. Every iSCSI target vscsi makes carries the TPG parameter
-TargetAlias `vscsi:<port>`; a target without it is someone else's and is only read.
+(`apply`), list the logged-in sessions. Every iSCSI target a daemon makes carries the TPG
+parameter TargetAlias `vscsi:<port>:<owner>`, `owner` naming the daemon's state directory
+(`owner_of`); a target without this daemon's mark (another daemon's, targetcli's) is only read.
 
 Every TPG has `generate_node_acls=0` (no demo mode: an initiator in no host group sees
 nothing), `demo_mode_write_protect=1` and `cache_dynamic_acls=0`, and `authentication=1` when
@@ -10,6 +11,8 @@ the port's host groups use CHAP.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import subprocess
 from typing import Any
 
@@ -57,17 +60,28 @@ def _volume_of(lun: rtslib_fb.LUN) -> str | None:
     return None
 
 
-def port_of(tpg: rtslib_fb.TPG) -> str | None:
-    """The port a TPG stands for, when vscsi made it."""
+def owner_of(state_dir: str) -> str:
+    """The mark of one daemon (one state directory: two daemons never share one) on its targets,
+    so that daemons on one host leave each other's ports alone."""
+    return hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:8]
+
+
+def alias(port: str, owner: str) -> str:
+    return f"vscsi:{port}:{owner}"
+
+
+def port_of(tpg: rtslib_fb.TPG, owner: str) -> str | None:
+    """The port a TPG stands for, when this daemon made it."""
     with contextlib.suppress(RTSLibError, OSError):
-        alias = tpg.get_parameter("TargetAlias")
-        if alias.startswith(p.ALIAS_PREFIX):
-            return alias.removeprefix(p.ALIAS_PREFIX)
+        kind, _, rest = tpg.get_parameter("TargetAlias").partition(":")
+        port, _, mark = rest.rpartition(":")
+        if kind == "vscsi" and port and mark == owner:
+            return port
     return None
 
 
-def observe() -> dict[str, p.SeenTarget]:
-    """Every iSCSI target in configfs, by IQN; vscsi's in detail, others by name only."""
+def observe(owner: str) -> dict[str, p.SeenTarget]:
+    """Every iSCSI target in configfs, by IQN; the owner's in detail, others by name only."""
     fabric = _fabric()
     if not fabric.exists:
         return {}
@@ -75,7 +89,7 @@ def observe() -> dict[str, p.SeenTarget]:
     try:
         for target in fabric.targets:
             tpg = next((t for t in target.tpgs if t.tag == 1), None)
-            port = port_of(tpg) if tpg is not None else None
+            port = port_of(tpg, owner) if tpg is not None else None
             seen[target.wwn] = s = p.SeenTarget(target.wwn, port)
             if tpg is not None and port is not None:
                 _observe_tpg(tpg, s)
@@ -95,12 +109,13 @@ def _observe_tpg(tpg: rtslib_fb.TPG, s: p.SeenTarget) -> None:
         s.acls[acl.node_wwn] = p.SeenAcl(acl.tag, mapped, auth)
 
 
-def apply(steps: list[p.Step]) -> None:
-    """Carry out the steps in order; the first failure stops and names its object."""
+def apply(steps: list[p.Step], owner: str) -> None:
+    """Carry out the steps in order (new targets marked as the owner's); the first failure
+    stops and names its object."""
     tpgs: dict[str, rtslib_fb.TPG] = {}
     for step in steps:
         try:
-            _apply(step, tpgs)
+            _apply(step, tpgs, owner)
         except (RTSLibError, OSError) as e:
             where = f"iSCSI target {step.iqn}: {_describe(step)}"
             raise configfs.ConfigfsError(f"{where}: {e}") from None
@@ -119,11 +134,11 @@ def _tpg(iqn: str, tpgs: dict[str, rtslib_fb.TPG]) -> rtslib_fb.TPG:
     return tpgs[iqn]
 
 
-def _apply(step: p.Step, tpgs: dict[str, rtslib_fb.TPG]) -> None:
+def _apply(step: p.Step, tpgs: dict[str, rtslib_fb.TPG], owner: str) -> None:
     match step:
         case p.MakeTarget(iqn, port):
             tpg = rtslib_fb.TPG(rtslib_fb.Target(_fabric(), iqn, mode="create"), 1, mode="create")
-            tpg.set_parameter("TargetAlias", p.ALIAS_PREFIX + port)  # first: marks it ours
+            tpg.set_parameter("TargetAlias", alias(port, owner))  # first: marks it ours
             for name, value in TPG_ATTRIBUTES.items():
                 tpg.set_attribute(name, value)
             tpg.enable = True
@@ -166,18 +181,18 @@ def _set_acl(acl: rtslib_fb.NodeACL, group: str, auth: p.Auth) -> None:
     acl.chap_mutual_userid, acl.chap_mutual_password = mutual_user, mutual_password
 
 
-def remove_ours() -> list[str]:
-    """Remove every iSCSI target vscsi made (leftovers of a killed run); what was removed."""
+def remove_ours(owner: str) -> list[str]:
+    """Remove every iSCSI target the owner made; what was removed."""
     removed = []
-    for s in observe().values():
+    for s in observe(owner).values():
         if s.port is not None:
-            apply([p.RemoveTarget(s.iqn)])
+            apply([p.RemoveTarget(s.iqn)], owner)
             removed.append(f"iscsi/{s.iqn}")
     return removed
 
 
-def sessions() -> list[dict[str, Any]]:
-    """Who is logged in through vscsi's targets: port, host group, initiator, addresses."""
+def sessions(owner: str) -> list[dict[str, Any]]:
+    """Who is logged in through the owner's targets: port, host group, initiator, addresses."""
     fabric = _fabric()
     out: list[dict[str, Any]] = []
     if not fabric.exists:
@@ -185,7 +200,7 @@ def sessions() -> list[dict[str, Any]]:
     try:
         for target in fabric.targets:
             for tpg in target.tpgs:
-                port = port_of(tpg)
+                port = port_of(tpg, owner)
                 if port is None:
                     continue
                 for acl in tpg.node_acls:

@@ -209,7 +209,7 @@ class HostGroups:
 
     def status(self, sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each port, its host groups, and who is logged in through it (`sessions` as
-        lio.sessions() reports them)."""
+        lio.sessions reports them)."""
         ports = []
         for p in self.config.ports:
             mine = [g for (port, _), g in sorted(self.groups.items()) if port == p.name]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from vscsi.config import Chap, HostGroupConfig, PortConfig
 
-ALIAS_PREFIX = "vscsi:"  # TPG TargetAlias of every iSCSI target vscsi made: "vscsi:CL1-A"
 NO_AUTH = ("", "", "", "")
 
 Auth = tuple[str, str, str, str]  # userid, password, mutual userid, mutual password
@@ -55,7 +54,7 @@ class SeenAcl:
 
 @dataclass
 class SeenTarget:
-    """An iSCSI target as configfs has it. `port` is None for one vscsi did not make."""
+    """An iSCSI target as configfs has it. `port` is None for one this daemon did not make."""
 
     iqn: str
     port: str | None
@@ -174,14 +173,14 @@ def wanted(ports: Iterable[PortConfig], groups: Iterable[HostGroupConfig]) -> li
 def plan(want: list[WantTarget], seen: dict[str, SeenTarget]) -> list[Step]:
     """The steps from `seen` (every iSCSI target in configfs, by IQN) to `want`: additions
     first, so that a host LUN moved to another volume is unmapped and mapped in one pass, then
-    removals; vscsi's targets no longer wanted go last. A target vscsi did not make is never
+    removals; this daemon's targets no longer wanted go last. A target it did not make is never
     touched, and one with a wanted IQN is an error."""
     steps: list[Step] = []
     for w in want:
         s = seen.get(w.iqn)
         if s is not None and s.port is None:
             raise PlanError(
-                f"port {w.port}: iSCSI target {w.iqn} exists and was not made by vscsi "
+                f"port {w.port}: iSCSI target {w.iqn} exists and was not made by this daemon "
                 "(remove it, or give the port another iqn)"
             )
         steps += _target(w, s or SeenTarget(w.iqn, w.port), new=s is None)

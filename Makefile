@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 APT_PKGS := qemu-system-x86 qemu-utils linux-image-amd64 busybox-static sg3-utils lsscsi fio tcmu-runner \
-            e2fsprogs kmod udev util-linux dmsetup
+            e2fsprogs kmod udev util-linux dmsetup open-iscsi multipath-tools
 
 .PHONY: deps apt venv test unit integration lint demo bench bench-tracker bench-shadow clean
 

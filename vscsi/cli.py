@@ -109,6 +109,21 @@ def status(socket_path: str, as_json: bool) -> None:
     for link in result.get("links", []):
         state = "up" if link["up"] else "DOWN"
         click.echo(f"link to {link['remote']} (serial {link['serial']}): {state}")
+    for port in result.get("ports", []):
+        click.echo(ports_status(port))
+
+
+def ports_status(port: dict[str, Any]) -> str:
+    """A port, its host groups and the sessions logged in through each."""
+    lines = [f"port {port['name']} {port['iqn']} on {' '.join(port['portals'])}"]
+    for g in port["host_groups"]:
+        sessions = [s for s in port["sessions"] if s["host_group"] == g["name"]]
+        chap = ", CHAP" if g["chap"] else ""
+        lines.append(f"  host group {g['name']}: {len(g['initiators'])} initiator(s), "
+                     f"{g['luns']} LUN(s){chap}, {len(sessions)} logged in")  # fmt: skip
+        lines += [f"    {s['initiator']} from {','.join(s['addresses'])} ({s['state']})"
+                  for s in sessions]  # fmt: skip
+    return "\n".join(lines)
 
 
 main.add_command(inq)
@@ -481,3 +496,9 @@ def link_keys(directory: str, name: str, serial: int) -> None:
         f"  serial = {serial}\n"
         f'  peer_cert = "/path/to/{cert.name}"'
     )
+
+
+from vscsi.hostgroup.cli import hostgroup, lun  # noqa: E402 (it uses call() and columns())
+
+main.add_command(hostgroup)
+main.add_command(lun)

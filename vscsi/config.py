@@ -1,4 +1,5 @@
-"""The TOML configuration: one `[[volume]]` table per emulated volume, `[[remote]]` peer arrays.
+"""The TOML configuration: one `[[volume]]` table per emulated volume, `[[remote]]` peer arrays,
+`[[port]]` iSCSI target ports and the `[[host_group]]`s behind them (docs/host-groups.md).
 
 Every problem is reported as one `ConfigError` naming the field (`volume[1].path`), and is found
 before anything is created: `load()` validates the whole file, `open_volumes()` opens every
@@ -24,7 +25,7 @@ from vscsi.store.file import FileVolume, StoreConfigError
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
-EXPORTS = ("loop", "none")
+EXPORTS = ("loop", "iscsi", "none")
 READ_POLICIES = ("balanced", "master")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")  # volumes, sets, arrays
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -45,7 +46,7 @@ class VolumeConfig:
     block_size: int | None
     write_cache: bool
     create: bool
-    export: str
+    export: tuple[str, ...]  # "loop" and/or "iscsi"; empty for export = "none"
     identity: Identity
     index: int = 0
     follow_symlinks: bool = False
@@ -70,7 +71,7 @@ class ShadowSetConfig:
     create: bool
     write_intent_log: bool
     read_policy: str
-    export: str
+    export: tuple[str, ...]
     identity: Identity
     index: int = 0
     follow_symlinks: bool = False
@@ -105,6 +106,55 @@ class RemoteConfig:
         return f"remote[{self.index}]"
 
 
+class Secret(str):
+    """A CHAP secret: its repr and str formatting never show it, so no log or error can."""
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+
+@dataclass(frozen=True)
+class Chap:
+    """CHAP credentials of a host group: the initiator proves `user`/`secret`; with `mutual_user`
+    the target proves itself back with `mutual_user`/`mutual_secret`."""
+
+    user: str
+    secret: Secret = field(repr=False)
+    mutual_user: str | None = None
+    mutual_secret: Secret | None = field(default=None, repr=False)
+    secret_file: str = ""  # where they came from (for `hostgroup show`, never the secret)
+    mutual_secret_file: str | None = None
+
+
+@dataclass(frozen=True)
+class PortConfig:
+    """One `[[port]]` table: an iSCSI target (one LIO target, TPG 1) named like an array port."""
+
+    name: str
+    iqn: str
+    portals: tuple[tuple[str, int], ...]
+    index: int = 0
+
+    @property
+    def where(self) -> str:
+        return f"port[{self.index}]"
+
+
+@dataclass(frozen=True)
+class HostGroupConfig:
+    """One `[[host_group]]`: initiators on one port and the volumes they see, by host LUN."""
+
+    port: str
+    name: str
+    initiators: tuple[str, ...]
+    luns: dict[int, str]
+    chap: Chap | None = None
+    where: str = "host_group"
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     """This array's end of its links (`[daemon] link_*`); name and serial come from its
@@ -133,6 +183,8 @@ class Config:
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
     link: LinkConfig | None = None  # set when the config has [[remote]] tables or link_listen
     remotes: list[RemoteConfig] = field(default_factory=list)
+    ports: list[PortConfig] = field(default_factory=list)
+    host_groups: list[HostGroupConfig] = field(default_factory=list)
     source: str = ""
 
 
@@ -205,6 +257,17 @@ _DAEMON_KEYS = {
     "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
 }  # fmt: skip
 _REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
+_TOP = ("daemon", "volume", "shadow_set", "remote", "port", "host_group")
+_PORT_KEYS = {"name", "iqn", "portals"}
+_HOST_GROUP_KEYS = {
+    "port", "name", "initiators", "luns", "chap_user", "chap_secret_file", "mutual_user",
+    "mutual_secret_file",
+}  # fmt: skip
+PORT_RE = re.compile(r"^CL[1-9A-H]-[A-Z]$")  # CL1-A .. CLH-Z, as the array labels its ports
+IQN_RE = re.compile(
+    r"^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.:-]{0,210}|eui\.[0-9a-f]{16}|naa\.[0-9a-f]{16,32})$"
+)  # RFC 3720 names in the lower case LIO keeps them in
+MAX_HLUN = 2047  # the array's host LUN range (0-2047)
 _VOLUME_KEYS = {
     "name", "path", "size", "block_size", "write_cache", "create", "export", "identity",
     "follow_symlinks",
@@ -233,6 +296,22 @@ def _block_size(table: dict[str, Any], where: str) -> int | None:
     if block_size is not None and block_size not in (512, 4096):
         raise ConfigError(f"{where}.block_size: {block_size} must be 512 or 4096")
     return block_size
+
+
+def _export(table: dict[str, Any], where: str) -> tuple[str, ...]:
+    """`export`: one of EXPORTS or a list of "loop" and "iscsi"; "none" is the empty tuple."""
+    value = table.get("export", "loop")
+    values = value if isinstance(value, list) else [value]
+    if not values or any(v not in EXPORTS for v in values) or (
+        "none" in values and len(values) > 1
+    ):
+        raise ConfigError(
+            f'{where}.export: {value!r} must be "loop", "iscsi", "none" or a list like '
+            '["loop", "iscsi"]'
+        )
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}.export: {value!r} names an export twice")
+    return tuple(v for v in values if v != "none")
 
 
 def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
@@ -268,7 +347,7 @@ def _volume(table: object, index: int, base: Path) -> VolumeConfig:
         block_size=_block_size(table, where),
         write_cache=True if write_cache is None else write_cache,
         create=bool(_get(table, "create", bool, where)),
-        export=_choice(table, "export", EXPORTS, where),
+        export=_export(table, where),
         identity=_identity(table, where, index),
         index=index,
         follow_symlinks=bool(_get(table, "follow_symlinks", bool, where)),
@@ -296,7 +375,7 @@ def _shadow_set(table: object, index: int, base: Path, volumes: int) -> ShadowSe
         create=bool(_get(table, "create", bool, where)),
         write_intent_log=True if wil is None else wil,
         read_policy=_choice(table, "read_policy", READ_POLICIES, where),
-        export=_choice(table, "export", EXPORTS, where),
+        export=_export(table, where),
         identity=_identity(table, where, volumes + index),
         index=index,
         follow_symlinks=bool(_get(table, "follow_symlinks", bool, where)),
@@ -307,8 +386,8 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     """Validate a decoded TOML document."""
     base = base or Path.cwd()
     for key in data:
-        if key not in ("volume", "daemon", "shadow_set", "remote"):
-            raise ConfigError(f"{key}: unknown table (known: daemon, volume, shadow_set, remote)")
+        if key not in _TOP:
+            raise ConfigError(f"{key}: unknown table (known: {', '.join(_TOP)})")
     daemon = _table(data.get("daemon", {}), "daemon", _DAEMON_KEYS)
     socket = _get(daemon, "socket", str, "daemon") or DEFAULT_SOCKET
     state_dir = _get(daemon, "state_dir", str, "daemon") or DEFAULT_STATE_DIR
@@ -328,6 +407,8 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         raise ConfigError("remote: expected [[remote]] tables")
     remotes = [_remote(t, i, base) for i, t in enumerate(remote_tables)]
     link = _link(daemon, base, remotes)
+    ports = _ports(data.get("port", []))
+    host_groups = _host_groups(data.get("host_group", []), base, ports, [*volumes, *shadow_sets])
     return Config(
         volumes=volumes,
         shadow_sets=shadow_sets,
@@ -339,8 +420,186 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         shadow_add_paths=_shadow_add_paths(daemon),
         link=link,
         remotes=remotes,
+        ports=ports,
+        host_groups=host_groups,
         source=source,
     )
+
+
+def _ports(tables: object) -> list[PortConfig]:
+    if not isinstance(tables, list):
+        raise ConfigError("port: expected [[port]] tables")
+    ports: list[PortConfig] = []
+    seen: dict[object, str] = {}
+    for index, t in enumerate(tables):
+        where = f"port[{index}]"
+        table = _table(t, where, _PORT_KEYS)
+        name = _get(table, "name", str, where)
+        if name is None or not PORT_RE.match(name):
+            raise ConfigError(f'{where}.name: {name!r} must name a port like "CL1-A" (required)')
+        iqn = iqn_of(table.get("iqn"), f"{where}.iqn")
+        portals = table.get("portals")
+        if not isinstance(portals, list) or not portals:
+            raise ConfigError(f'{where}.portals: a list like ["192.0.2.10:3260"] is required')
+        addrs = tuple(_address(p, f"{where}.portals[{i}]") for i, p in enumerate(portals))
+        for key, field_name in [(name, "name"), (iqn, "iqn"), *((a, "portals") for a in addrs)]:
+            if key in seen:
+                raise ConfigError(f"{where}.{field_name}: {key!r} is already used by {seen[key]}")
+            seen[key] = where
+        ports.append(PortConfig(name, iqn, addrs, index))
+    return ports
+
+
+def iqn_of(value: object, where: str) -> str:
+    """An iSCSI name: `iqn.yyyy-mm.reversed.domain[:anything]`, `eui.` or `naa.` hex."""
+    if not isinstance(value, str) or not IQN_RE.match(value):
+        raise ConfigError(
+            f'{where}: {value!r} must be an iSCSI name like "iqn.2026-01.com.example:host1" '
+            "(lower case)"
+        )
+    return value
+
+
+def _host_groups(
+    tables: object, base: Path, ports: list[PortConfig], units: list[VolumeConfig | ShadowSetConfig]
+) -> list[HostGroupConfig]:
+    if not isinstance(tables, list):
+        raise ConfigError("host_group: expected [[host_group]] tables")
+    groups = [
+        host_group(t, f"host_group[{i}]", base, ports, units) for i, t in enumerate(tables)
+    ]
+    check_host_groups(groups)
+    return groups
+
+
+def host_group(
+    table: object,
+    where: str,
+    base: Path,
+    ports: list[PortConfig],
+    units: list[VolumeConfig | ShadowSetConfig],
+) -> HostGroupConfig:
+    """One host group on its own (the daemon checks `hostgroup add` with it, too)."""
+    table = _table(table, where, _HOST_GROUP_KEYS)
+    port = _get(table, "port", str, where)
+    if port not in {p.name for p in ports}:
+        known = ", ".join(p.name for p in ports) or "no [[port]] tables"
+        raise ConfigError(f"{where}.port: {port!r} is not a configured port (known: {known})")
+    name = _name(table, where)
+    initiators = table.get("initiators", [])
+    if not isinstance(initiators, list):
+        raise ConfigError(f"{where}.initiators: expected a list of iSCSI initiator names")
+    iqns = tuple(iqn_of(x, f"{where}.initiators[{i}]") for i, x in enumerate(initiators))
+    if len(set(iqns)) != len(iqns):
+        raise ConfigError(f"{where}.initiators: an initiator is listed twice")
+    luns = table.get("luns", {})
+    if not isinstance(luns, dict):
+        raise ConfigError(f'{where}.luns: expected a table like {{0 = "volume"}}')
+    mapped = {hlun_of(k, f"{where}.luns.{k}"): v for k, v in luns.items()}
+    for hlun, volume in mapped.items():
+        check_mappable(volume, units, f"{where}.luns.{hlun}")
+    return HostGroupConfig(port, name, iqns, mapped, _chap(table, where, base), where)
+
+
+def hlun_of(key: object, where: str) -> int:
+    """A host LUN: 0 to MAX_HLUN, given as a TOML key or an integer."""
+    text = str(key)
+    if not text.isdigit() or int(text) > MAX_HLUN:
+        raise ConfigError(f"{where}: host LUN {key!r} must be 0 to {MAX_HLUN}")
+    return int(text)
+
+
+def check_mappable(
+    volume: object, units: list[VolumeConfig | ShadowSetConfig], where: str
+) -> None:
+    """Only a served volume whose `export` includes "iscsi" can be mapped to a host LUN."""
+    unit = next((u for u in units if u.name == volume), None)
+    if unit is None:
+        raise ConfigError(f"{where}: {volume!r} is not a configured volume or shadow set")
+    if "iscsi" not in unit.export:
+        raise ConfigError(
+            f'{where}: {unit.label} is not exported over iSCSI (add "iscsi" to {unit.where}.export)'
+        )
+
+
+def _chap(table: dict[str, Any], where: str, base: Path) -> Chap | None:
+    user = _get(table, "chap_user", str, where)
+    secret_file = _get(table, "chap_secret_file", str, where)
+    mutual_user = _get(table, "mutual_user", str, where)
+    mutual_file = _get(table, "mutual_secret_file", str, where)
+    if user is None and secret_file is None and mutual_user is None and mutual_file is None:
+        return None
+    if not user or not secret_file:
+        missing = "chap_secret_file" if user else "chap_user"
+        raise ConfigError(f"{where}.{missing}: required with CHAP (chap_user and its secret file)")
+    if (mutual_user is None) != (mutual_file is None):
+        missing = "mutual_secret_file" if mutual_user else "mutual_user"
+        raise ConfigError(f"{where}.{missing}: required with mutual CHAP")
+    for key, value in (("chap_user", user), ("mutual_user", mutual_user)):
+        if value is not None and not (value.isascii() and value.isprintable() and value.strip()):
+            raise ConfigError(f"{where}.{key}: must be printable ASCII")
+    secret_file = _path(base, secret_file)
+    secret = read_secret(secret_file, f"{where}.chap_secret_file")
+    mutual = None
+    if mutual_file is not None:
+        mutual_file = _path(base, mutual_file)
+        mutual = read_secret(mutual_file, f"{where}.mutual_secret_file")
+        if mutual == secret:
+            raise ConfigError(
+                f"{where}.mutual_secret_file: must differ from the CHAP secret (RFC 3720)"
+            )
+    return Chap(user, secret, mutual_user, mutual, secret_file, mutual_file)
+
+
+def read_secret(path: str, where: str) -> Secret:
+    """A CHAP secret from its own file: 0600 (or stricter), owned by root or by us, one line of
+    12 to 255 printable characters. Errors name the file, never its content."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path} ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"{where}: {path} must be owned by root (chown root {path})")
+        if st.st_mode & 0o077:
+            raise ConfigError(f"{where}: {path} is open to group or others (chmod 600 {path})")
+        raw = f.read(4096)
+    text = raw.decode("ascii", errors="replace").rstrip("\n")
+    if not 12 <= len(text) <= 255 or not text.isprintable() or "\ufffd" in text or " " in text:
+        raise ConfigError(
+            f"{where}: {path} must hold one line of 12-255 printable ASCII characters, no spaces"
+        )
+    return Secret(text)
+
+
+def check_host_groups(groups: list[HostGroupConfig]) -> None:
+    """Across host groups: names unique per port, an initiator in one host group per port, a
+    and CHAP on every host group of a port or on none (LIO enforces it per TPG)."""
+    names: dict[tuple[str, str], str] = {}
+    members: dict[tuple[str, str], str] = {}
+    chap: dict[str, HostGroupConfig] = {}
+    for g in groups:
+        if (g.port, g.name) in names:
+            raise ConfigError(
+                f"{g.where}.name: {g.name!r} is already a host group of {g.port} "
+                f"({names[g.port, g.name]})"
+            )
+        names[g.port, g.name] = g.where
+        for i, iqn in enumerate(g.initiators):
+            if (g.port, iqn) in members:
+                raise ConfigError(
+                    f"{g.where}.initiators[{i}]: {iqn} is already in {members[g.port, iqn]} on "
+                    f"{g.port} (an initiator belongs to one host group per port)"
+                )
+            members[g.port, iqn] = f"host group {g.name}"
+        first = chap.setdefault(g.port, g)
+        if (first.chap is None) != (g.chap is None):
+            with_chap = first if first.chap is not None else g
+            raise ConfigError(
+                f"{g.where}.chap_user: {g.port} authenticates with CHAP ({with_chap.where}); "
+                "every host group on a port needs CHAP, or none does"
+            )
 
 
 def _socket_group(daemon: dict[str, Any]) -> str | None:

@@ -28,9 +28,19 @@ from typing import IO, Any
 
 from rich.logging import RichHandler
 
-from vscsi.config import Config, ConfigError, ShadowSetConfig, VolumeConfig, open_volumes
+from vscsi.config import (
+    Config,
+    ConfigError,
+    HostGroupConfig,
+    ShadowSetConfig,
+    VolumeConfig,
+    open_volumes,
+)
 from vscsi.control import Command, ControlError, ControlServer
 from vscsi.durable.committer import Committer
+from vscsi.hostgroup import lio
+from vscsi.hostgroup import manager as hostgroup
+from vscsi.hostgroup.plan import PlanError, plan, wanted
 from vscsi.link.session import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import NoSuchPair, PairError
@@ -137,7 +147,7 @@ class Served:
             "size": self.volume.size,
             "block_size": self.volume.block_size,
             "write_cache": self.volume.write_cache,
-            "export": self.cfg.export,
+            "export": "+".join(self.cfg.export) or "none",
             "vendor": ident.vendor,
             "product": ident.product,
             "serial": ident.serial,
@@ -174,6 +184,8 @@ class Daemon:
         self._sessions: list[LinkSession] = []  # to each peer array (remote pairs)
         self._link_server: LinkServer | None = None
         self.shadow_sets: dict[str, tuple[Assembly, ShadowSet]] = {}
+        self.hostgroups: hostgroup.HostGroups | None = None
+        self._iscsi_owner = lio.owner_of(config.state_dir)  # marks this daemon's iSCSI targets
         self._state_lock: IO[str] | None = None
         self._keep_kernel_objects = False  # after a RingFailure: the restart re-attaches
 
@@ -227,6 +239,12 @@ class Daemon:
                 peers=self._start_links(),
             )
             self._serve_link(self.pairs)
+            self.hostgroups = hostgroup.HostGroups(self.config, committer, self._apply_host_groups)
+        except hostgroup.HostGroupError as e:
+            self._stop_links()
+            for vol in volumes.values():
+                vol.close()
+            raise DaemonError(str(e)) from None
         except (PairError, OSError, ValueError, DaemonError) as e:
             self._stop_links()
             for vol in volumes.values():
@@ -318,6 +336,24 @@ class Daemon:
         self._netlink.start()
         for s in self.served.values():
             self._serve(s)
+        self._start_iscsi()
+
+    # -- iSCSI ports and host groups ------------------------------------------------------------
+
+    def _start_iscsi(self) -> None:
+        """Once every backstore exists: the ports' targets as the host groups say (leftovers
+        of ports no longer configured go)."""
+        try:
+            if self.config.ports:
+                lio.prepare()
+            if self.hostgroups is not None:
+                self.hostgroups.start()
+        except (configfs.ConfigfsError, PlanError) as e:
+            raise DaemonError(f"iSCSI: {e}") from None
+
+    def _apply_host_groups(self, groups: list[HostGroupConfig]) -> None:
+        owner = self._iscsi_owner
+        lio.apply(plan(wanted(self.config.ports, groups), lio.observe(owner)), owner)
 
     def _serve(self, s: Served) -> None:
         name = s.cfg.name
@@ -338,7 +374,7 @@ class Daemon:
                 daemon=True,
             )
             s.thread.start()
-            if s.cfg.export == "loop":
+            if "loop" in s.cfg.export:
                 s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
                 s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
             s.state = "serving"
@@ -349,9 +385,11 @@ class Daemon:
     def _announce(self) -> None:
         for s in self.served.values():
             how = "re-attached" if s.reattached else "serving"
-            where = f"{s.sd} {s.sg}" if s.sd else "(not exported)"
+            where = [f"{s.sd} {s.sg}"] if s.sd else []
+            where += ["iSCSI"] if "iscsi" in s.cfg.export else []
             print(
-                f"{s.cfg.name}: {where} {how} on {s.device.name if s.device else '-'} "
+                f"{s.cfg.name}: {' and '.join(where) or '(not exported)'} {how} on "
+                f"{s.device.name if s.device else '-'} "
                 f"({s.cfg.path}, {s.volume.size} bytes)",
                 flush=True,
             )
@@ -378,6 +416,9 @@ class Daemon:
         """Tear down in reverse: exports (the host may still flush through the rings), then
         ring threads, backstores, netlink, socket, files."""
         self._stop.set()
+        if self.config.ports and not self._keep_kernel_objects:
+            with contextlib.suppress(configfs.ConfigfsError):
+                lio.remove_ours(self._iscsi_owner)  # before the backstores its LUNs hold
         served = list(reversed(self.served.values()))
         for s in served:
             with contextlib.suppress(configfs.ConfigfsError):
@@ -443,7 +484,17 @@ class Daemon:
         links = [{"remote": x.remote.name, "serial": x.remote.serial, "up": x.connected}
                  for x in self._sessions]  # fmt: skip
         return {"pid": os.getpid(), "config": self.config.source, "volumes": volumes,
-                "links": links}  # fmt: skip
+                "links": links, "ports": self._ports_status()}  # fmt: skip
+
+    def _ports_status(self) -> list[dict[str, Any]]:
+        if self.hostgroups is None or not self.config.ports:
+            return []
+        try:
+            sessions = lio.sessions(self._iscsi_owner)
+        except configfs.ConfigfsError as e:
+            log.warning("%s", e)
+            sessions = []
+        return self.hostgroups.status(sessions)
 
     # -- pairs ------------------------------------------------------------------------------------
 
@@ -479,6 +530,8 @@ class Daemon:
         }  # fmt: skip
         for cmd, (op, args) in pair_ops.items():
             cmds[cmd] = Command(self._pair_handler(op), {"name": str, **args})
+        if self.hostgroups is not None:
+            cmds |= hostgroup.commands(self.hostgroups, (configfs.ConfigfsError, PlanError))
         return cmds
 
     # -- shadow sets ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ write_cache = false
     a, b = cfg.volumes
     assert a.path == str(tmp_path / "a.img")
     assert a.identity.volume_id == 0x10 and a.identity.vendor == "HITACHI"
-    assert a.write_cache is True and a.export == "loop"
+    assert a.write_cache is True and a.export == ("loop",)
     assert cfg.state_dir == "/var/lib/vscsi" and cfg.copy_rate == 0
     assert b.size == 8 << 20 and b.block_size == 4096 and b.write_cache is False
     vols = open_volumes(cfg)

@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := qemu-system-x86 qemu-utils linux-image-amd64 busybox-static sg3-utils lsscsi fio tcmu-runner \
             e2fsprogs kmod udev util-linux dmsetup open-iscsi multipath-tools
 
-.PHONY: deps apt venv test unit integration lint demo bench bench-tracker bench-shadow clean
+.PHONY: deps apt venv test unit integration lint demo drill bench bench-tracker bench-shadow clean
 
 deps: apt venv
 
@@ -42,6 +42,10 @@ integration: deps
 
 demo: deps
 	scripts/vm-run 'bash scripts/demo.sh'
+
+# the failover drill of the first seed, as a runbook, in one VM boot (tests/integration/drill.py)
+drill: deps
+	scripts/vm-run '$(CURDIR)/$(VPY) -m tests.integration.drill'
 
 bench: deps
 	VSCSI_VM_MEM=3G scripts/vm-run 'bash scripts/bench.sh'

@@ -455,16 +455,16 @@ class Daemon:
         """The volume of a TCMU device name `tcm-user/<hba>/<dev>/vscsi/<volume>`."""
         return self.served.get(device_name.rsplit("/", 1)[-1])
 
-    def _on_added(self, name: str, minor: int, dev_id: int) -> int:
-        return 0 if self._ours(name) else -19  # -ENODEV: a subtype vscsi device we do not serve
+    def _on_added(self, name: str, minor: int, dev_id: int) -> int | None:
+        return 0 if self._ours(name) else None  # another vscsi daemon's: it answers
 
     def _on_removed(self, name: str, minor: int, dev_id: int) -> int:
         return 0
 
-    def _on_reconfig(self, name: str, minor: int, dev_id: int, **changes: Any) -> int:
+    def _on_reconfig(self, name: str, minor: int, dev_id: int, **changes: Any) -> int | None:
         s = self._owner(name)
         if s is None:
-            return -19
+            return None  # another vscsi daemon's: it answers
         if "write_cache" in changes:
             s.volume.write_cache = bool(changes["write_cache"])
         if "size" in changes and changes["size"] != s.volume.size:

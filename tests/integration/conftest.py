@@ -64,7 +64,7 @@ class Daemon:
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90) -> dict[str, dict[str, object]]:
+    def start(self, timeout: float = 240) -> dict[str, dict[str, object]]:
         logf = self.log.open("ab")
         self.proc = subprocess.Popen([VSCSI, "up", "-c", str(self.config)], stdout=logf,
                                      stderr=subprocess.STDOUT)

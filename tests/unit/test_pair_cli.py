@@ -168,3 +168,11 @@ def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path
     cfg["volume"][0]["create"] = False  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"^volume\[0\]\.path: "):  # the config's error first
         Daemon(parse(cfg, base=tmp_path)).open()
+
+
+def test_the_daemon_claims_only_its_own_tcmu_devices(daemon: Daemon) -> None:
+    """Another vscsi daemon's device event gets no reply from this one (its owner answers);
+    a reconfig of it neither."""
+    assert daemon._on_added("tcm-user/1/vscsi-v0/vscsi/v0", 0, 1) == 0
+    assert daemon._on_added("tcm-user/1/vscsi-rb/vscsi/rb", 0, 2) is None
+    assert daemon._on_reconfig("tcm-user/1/vscsi-rb/vscsi/rb", 0, 2, size=1) is None

@@ -71,7 +71,7 @@ class TcmuMsg(genlmsg):
     )
 
 
-Callback = Callable[..., int]
+Callback = Callable[..., int | None]  # the reply's status; None: not ours, no reply
 
 
 class NetlinkError(Exception):
@@ -79,7 +79,10 @@ class NetlinkError(Exception):
 
 
 class NetlinkListener:
-    """Receives TCM-USER events in a thread and answers those of subtype `vscsi`."""
+    """Receives TCM-USER events in a thread and answers those of subtype `vscsi` that a
+    callback claims. Several vscsi daemons share the kernel's one multicast group, and the
+    kernel takes the first reply to an event as the answer: a daemon answering another one's
+    device (even with "not mine") would decide that device's fate, so it stays silent."""
 
     def __init__(
         self,
@@ -167,6 +170,8 @@ class NetlinkListener:
         except Exception:
             log.exception("netlink event %d for %s", cmd, name)
             status = -5  # -EIO
+        if status is None:
+            return  # another vscsi daemon's device: its owner answers
         self.events.append((cmd, name, status))
         self._reply(cmd, dev_id, status)
 

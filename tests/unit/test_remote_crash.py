@@ -25,9 +25,12 @@ Invariants, after every operation and after the crash and recovery:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.crashmodel import SECTOR, CrashableFile, CrashableVolume
-from tests.unit.remotepeers import Link, LoopPeer, LoopReplica
+from tests.unit.remotepeers import SIZE as PEERS_SIZE
+from tests.unit.remotepeers import Link, LoopPeer, LoopReplica, two_sites
 from tests.unit.test_crash_properties import FAST_DIR, Model, pattern, quiet_crashes
 from vscsi.durable import faults
 from vscsi.durable.committer import Committer
@@ -53,6 +57,7 @@ from vscsi.store.base import Extent, VolumeError
 SIZE = 1 << 20  # each array's volume: one write-intent log region
 SECTORS = SIZE // SECTOR
 NAME = "tc"
+A, B = 410001, 410002  # the arrays' serials
 LIVE = (Status.COPY, Status.PAIR)
 
 
@@ -256,8 +261,8 @@ class Run:
 
     def __init__(self, root: Path, wc: bool, seed: int) -> None:
         self.link = Link()
-        self.a = Array(root, "A", 410001, self.link, wc)
-        self.b = Array(root, "B", 410002, self.link, wc)
+        self.a = Array(root, "A", A, self.link, wc)
+        self.b = Array(root, "B", B, self.link, wc)
         self.a.other, self.b.other = self.b, self.a
         self.wc = wc
         self.rng = random.Random(seed)
@@ -639,13 +644,13 @@ OPS = st.one_of(
 
 
 @settings(
-    max_examples=40,
+    max_examples=120,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(
-    ops=st.lists(OPS, max_size=10),
+    ops=st.lists(OPS, max_size=12),
     fence=st.sampled_from(["never", "data"]),
     wc=st.booleans(),
     tear=st.booleans(),
@@ -692,9 +697,9 @@ SCENARIO = [
 def test_remote_pair_crashed_at_every_fault_point_of_a_scenario() -> None:
     with quiet_crashes():
         names = crash_everywhere(SCENARIO, lambda n: list(range(n)), True, True)
-    sites = {site for site, _ in names}
-    assert sites == {410001, 410002}
-    assert any(n.startswith("commit.") for _, n in names)
+    assert len(names) > 100  # both arrays' committers, checkpoints, logs and volumes
+    assert {site for site, _ in names} == {A, B}
+    assert {n.split(".")[0] for _, n in names} >= {"commit", "pair", "wil", "Av0", "Bv0"}
 
 
 # -- regressions: each bug the tests above found, at the point that showed it ------------------
@@ -712,8 +717,6 @@ def crash_in(ops: list[tuple], op: int, site: int, name: str, wc: bool = True) -
         k = rec.names.index((site, name), run.marks[op], end)
         return play(ops, SiteFaults(k), Path(tmp) / "k", wc, True)
 
-
-A, B = 410001, 410002
 
 
 def test_a_delete_reaches_the_s_side() -> None:
@@ -754,3 +757,32 @@ def test_an_old_primary_told_of_a_takeover_is_demoted_at_once() -> None:
     """P suspended (its flush could not reach S), then an SVOL-takeover with the link back:
     the told P side must refuse writes at once, not at the next exchange."""
     crash_in([("create", "never"), ("cut",), ("flush", "p"), ("heal",), ("takeover",)], 0, 0, "")
+
+
+def test_a_copy_suspended_under_the_copier_is_copied_in_full_by_the_resync(
+    tmp_path: Path,
+) -> None:
+    """The S side restarts suspended (its log) while the P side's copy is paused between
+    chunks; the exchange suspends the P side with most of the copy still to do. The resync
+    must copy that too, not only the sides' changes."""
+    a, b, _ = two_sites(tmp_path)
+    a.crash()
+    ma = a.start(b, copy_rate=64 << 10)  # a pause of seconds after each chunk
+    a.vols["Av0"].write(0, [memoryview(os.urandom(PEERS_SIZE))])
+    ma.remote.create("tc", "Av0", "B:Bv0", Fence.NEVER)
+    pa = ma.remote.pair("tc")
+    deadline = time.monotonic() + 10
+    while (left := pa.remaining()) is not None and left.dirty_bytes() == PEERS_SIZE:
+        assert time.monotonic() < deadline, "the copy did not start"
+        time.sleep(0.01)
+    b.crash()
+    mb = b.start(a)
+    assert mb.remote.pair("tc").status is Status.PSUE
+    assert pa.exchange() is not None and pa.status is Status.PSUE
+    pa.stop_copier()
+    ma.resync_settings = dataclasses.replace(ma.resync_settings, copy_rate=0)
+    ma.remote.resync("tc")
+    assert pa.wait(10) and pa.status is Status.PAIR
+    assert a.vols["Av0"].data == b.vols["Bv0"].data
+    ma.close()
+    mb.close()

@@ -786,3 +786,10 @@ def test_a_copy_suspended_under_the_copier_is_copied_in_full_by_the_resync(
     assert a.vols["Av0"].data == b.vols["Bv0"].data
     ma.close()
     mb.close()
+
+
+def test_a_p_side_that_missed_a_takeover_cannot_undo_it() -> None:
+    """The S side took over while the link was down; back on the link, the old P side's
+    resync (and split) must be refused, not turn the SSWS S-VOL back into a copy target."""
+    crash_in([("create", "never"), ("cut",), ("flush", "p"), ("takeover",), ("heal",),
+              ("resync",), ("split", False)], 0, 0, "")  # fmt: skip

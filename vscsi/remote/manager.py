@@ -24,7 +24,7 @@ from vscsi.remote.pair import (
     encode_state,
     qualified,
 )
-from vscsi.remote.peer import Peer
+from vscsi.remote.peer import LinkDown, Peer
 from vscsi.remote.states import TAKEOVER_EVENT, Event, Fence, Lineage, PairState, Takeover
 from vscsi.resync.engine import deallocate
 from vscsi.store.base import Extent
@@ -183,6 +183,7 @@ class RemotePairs:
                 pair.apply(Event.SPLIT_RS)
                 pair.tell(Event.SPLIT_RS)
                 return
+            pair.exchange()  # a P side that missed a takeover is refused here
             states.apply(name, pair.state, Event.SPLIT)  # refused before anything is flushed
             with pair.local.gate.exclusive():
                 if pair.replica is not None:
@@ -197,11 +198,16 @@ class RemotePairs:
         with self.lock:
             pair = self.pair(name)
             event = Event.SWAP_RESYNC if swaps else Event.RESYNC
+            # the views settled first: a P side that missed a takeover is refused here, and
+            # the S side's SSWS is never copied over
+            theirs = pair.exchange()
+            if theirs is None:
+                raise LinkDown(f"{pair.peer.name} is unreachable: {event.value} of pair "
+                               f"{name!r} needs it")  # fmt: skip
             states.apply(name, pair.state, event)
             if (pair.role is Role.PVOL) == swaps:
                 side = "S-VOL" if swaps else "P-VOL"
                 raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
-            theirs = pair.peer.call("describe", pair=name)
             pending = self._union(pair, theirs)
             changes = dict(pending=pending, fence=0, copy_total=pending.dirty_bytes(), pdiff=None,
                            sdiff=None, alone=False)  # fmt: skip

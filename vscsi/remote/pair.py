@@ -191,8 +191,8 @@ class RemotePair(Mirror):
             try:
                 new = states.apply(self.name, self.state, event, rw=rw)
             except PairError:
-                if state.primary != self.peer.serial:
-                    raise
+                if state.primary != self.peer.serial or self.state.s is Status.SSWS:
+                    raise  # a takeover here stands: the P side learns it at its exchange
                 new = state
             if new.role_of(self.serial) is Role.PVOL and new.s is Status.SSWS:
                 new = replace(new, p=Status.PSUE, demoted=True)  # taken over: as `_settled`

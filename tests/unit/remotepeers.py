@@ -84,12 +84,13 @@ class Site:
         self.peer_site = peer
         self.m: PairManager | None = None
 
-    def start(self, other: Site) -> PairManager:
+    def start(self, other: Site, copy_rate: int = 0) -> PairManager:
         peer = LoopPeer(other.name, other.serial, self.link, self.serial)
         ids = {n: Identity(serial=self.serial, volume_id=0x100 + i) for i, n in
                enumerate(self.vols)}  # fmt: skip
         self.m = PairManager(str(self.root / self.name), self.vols, ids, serial=self.serial,
-                             peers={other.name: peer}, wil_idle=3600)  # fmt: skip
+                             peers={other.name: peer}, wil_idle=3600,
+                             copy_rate=copy_rate)  # fmt: skip
         self.peer = peer
         if other.m is not None:
             peer.target = other.m

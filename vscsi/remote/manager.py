@@ -25,7 +25,7 @@ from vscsi.remote.pair import (
     encode_state,
     qualified,
 )
-from vscsi.remote.peer import Peer
+from vscsi.remote.peer import LinkDown, Peer
 from vscsi.remote.states import TAKEOVER_EVENT, Event, Fence, Lineage, PairState, Takeover
 from vscsi.store.base import Extent
 from vscsi.tracker import DirtyMap
@@ -75,15 +75,26 @@ class RemotePairs:
         serves writes after a restart on the strength of a state it cannot confirm."""
         for pair in list(self.pairs.values()):
             with self.lock:
-                if pair.role is not Role.PVOL or pair.exchange() is not None:
+                if pair.role is not Role.PVOL or self._confirmed(pair):
                     continue
                 st = pair.state
                 if st.fenced:
                     continue
                 pair.set_state(replace(st, p=Status.PSUE, fenced=True))
-            log.warning("remote pair %s: %s unreachable at start: the P-VOL is fenced until a "
-                        "resync or a takeover here", pair.name, pair.peer.name)  # fmt: skip
+            log.warning("remote pair %s: not confirmed by %s at start: the P-VOL is fenced "
+                        "until a resync or a takeover here", pair.name, pair.peer.name)  # fmt: skip
             self.m.changed(pair.local_name)
+
+    @staticmethod
+    def _confirmed(pair: RemotePair) -> bool:
+        """Whether the peer answered for the pair: unreachable, or refusing (it has no such
+        pair: a delete that reached it before this array crashed), is not confirmed."""
+        try:
+            return pair.exchange() is not None
+        except PairError as e:
+            log.warning("remote pair %s: %s refused the exchange: %s", pair.name,
+                        pair.peer.name, e)  # fmt: skip
+            return False
 
     def close(self) -> None:
         self._stop.set()
@@ -196,6 +207,7 @@ class RemotePairs:
                 pair.apply(Event.SPLIT_RS)
                 pair.tell(Event.SPLIT_RS)
                 return
+            pair.exchange()  # a P side that missed a takeover is refused here
             states.apply(name, pair.state, Event.SPLIT)  # refused before anything is flushed
             with pair.local.gate.exclusive():
                 if pair.replica is not None:
@@ -210,26 +222,35 @@ class RemotePairs:
         with self.lock:
             pair = self.pair(name)
             event = Event.SWAP_RESYNC if swaps else Event.RESYNC
+            # the views settled first: a P side that missed a takeover is refused here, and
+            # the S side's SSWS is never copied over
+            theirs = pair.exchange()
+            if theirs is None:
+                raise LinkDown(f"{pair.peer.name} is unreachable: {event.value} of pair "
+                               f"{name!r} needs it")  # fmt: skip
             states.apply(name, pair.state, event)
             if (pair.role is Role.PVOL) == swaps:
                 side = "S-VOL" if swaps else "P-VOL"
                 raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
             self._not_restoring(name, pair.local_name, event)
-            theirs = pair.peer.call("describe", pair=name)
             if theirs.get("restoring"):
-                raise PairError(f"cannot {event.value} pair {name!r}: array {pair.peer.name}: "
-                                f"{theirs['restoring']}")  # fmt: skip
+                raise StatusRefused(f"cannot {event.value} pair {name!r}: array "
+                                    f"{pair.peer.name}: {theirs['restoring']}")  # fmt: skip
             pending = self._union(pair, theirs)
+            changes = dict(pending=pending, fence=0, copy_total=pending.dirty_bytes(), pdiff=None,
+                           sdiff=None, alone=False)  # fmt: skip
             with pair.local.gate.exclusive():
-                pair.apply(event, pending=pending, fence=0, copy_total=pending.dirty_bytes(),
-                           pdiff=None, sdiff=None, alone=False)  # fmt: skip
-                pair.tell(event)
+                if swaps:
+                    pair.swap(event, **changes)
+                else:
+                    pair.apply(event, **changes)
+                    pair.tell(event)
             pair.start_copier()
 
     @staticmethod
     def _union(pair: RemotePair, theirs: dict[str, Any]) -> DirtyMap:
         pending = DirtyMap(pair.local.size, GRAIN)
-        for diff in (pair.rec.pdiff, pair.rec.sdiff):
+        for diff in (pair.rec.pdiff, pair.rec.sdiff, pair.remaining()):
             if diff is not None:
                 pending |= diff
         if theirs.get("changes"):
@@ -255,7 +276,9 @@ class RemotePairs:
                 remote = (peer.role_of(pair.peer.serial), peer.status_of(pair.peer.serial))
             action = states.takeover(name, pair.state, self.serial, remote)
             event = TAKEOVER_EVENT[action]
-            if event is not None:
+            if event in states.SWAPPING:
+                pair.swap(event)
+            elif event is not None:
                 pair.apply(event)
                 if theirs is not None:
                     pair.tell(event)

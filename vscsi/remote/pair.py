@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
+from vscsi.link.session import LinkError
 from vscsi.pair.mirror import Mirror
 from vscsi.pair.persist import PairRecord
 from vscsi.pair.replica import Replica
@@ -29,6 +30,7 @@ from vscsi.tracker import DirtyMap
 if TYPE_CHECKING:
     from vscsi.pair.manager import PairManager
     from vscsi.pair.volume import PairVolume
+    from vscsi.resync.engine import Resync
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def decode_state(d: dict[str, Any]) -> PairState:
     return PairState(
         primary=int(d["primary"]), secondary=int(d["secondary"]), p=Status(d["p"]),
         s=Status(d["s"]), fence=Fence(d["fence"]), svol_rw=bool(d["svol_rw"]),
-        fenced=bool(d["fenced"]), demoted=bool(d["demoted"]),
+        fenced=bool(d["fenced"]), demoted=bool(d["demoted"]), swaps=int(d.get("swaps", 0)),
     )  # fmt: skip
 
 
@@ -157,6 +159,17 @@ class RemotePair(Mirror):
         if role_moved:
             self._attach()
 
+    def swap(self, event: Event, **changes: Any) -> PairState:
+        """A swap (at the S side): the peer records it first, then this side. So a crash or a
+        link failure between the two records leaves, at worst, both sides S-VOLs (read only)
+        with the peer's swap count ahead, and this side takes the swap at the next exchange
+        (`_adopted`); never two P-VOLs. Raises (nothing changed here) when the peer cannot
+        confirm."""
+        states.apply(self.name, self.state, event)  # refused before the peer is asked
+        self.peer.call("event", pair=self.name, event=event.value, state=encode_state(self.state),
+                       lineage=encode_lineage(self.lineage))  # fmt: skip
+        return self.apply(event, **changes)
+
     def tell(self, event: Event, **args: Any) -> bool:
         """Report an event to the peer; False when it cannot be reached (it learns the state
         at the next exchange, see `exchange`)."""
@@ -178,16 +191,18 @@ class RemotePair(Mirror):
             try:
                 new = states.apply(self.name, self.state, event, rw=rw)
             except PairError:
-                if state.primary != self.peer.serial:
-                    raise
+                if state.primary != self.peer.serial or self.state.s is Status.SSWS:
+                    raise  # a takeover here stands: the P side learns it at its exchange
                 new = state
+            if new.role_of(self.serial) is Role.PVOL and new.s is Status.SSWS:
+                new = replace(new, p=Status.PSUE, demoted=True)  # taken over: as `_settled`
             changes: dict[str, Any] = {}
             if event in SYNCING and new.role_of(self.serial) is Role.SVOL:
                 changes.update(lineage=encode_lineage(lineage), alone=False, sdiff=None)
             if event in (Event.RESYNC, Event.SWAP_RESYNC):
                 changes.update(sdiff=None, pdiff=None)
             if event is Event.DELETE:
-                self.manager.forget(self)
+                self.manager.remote.forget(self)
                 return
             self._set(new, **changes)
         self.manager.changed(self.local_name)
@@ -368,6 +383,18 @@ class RemotePair(Mirror):
     def mirrored(self, rec: PairRecord) -> bool:
         return self.role is Role.PVOL and self.state.p in LIVE
 
+    def _run_copy(self, resync: Resync) -> None:
+        """The S side failing outside a run's copy (the link down or the peer refusing when
+        the engine asks where the S-VOL holds data) suspends the pair like a failed copy:
+        a copier that just stopped would leave it in COPY, mirroring nothing, for good."""
+        try:
+            resync.run(self.stopping)
+        except (LinkError, PairError) as e:
+            log.warning("remote pair %s: copy stopped by the S side: %s", self.name, e)
+            self.suspend(0, 0, e)
+        except Exception:  # a P-VOL failure: the copy stays pending and resumes on restart
+            log.exception("remote pair %s: copy stopped", self.name)
+
     def finish_copy(self) -> bool:
         if not self.flush_replica():
             return True
@@ -383,10 +410,24 @@ class RemotePair(Mirror):
 
     # -- what the peer asks ------------------------------------------------------------------------
 
+    def unsynced(self) -> DirtyMap | None:
+        """Grains where this side may differ from the peer's: its changes, and what a copy
+        left to copy when the pair stopped mirroring under it (a suspension or a fence that
+        came while it ran leaves `pending` behind)."""
+        with self.lock:
+            diff = self.rec.sdiff if self.role is Role.SVOL else self.rec.pdiff
+            left = self.remaining()
+            if diff is None:
+                return left
+            if left is not None:
+                left |= diff
+                return left
+            return diff
+
     def describe_for_peer(self) -> dict[str, Any]:
         """This side's state, lineage and changes, for the peer's exchange and resyncs."""
         with self.lock:
-            diff = self.rec.sdiff if self.role is Role.SVOL else self.rec.pdiff
+            diff = self.unsynced()
             local = self.manager.restoring(self.local_name)
             return {
                 "state": encode_state(self.state),
@@ -413,6 +454,25 @@ class RemotePair(Mirror):
         s = st.s if st.s is Status.PSUE else peer.s  # a suspension only this side knows stays
         return replace(st, p=peer.p, s=s, fenced=peer.fenced, demoted=peer.demoted)
 
+    def _adopted(self, peer: PairState) -> tuple[PairState, dict[str, Any]]:
+        """Under the lock: the peer recorded a role swap this side missed (see `swap`): take
+        its view. What this side wrote or left to copy meanwhile stays as its changes, and
+        the pair is suspended unless the peer's view is PAIR and nothing changed here; a
+        side that becomes the P-VOL of a swap-resync it never started has everything to copy
+        (the peer's changes were reset when it took the swap)."""
+        mine = self.unsynced()
+        becomes_p = peer.role_of(self.serial) is Role.PVOL
+        if becomes_p and peer.p is not Status.PAIR:
+            mine = DirtyMap(self.local.size, GRAIN)
+            mine.mark(0, self.local.size)
+        if mine is None or not mine.count():
+            return peer, {"pending": None}
+        new = replace(peer, s=Status.PSUE if peer.s in LIVE else peer.s)
+        if becomes_p:
+            new = replace(new, p=Status.PSUE)
+            return new, {"pending": None, "pdiff": mine, "sdiff": None}
+        return new, {"pending": None, "pdiff": None, "sdiff": mine}
+
     def exchange(self) -> dict[str, Any] | None:
         """Ask the peer for its side and settle what the two views say (never two primaries,
         split brain reported); None when the peer cannot be reached."""
@@ -423,11 +483,14 @@ class RemotePair(Mirror):
         verdict = states.compare(self.lineage, decode_lineage(theirs["lineage"]))
         peer_state = decode_state(theirs["state"])
         with self.lock:
-            st, new = self.state, self._settled(self.state, peer_state)
+            st, changes, ours = self.state, {}, self.state
+            if peer_state.swaps > st.swaps:
+                ours, changes = self._adopted(peer_state)
+            new = self._settled(ours, peer_state)
             brain = verdict is Verdict.SPLIT_BRAIN
             changed = new != st or brain != bool(self.info.get("split_brain"))
             if changed:
-                self._set(new, split_brain=brain)
+                self._set(new, split_brain=brain, **changes)
         if changed:
             log.warning("remote pair %s: now %s/%s%s%s", self.name, new.p.value, new.s.value,
                         ", demoted: the peer took over" if new.demoted else "",

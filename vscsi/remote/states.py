@@ -80,7 +80,8 @@ def _r(p: set[Status], s: set[Status], to_p: Status | None, to_s: Status | None,
 # The state table of docs/remote.md: event -> rule. Swaps also exchange the sides' roles.
 RULES: dict[Event, Rule] = {
     E.CREATE: _r({S.SMPL}, {S.SMPL}, S.COPY, S.COPY, "both volumes SMPL"),
-    E.COPY_DONE: _r({S.COPY}, {S.COPY}, S.PAIR, S.PAIR, "COPY"),
+    # S PAIR: the copy of a recover (the S side is not told of it)
+    E.COPY_DONE: _r({S.COPY}, {S.COPY, S.PAIR}, S.PAIR, S.PAIR, "COPY"),
     E.SPLIT: _r({S.PAIR}, {S.PAIR}, S.PSUS, S.SSUS, "PAIR"),
     E.SPLIT_RS: _r(set(ANY), {S.COPY, S.PAIR, S.SSUS, S.PSUE}, None, S.SSWS,
                    "an S-VOL in COPY, PAIR, SSUS or PSUE"),
@@ -114,6 +115,7 @@ class PairState:
     svol_rw: bool = False  # split --rw: the S-VOL takes host writes in SSUS
     fenced: bool = False  # P-VOL refuses writes: fence=data after a failed copy, or peer unknown
     demoted: bool = False  # an old P-VOL whose peer took over: refuses writes until swapped
+    swaps: int = 0  # role swaps so far: when the sides disagree on the primary, more is newer
 
     def role_of(self, serial: int) -> Role:
         if self.p is S.SMPL and self.s is S.SMPL:
@@ -142,6 +144,7 @@ def apply(name: str, state: PairState, event: Event, *, rw: bool = False) -> Pai
         svol_rw=rw if event is E.SPLIT else state.svol_rw and rule.to_s in (None, S.SSUS),
         fenced=_fenced(state, event),
         demoted=state.demoted and event not in SWAPPING and event is not E.DELETE,
+        swaps=state.swaps + (event in SWAPPING),
     )
     if event in SWAPPING:
         new = replace(new, primary=state.secondary, secondary=state.primary, demoted=False)

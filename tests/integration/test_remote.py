@@ -108,11 +108,12 @@ def create(a: Daemon, fence: str) -> None:
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
 
 
-def resync(a: Daemon, workdir: Path, *extra: str) -> None:
+def resync(a: Daemon, workdir: Path, *extra: str, peer: Daemon | None = None) -> None:
     """Resync to PAIR; only what changed was copied; the copies are identical."""
+    before = [status(d) for d in (a, peer) if d is not None]
     rc, out = cli(a, "pair", "resync", "tc", *extra, "--wait", "120")
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
-    assert 0 < int(status(a)["copy_total"]) <= SPAN, status(a)
+    assert 0 < int(status(a)["copy_total"]) <= SPAN, (before, status(a))
     same(workdir)
 
 
@@ -149,7 +150,7 @@ def test_mirror_then_fence_never_under_fio_with_the_link_down(
     assert rc == 0 and "err= 0" in out, out  # fence never: every write succeeds, verified
     assert status(a)["status"] == "PSUE" and not status(a)["fenced"]
     linked(a)
-    resync(a, workdir)
+    resync(a, workdir, peer=b)
 
 
 def test_sigkill_of_the_p_daemon_under_writes_resends_only_logged_regions(
@@ -185,7 +186,7 @@ def test_sigkill_of_the_s_daemon_under_writes_then_resync(
         writer.stop_and_verify()
     b.start()
     linked(a)
-    resync(a, workdir)
+    resync(a, workdir, peer=b)
 
 
 def test_swap_takeover_with_both_sites_up_and_back(
@@ -207,7 +208,7 @@ def test_swap_takeover_with_both_sites_up_and_back(
 def test_fence_data_fails_the_write_and_fences_the_pvol(
     sites: tuple[Daemon, Daemon], workdir: Path
 ) -> None:
-    a, _ = sites
+    a, b = sites
     assert cli(a, "pair", "delete", "tc")[0] == 0
     create(a, "data")
     rc, out = fio_cut(a, "ra", "down")
@@ -217,13 +218,13 @@ def test_fence_data_fails_the_write_and_fences_the_pvol(
     assert rc != 0 and re.search(r"data protect", out, re.I), out  # read only until resync
     run("dd", f"if={a.sd('ra')}", "of=/dev/null", "bs=1M", "iflag=direct")  # reads go on
     linked(a)
-    resync(a, workdir)
+    resync(a, workdir, peer=b)
 
 
 def test_fence_status_fails_the_write_it_could_not_report_then_tracks(
     sites: tuple[Daemon, Daemon], workdir: Path
 ) -> None:
-    a, _ = sites
+    a, b = sites
     assert cli(a, "pair", "delete", "tc")[0] == 0
     create(a, "status")
     rc, out = fio_cut(a, "ra", "netem")
@@ -231,7 +232,7 @@ def test_fence_status_fails_the_write_it_could_not_report_then_tracks(
     assert status(a)["status"] == "PSUE" and not status(a)["fenced"]
     assert host_write(a, "ra", 0, os.urandom(4096), workdir)[0] == 0  # then writable, tracked
     linked(a)
-    resync(a, workdir)
+    resync(a, workdir, peer=b)
 
 
 def test_svol_takeover_with_the_p_site_down_old_primary_refused_then_swapped(

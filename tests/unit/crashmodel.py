@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from vscsi.durable import faults
 from vscsi.durable.faults import Crash, fault_point
 from vscsi.store.base import Extent, MediumError
+from vscsi.tracker.wil import WriteIntentLog
 
 SECTOR = 512
 
@@ -392,3 +393,13 @@ def run_crashing(run: Callable[[], object], k: int, name: str | None = None) -> 
     with faults.installed(hook), contextlib.suppress(Crash):
         run()
     return hook.fired
+
+
+def abandon(log: WriteIntentLog) -> None:
+    """The process dies holding the write-intent log: its cleaner stops, its file is released,
+    and nothing is cleared (a clean `close()` clears every region whose writes ended)."""
+    log._stop.set()
+    if log._cleaner is not None:
+        log._cleaner.join()
+    log._closed = True
+    log._io.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tests.unit.crashmodel import abandon
 from tests.unit.test_shadow_support import (
     CHUNK,
     SIZE,
@@ -43,7 +44,7 @@ def test_one_log_for_the_set_and_its_pairs_drives_both_recoveries(tmp_path: Path
     # the process dies with a write on member a only (in flight: logged, not mirrored)
     s.guards.wil.begin(3 * CHUNK, 4096)
     scribble(tmp_path, "a", 3 * CHUNK, b"only a" * 100)
-    m.volumes["v1"].wil.close()
+    abandon(m.volumes["v1"].wil)
     m.volumes["v1"].base.close()
     crash(s)
 

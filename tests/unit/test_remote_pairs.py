@@ -84,6 +84,24 @@ def test_link_failure_under_each_fence_level(tmp_path, fence, write_ok, p_access
     assert same(a, b)
 
 
+def test_a_flush_the_link_failed_counts_only_the_writes_as_changed(tmp_path: Path) -> None:
+    """The S array's own write-intent log answers for its cache, so a SYNCHRONIZE CACHE that
+    the link failed does not make the resync copy the whole volume (a flush the S array
+    failed does: any write since the last flush may be gone)."""
+    a, b, link = two_sites(tmp_path)
+    ma, _ = paired(a, b)
+    link.up = False
+    ma.volume("Av0").flush()  # the first command after the cut: PAIR -> PSUE
+    pair = ma.remote.pair("tc")
+    assert pair.status is Status.PSUE
+    write(ma, "Av0", 5 * GRAIN, b"f" * 4096)
+    assert pair.rec.pdiff is not None and pair.rec.pdiff.dirty_bytes() == GRAIN
+    link.up = True
+    ma.remote.resync("tc")
+    assert pair.wait(10) and ma.display("tc")[0]["copy_total"] == GRAIN
+    assert same(a, b)
+
+
 def test_swap_takeover_with_both_sides_up_moves_the_primary(tmp_path: Path) -> None:
     a, b, _ = two_sites(tmp_path)
     ma, mb = paired(a, b)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.unit.crashmodel import abandon
 from vscsi.shadow import AREA, ShadowSet, Tuning
 from vscsi.shadow.control import SLOT
 from vscsi.shadow.set import Stats
@@ -113,7 +114,7 @@ def crash(s: ShadowSet, *stalled: Member) -> None:
         m.release.set()
     s._worker.join()
     if s._wil is not None:
-        s._wil.close()
+        abandon(s._wil)
     for v in s._volumes():
         v.close()
 

@@ -65,14 +65,20 @@ def test_idle_regions_clear_lazily_but_not_in_flight_or_held(tmp_path: Path) -> 
         assert log.dirty_regions() == 0
 
 
-def test_close_keeps_regions_that_are_not_idle(tmp_path: Path) -> None:
+def test_close_clears_ended_writes_at_once_and_keeps_those_in_flight(tmp_path: Path) -> None:
+    """A clean stop right after a write must not look like a crash at the next start (a
+    remote S array would suspend its pair and recopy), whatever the idle delay."""
     path = str(tmp_path / "wil")
     log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600)
+    made_durable: list[int] = []
+    log.add_before_clear(lambda: made_durable.append(1))
     log.begin(3 * MiB, 10)
     log.end(3 * MiB, 10)
+    log.begin(7 * MiB, 10)  # still in flight at the stop
     log.close()
+    assert made_durable  # cleared only after the data was made durable
     again = WriteIntentLog.open_existing(path, 64 * MiB, region=MiB)
-    assert list(again.recover().extents()) == [(3 * MiB, MiB)]
+    assert list(again.recover().extents()) == [(7 * MiB, MiB)]
     again.flush_idle(time.monotonic() + 7200)  # recovered marks wait for mark_clean
     assert again.dirty_regions() == 1
     again.close()

@@ -132,16 +132,21 @@ class Mirror:
         return True
 
     def flush_replica(self) -> bool:
-        """Flush the S-VOL; a failure may have lost any write since the last flush, so the
-        whole volume counts as changed and the pair suspends (resync copies everything)."""
+        """Flush the S-VOL; on a failure the pair suspends with what the failure may have lost
+        counted as changed (`lost_by_flush`)."""
         if self.replica is None:
             return True
         try:
             self.replica.flush()
         except Exception as e:
-            self.suspend(0, self.local.size, e)
+            self.suspend(0, self.lost_by_flush(e), e)
             return False
         return True
+
+    def lost_by_flush(self, error: BaseException) -> int:
+        """Bytes from offset 0 a failed S-VOL flush may have lost: any write since the last
+        flush, so the whole volume (resync copies everything)."""
+        return self.local.size
 
     def progress(self) -> int:
         """Percent copied while copying; otherwise percent identical (as CCI shows a split)."""

@@ -278,6 +278,13 @@ class RemotePair(Mirror):
         told = not isinstance(error, LinkDown) and self._tell_suspend()
         self._suspend(offset, length, Event.SUSPEND_BOTH if told else Event.SUSPEND)
 
+    def lost_by_flush(self, error: BaseException) -> int:
+        """A flush the link failed loses nothing the S array acknowledged: its write-intent
+        log holds the regions of every update copy not yet durable there, and an S array that
+        crashes reports them (`recover_secondary`). Only a flush the S array itself failed
+        counts the whole volume as changed."""
+        return 0 if isinstance(error, LinkDown) else self.local.size
+
     def primary_failed(self, offset: int, length: int) -> None:
         """The P-VOL failed a host write: copy the range again (COPY until done)."""
         with self.lock:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc
+from tests.integration.hostio import rescan
 from tests.integration.sites import SERIAL, array, cut, make_keys, mend, network, volume
 from vscsi.control import ControlError, request
 
@@ -181,7 +182,8 @@ class Drill:
         cfg = self.agent_config()
         rc, out = run_rc(VSCSI, "agent", "check", "-c", str(cfg), "--rounds", "3", "--json",
                          timeout=120)  # fmt: skip
-        assert rc == 0 and "would run takeover" in out, out
+        (decision,) = json.loads(out)["pairs"] if rc == 0 else [{}]
+        assert (decision.get("action"), decision.get("site")) == ("takeover", "siteB"), out
         rc, out = self.vscsi(self.b, "pair", "display", "tc", "--json")
         assert json.loads(out)["pairs"][0]["svol"]["status"] == "PAIR", out  # dry: unchanged
         log = (self.w / "agent.log").open("ab")
@@ -236,6 +238,7 @@ class Drill:
         dev = self.b.sd("tcb")
         rc, out = self.host_cli("unmount", "fs1")
         assert rc == 0, out
+        rescan(dev)  # the kernel last saw it write protected (an S-VOL then)
         run("dd", "if=/dev/zero", f"of={dev}", "bs=4096", "seek=1", "count=255",
             "oflag=direct", "conv=notrunc")  # fmt: skip  # group descriptors, bitmaps, inodes
         rc, out = run_rc("fsck.ext4", "-n", dev)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from tests.integration.conftest import Daemon, run
 
@@ -89,3 +90,9 @@ def fio_ok(p: subprocess.Popen[str], d: Daemon, timeout: float = 600) -> None:
         dmesg = run("dmesg", check=False).splitlines()[-30:]
         log = d.output().splitlines()[-40:]
         raise AssertionError("\n".join([out[-3000:], "-- dmesg", *dmesg, "-- vscsi", *log]))
+
+
+def rescan(dev: str) -> None:
+    """Make the kernel read the disk again: a LUN that was write protected (an S-VOL, a fenced
+    P-VOL) when the kernel last looked stays read-only to it until then (MODE SENSE WP)."""
+    Path(f"/sys/class/block/{Path(dev).name}/device/rescan").write_text("1")

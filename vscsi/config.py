@@ -769,18 +769,23 @@ def _check_unique(units: list[VolumeConfig | ShadowSetConfig]) -> None:
         ids[key] = u.where
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file's tables (the daemon's, the agent's, the host follower's); one-line
+    ConfigError when it cannot be read or parsed."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
-    return parse(data, source=str(p), base=p.resolve().parent)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    return parse(read_toml(path), source=str(path), base=Path(path).resolve().parent)
 
 
 def open_volume(v: VolumeConfig) -> FileVolume:

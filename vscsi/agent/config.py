@@ -6,12 +6,11 @@ Every mistake is one `ConfigError` naming the field (`site[1].socket: ...`), as 
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vscsi.config import NAME_RE, ConfigError
+from vscsi.config import NAME_RE, ConfigError, read_toml
 
 _AGENT_KEYS = {"poll", "down_after", "dry_run", "changeover_timeout", "timeout"}
 _SITE_KEYS = {"name", "socket", "heartbeat_file", "heartbeat_max_age", "heartbeat_command"}
@@ -55,16 +54,7 @@ class AgentConfig:
 
 def load(path: str | Path) -> AgentConfig:
     """Read and validate an agent config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML ({e})") from None
-    return parse(data, source=str(p))
+    return parse(read_toml(path), source=str(path))
 
 
 def parse(data: dict[str, Any], source: str = "<memory>") -> AgentConfig:

@@ -7,12 +7,11 @@ Parsed like the daemon's config: every mistake is one `ConfigError` naming the f
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vscsi.config import ConfigError, _get, _name, _table
+from vscsi.config import ConfigError, _get, _name, _table, read_toml
 
 DEFAULT_HOST_SOCKET = "/run/vscsi/host.sock"
 DEFAULT_DEVICES = ("/dev/sd*",)
@@ -156,13 +155,4 @@ def parse(data: dict[str, Any], source: str = "") -> HostConfig:
 
 def load(path: str | Path) -> HostConfig:
     """Read and validate a host config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config ({e.strerror})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML ({e})") from None
-    return parse(data, source=str(p))
+    return parse(read_toml(path), source=str(path))

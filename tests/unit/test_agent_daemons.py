@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from tests.unit.test_remote_daemons import MIB, Array, free_port
+from tests.unit.test_remote_daemons import Array, linked_arrays
 from vscsi.agent.config import load
 from vscsi.agent.run import Agent
 from vscsi.cli import main
@@ -26,22 +25,11 @@ from vscsi.control import Command, ControlServer
 @pytest.fixture
 def paired(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
     """siteA's P-VOL mirrored to siteB's S-VOL, fence never, PAIR."""
-    pa, pb = free_port(), free_port()
-    (tmp_path / "keys").mkdir()
-    a = Array(tmp_path, "siteA", 410001, "siteB", 410002, pa, pb)
-    b = Array(tmp_path, "siteB", 410002, "siteA", 410001, pb, pa)
-    (a.root / "v.img").write_bytes(os.urandom(4 * MIB))
-    b.start()
-    a.start()
-    try:
-        assert a.linked() and b.linked()
+    with linked_arrays(tmp_path) as (a, b):
         rc, out = a.cli("pair", "create", "siteAv", "siteB:siteBv", "--fence", "never",
                         "--name", "tc", "--wait", "30")  # fmt: skip
         assert rc == 0, out
         yield a, b
-    finally:
-        a.stop()
-        b.stop()
 
 
 @pytest.fixture

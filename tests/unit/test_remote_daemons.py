@@ -5,6 +5,7 @@ primary fenced after a restart without its peer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -89,8 +90,9 @@ class Array:
         return (self.root / "v.img").read_bytes()
 
 
-@pytest.fixture
-def arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
+@contextlib.contextmanager
+def linked_arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
+    """siteA (with data on its volume) and siteB, both up and linked; stopped afterwards."""
     pa, pb = free_port(), free_port()
     (tmp_path / "keys").mkdir()
     a = Array(tmp_path, "siteA", 410001, "siteB", 410002, pa, pb)
@@ -98,11 +100,18 @@ def arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
     (a.root / "v.img").write_bytes(os.urandom(4 * MIB))
     b.start()
     a.start()
-    for arr in (a, b):
-        assert arr.linked()
-    yield a, b
-    a.stop()
-    b.stop()
+    try:
+        assert a.linked() and b.linked()
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.fixture
+def arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
+    with linked_arrays(tmp_path) as both:
+        yield both
 
 
 def test_remote_pair_through_the_cli_and_the_tls_link(arrays: tuple[Array, Array]) -> None:

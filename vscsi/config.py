@@ -25,6 +25,8 @@ from vscsi.store.file import FileVolume, StoreConfigError
 DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
+DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once, out of order
+MAX_IO_WORKERS = 64
 EXPORTS = ("loop", "iscsi", "none")
 READ_POLICIES = ("balanced", "master")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")  # volumes, sets, arrays
@@ -179,6 +181,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     copy_rate: int = 0  # bytes/s for pair and shadow-set copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
+    io_workers: int = DEFAULT_IO_WORKERS  # threads per LUN running commands; 0 = in ring order
     socket_group: str | None = None  # may run read-only commands over the socket
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
     link: LinkConfig | None = None  # set when the config has [[remote]] tables or link_listen
@@ -253,8 +256,8 @@ _SHADOW_KEYS = {
     "export", "identity", "follow_symlinks",
 }  # fmt: skip
 _DAEMON_KEYS = {
-    "socket", "state_dir", "copy_rate", "command_timeout", "socket_group", "shadow_add_paths",
-    "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
+    "socket", "state_dir", "copy_rate", "command_timeout", "io_workers", "socket_group",
+    "shadow_add_paths", "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
 }  # fmt: skip
 _REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
 _TOP = ("daemon", "volume", "shadow_set", "remote", "port", "host_group")
@@ -395,6 +398,9 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     timeout = _get(daemon, "command_timeout", int, "daemon")
     if timeout is not None and not 0 <= timeout <= 3600:
         raise ConfigError(f"daemon.command_timeout: {timeout} must be 0 (never) to 3600 seconds")
+    workers = _get(daemon, "io_workers", int, "daemon")
+    if workers is not None and not 0 <= workers <= MAX_IO_WORKERS:
+        raise ConfigError(f"daemon.io_workers: {workers} must be 0 (in order) to {MAX_IO_WORKERS}")
     tables = data.get("volume", [])
     sets = data.get("shadow_set", [])
     if not isinstance(tables, list) or not isinstance(sets, list) or not (tables or sets):
@@ -416,6 +422,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         state_dir=str(base / state_dir),
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
         command_timeout=timeout,
+        io_workers=DEFAULT_IO_WORKERS if workers is None else workers,
         socket_group=_socket_group(daemon),
         shadow_add_paths=_shadow_add_paths(daemon),
         link=link,

@@ -405,3 +405,48 @@ def test_offsets_agree_with_declarations() -> None:
     k.submit_tmr(abi.TMR_LUN_RESET, [3, 4, 5])
     parsed = abi.TmrEntry.parse(bytes(k.mem[128 : 128 + 48]))
     assert (parsed.tmr_type, list(parsed.cmd_ids)) == (abi.TMR_LUN_RESET, [3, 4, 5])
+
+
+def test_workers_finishing_together_share_one_doorbell_and_none_is_left_unannounced() -> None:
+    """Completions published while a worker is ringing are announced by it (again, once it is
+    done), not one `write()` each; every command still reaches the initiator."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    class Gated(Disk):
+        def execute(
+            self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
+        ) -> Result:
+            started.release()
+            release.wait(10)
+            return super().execute(cdb, buf, replayed)
+
+    class Counting(LoopbackDevice):
+        doorbells = 0
+
+        def notify(self) -> None:
+            self.doorbells += 1
+            threading.Event().wait(0.05)  # a slow doorbell: the other workers finish meanwhile
+            super().notify()
+
+    k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Gated()
+    dev = Counting(k)
+    stop = threading.Event()
+    t = threading.Thread(target=dev.serve, args=(disk, stop, 8))
+    t.start()
+    try:
+        with ThreadPoolExecutor(8) as initiators:
+            writes = [
+                initiators.submit(dev.execute, rw(0x2A, i, 1), bytes([i]) * 512) for i in range(8)
+            ]
+            for _ in range(8):  # all eight running at once
+                assert started.acquire(timeout=10)
+            release.set()
+            assert all(f.result().status == GOOD for f in writes)
+        assert dev.doorbells < 8
+    finally:
+        release.set()
+        stop.set()
+        dev.wake()
+        t.join(5)
+        dev.close()

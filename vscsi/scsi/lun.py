@@ -23,6 +23,7 @@ from vscsi.scsi.modes import ModePages, ModeState
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.scsi.sense import SenseError
 from vscsi.store.base import MediumError, NotReadyError, Volume, WriteProtectedError
+from vscsi.store.locks import RegionLocks
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class Lun:
         self.mode_state = ModeState()
         self.modes = ModePages(volume, self.mode_state)
         self.standard_inquiry = standard(identity)
-        self.write_lock = threading.Lock()
+        self.ranges = RegionLocks()  # a COMPARE AND WRITE and a write to its blocks never mix
         self._ua: deque[tuple[int, int]] = deque()
         self._ua_lock = threading.Lock()
 
@@ -175,9 +176,7 @@ class Lun:
         """Whether this LUN implements `c` (UNMAP only over a volume that deallocates)."""
         return c.opcode != 0x42 or self.volume.supports_unmap
 
-    def execute(
-        self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False
-    ) -> Result:
+    def execute(self, cdb: bytes | memoryview, buf: DataBuffer, replayed: bool = False) -> Result:
         """Run one command; every outcome, errors included, is a Result.
 
         `replayed`: the transport may already have run this very command before a restart

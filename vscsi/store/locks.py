@@ -70,7 +70,12 @@ class RegionLocks:
     @contextmanager
     def hold(self, offset: int, length: int) -> Iterator[None]:
         first, last = offset // self.stripe, (offset + max(length, 1) - 1) // self.stripe
-        ids = sorted({i % len(self._locks) for i in range(first, last + 1)})
+        count = len(self._locks)
+        ids = (
+            range(count)
+            if last - first + 1 >= count
+            else sorted({i % count for i in range(first, last + 1)})
+        )
         for i in ids:
             self._locks[i].acquire()
         try:

@@ -77,6 +77,9 @@ class RingDevice:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ring: Ring | None = None
         self.error: str | None = None  # why serve() gave up: the daemon must not carry on
+        self._bell = threading.Lock()  # guards the two flags below
+        self._owed = False  # a completion is published that no doorbell has announced yet
+        self._ringing = False  # a worker is ringing: others leave their completions to it
 
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
@@ -107,8 +110,8 @@ class RingDevice:
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not stop.is_set() and self.error is None:
-            if self._batch(ring, pool) and self._spin(ring):
-                continue
+            if self._batch(ring, pool) and pool is None and self._spin(ring):
+                continue  # (workers need the GIL more than a spinning fetcher does)
             for fd, _ev in poller.poll(1000):
                 if fd == self.fd:
                     os.read(self.fd, 4)  # acknowledge the doorbell
@@ -146,9 +149,30 @@ class RingDevice:
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:
             ring.complete(cmd, ring.run(cmd))
-            self.notify()
+            self._ring_doorbell()
         except Exception as e:
             self._failed(e)
+
+    def _ring_doorbell(self) -> None:
+        """Announce the completions published so far: one doorbell for all that finished while
+        another worker was ringing (the kernel reaps every published completion on each)."""
+        with self._bell:
+            self._owed = True
+            if self._ringing:
+                return
+            self._ringing = True
+        while True:
+            with self._bell:
+                if not self._owed:
+                    self._ringing = False
+                    return
+                self._owed = False
+            try:
+                self.notify()
+            except BaseException:
+                with self._bell:
+                    self._ringing = False
+                raise
 
     def _spin(self, ring: Ring) -> bool:
         """After a batch, watch the ring briefly before sleeping: at queue depth the next

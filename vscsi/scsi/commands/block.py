@@ -66,7 +66,7 @@ def _write(lun: Lun, buf: DataBuffer, lba: int, n: int, fua: bool, length_byte: 
     if n:
         bs = lun.block_size
         views = data_out(buf, n * bs)
-        with lun.write_lock:
+        with lun.ranges.hold(lba * bs, n * bs):
             lun.volume.write(lba * bs, views, fua)
     return 0
 
@@ -234,7 +234,7 @@ def _write_same(lun: Lun, buf: DataBuffer, lba: int, n: int, flags: Any, lb: int
     exact_data_out(buf, 0 if flags.ndob else bs)
     check_writable(lun)
     block = bytes(bs) if flags.ndob else buf.gather(bs)
-    with lun.write_lock:
+    with lun.ranges.hold(lba * bs, n * bs):
         if flags.unmap and lun.volume.supports_unmap and not any(block):
             _deallocate(lun, lba * bs, n * bs)
         else:
@@ -300,9 +300,9 @@ def unmap(lun: Lun, cdb: bytes, buf: DataBuffer) -> int:
             raise sense.invalid_param(8 + 16 * i + 8)
     check_writable(lun)
     bs = lun.block_size
-    with lun.write_lock:
-        for d in extents:
-            if d.nblocks:
+    for d in extents:
+        if d.nblocks:
+            with lun.ranges.hold(d.lba * bs, d.nblocks * bs):
                 _deallocate(lun, d.lba * bs, d.nblocks * bs)
     return 0
 
@@ -347,7 +347,7 @@ def _compare_and_write(lun: Lun, cdb: bytes, buf: DataBuffer, replayed: bool) ->
     check_writable(lun)
     data = buf.gather(2 * n * bs)
     verify, new = data[: n * bs], data[n * bs :]
-    with lun.write_lock:  # atomic against every other write to the LUN
+    with lun.ranges.hold(p.lba * bs, n * bs):  # atomic against every write to these blocks
         medium = _medium(lun, p.lba, n)
         if medium != verify and not (replayed and _landed(medium, verify, new, bs)):
             raise _miscompare(_first_difference(medium, verify))

@@ -89,6 +89,9 @@ class RamDisk:
     def reset(self) -> None:
         self.resets += 1
 
+    def waits(self, cdb: bytes) -> bool:
+        return True  # with SMOKE_WORKERS, every command exercises the pool
+
 
 def check(cond: bool, what: str) -> None:
     print(("ok   " if cond else "FAIL ") + what, flush=True)

@@ -150,3 +150,19 @@ def test_the_link_cut_under_fence_data_and_an_svol_takeover(
     rc, out = b.cli("pair", "resync", "tc", "--swaps", "--wait", "30")
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
     assert a.image() == b.image()
+
+
+def test_only_changes_to_a_remote_p_vol_leave_the_ring_thread(
+    arrays: tuple[Array, Array],
+) -> None:
+    """The ring runs a command on a worker only when it may wait for the peer array: a write
+    or flush of a remote pair's P-VOL. Reads, the S side, and simplex volumes run at once."""
+    a, b = arrays
+    assert a.d is not None and b.d is not None
+    pvol, svol = a.d.served["siteAv"].lun, b.d.served["siteBv"].lun
+    read10, sync10 = bytes([0x28]) + bytes(9), bytes([0x35]) + bytes(9)
+    assert not pvol.waits(WRITE10)  # simplex
+    assert a.cli("pair", "create", "siteAv", "siteB:siteBv", "--fence", "never",
+                 "--name", "tc", "--wait", "30")[0] == 0  # fmt: skip
+    assert pvol.waits(WRITE10) and pvol.waits(sync10) and not pvol.waits(read10)
+    assert not svol.waits(WRITE10)

@@ -45,6 +45,10 @@ class Disk:
     def reset(self) -> None:
         self.resets += 1
 
+    def waits(self, cdb: bytes) -> bool:
+        """Writes go to the workers (as a P-VOL's of a remote pair), the rest run inline."""
+        return cdb[0] == 0x2A
+
 
 def rw(op: int, lba: int, blocks: int) -> bytes:
     return bytes([op, 0]) + lba.to_bytes(4, "big") + b"\0" + blocks.to_bytes(2, "big") + b"\0"

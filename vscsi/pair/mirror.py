@@ -30,6 +30,8 @@ class Mirror:
     """One pair at run time, whatever its kind. `local` is this array's volume of the pair;
     `replica` reaches the S-VOL when this array holds the P-VOL (None otherwise)."""
 
+    remote = False  # the S-VOL is on a peer array: a mirrored write waits for the link
+
     def __init__(
         self, rec: PairRecord, manager: PairManager, replica: Replica | None, local: PairVolume
     ) -> None:

@@ -92,6 +92,11 @@ class PairVolume:
     def read_only(self) -> bool:
         return self.base.read_only or self.access() is Access.READ_ONLY
 
+    @property
+    def waits_on_peer(self) -> bool:
+        """A write waits for a peer array: this is the P-VOL of a remote pair."""
+        return any(pair.remote for pair in self.manager.roles(self.name)[0])
+
     def access(self) -> Access:
         return self.manager.access(self.name)
 

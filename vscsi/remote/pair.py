@@ -67,6 +67,8 @@ def decode_lineage(v: list[int]) -> Lineage:
 class RemotePair(Mirror):
     """One TrueCopy pair on this array; `local` is this array's volume of it."""
 
+    remote = True
+
     def __init__(
         self, rec: PairRecord, manager: PairManager, peer: Peer, local: PairVolume
     ) -> None:

@@ -72,6 +72,9 @@ REPLAY_HANDLERS: dict[int, Handler] = {
 
 # Commands a pending unit attention does not block (SAM-5 §5.14, SPC-4 §5.14).
 UA_EXEMPT = frozenset({0x12, 0x03, 0xA0})
+# Commands that change the medium or flush it: WRITE(6/10/12/16), WRITE AND VERIFY(10/16),
+# WRITE SAME(10/16), UNMAP, COMPARE AND WRITE, SYNCHRONIZE CACHE(10/16).
+CHANGES = frozenset({0x0A, 0x2A, 0xAA, 0x8A, 0x2E, 0x8E, 0x41, 0x93, 0x42, 0x89, 0x35, 0x91})
 
 
 def _mask(c: C.Cdb) -> int:
@@ -171,6 +174,11 @@ class Lun:
         self.add_unit_attention(*sense.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
 
     # -- execution -------------------------------------------------------------------------------
+
+    def waits(self, cdb: bytes) -> bool:
+        """Whether this command may wait on a peer array: a change to a volume that mirrors
+        to one (see `CommandHandler.waits`)."""
+        return bool(cdb) and cdb[0] in CHANGES and getattr(self.volume, "waits_on_peer", False)
 
     def supports(self, c: C.Cdb) -> bool:
         """Whether this LUN implements `c` (UNMAP only over a volume that deallocates)."""

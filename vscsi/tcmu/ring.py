@@ -64,6 +64,11 @@ class CommandHandler(Protocol):
 
     def reset(self) -> None: ...
 
+    def waits(self, cdb: bytes) -> bool:
+        """Whether the command may wait on something slower than this host (a peer array):
+        such commands run on workers, the rest at once on the ring's thread."""
+        ...
+
 
 class RingError(Exception):
     """The ring itself is unusable (bad mailbox, corrupt entry header): stop serving it."""

@@ -87,8 +87,10 @@ class RingDevice:
     def serve(self, handler: CommandHandler, stop: threading.Event, workers: int = 0) -> None:
         """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks.
 
-        With `workers` and a kernel that takes out-of-order completions, commands run on a
-        thread pool of that size; otherwise in order on this thread, one notify per batch.
+        With `workers` and a kernel that takes out-of-order completions, the commands the
+        handler says may wait (`waits`) run on a thread pool of that size, completed as they
+        finish; every other command runs at once on this thread (a hop to a worker costs more
+        than most commands take), one notify per batch.
         A broken ring (`RingError`), a failed doorbell or any unexpected exception, here or
         in a worker, ends the loop with `error` set: the host's commands to this device would
         only time out from then on, so the owner stops and a restart re-attaches.
@@ -139,11 +141,16 @@ class RingDevice:
                 return True
             return False
         before = ring.entries
-        commands = ring.fetch()
-        for cmd in commands:
-            pool.submit(self._run, ring, cmd)
-        if not commands and ring.entries != before:
-            self.notify()  # only PAD/TMR entries: their ring space is free once reaped
+        inline = pooled = 0
+        for cmd in ring.fetch():
+            if not cmd.bad and ring.handler.waits(cmd.cdb):
+                pool.submit(self._run, ring, cmd)
+                pooled += 1
+            else:
+                ring.complete(cmd, ring.run(cmd))
+                inline += 1
+        if inline or (not pooled and ring.entries != before):
+            self._ring_doorbell()  # PAD/TMR entries alone: their ring space is free once reaped
         return ring.entries != before
 
     def _run(self, ring: Ring, cmd: Command) -> None:

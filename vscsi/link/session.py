@@ -1,23 +1,22 @@
 """The link sessions: `LinkSession`, the P side's connection to one peer array, and
 `LinkServer`, the S side that accepts peers and applies their requests to local volumes.
 
-Network I/O runs on an asyncio loop in a thread of each object's own (one TLS connection must
-not be read and written from two threads at once); callers in other threads block only on the
-future of their own request, so many requests are in flight at once on one connection.
+Plain threads over `TlsStream`, no event loop: on the P side the caller's thread sends its own
+request and one receiver thread per connection hands each answer to the caller waiting for
+it, so many requests are in flight at once on one connection; on the S side one thread per
+connection reads, applies in order and answers every request it read in one send.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import queue
 import socket
 import ssl
-import struct
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from construct import Container
@@ -26,7 +25,6 @@ from vscsi.config import LinkConfig, RemoteConfig
 from vscsi.link import netns as link_netns
 from vscsi.link import tls
 from vscsi.link.frames import (
-    HEADER_SIZE,
     MAX_DATA,
     MAX_PAYLOAD,
     MIN_VERSION,
@@ -41,10 +39,9 @@ from vscsi.link.frames import (
     build_header,
     build_payload,
     encode,
-    parse_header,
-    parse_payload,
     parse_result,
 )
+from vscsi.link.stream import TlsStream
 from vscsi.link.tls import Refused
 from vscsi.store.base import Extent, NotReadyError, VolumeError, WriteProtectedError
 
@@ -78,12 +75,6 @@ class RemoteError(LinkError):
 # -- both sides -------------------------------------------------------------------------------
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Frame:
-    header = parse_header(await reader.readexactly(HEADER_SIZE))
-    payload = await reader.readexactly(header.length)
-    return Frame(header.type, header.seq, parse_payload(header.type, payload))
-
-
 def hello(link: LinkConfig) -> bytes:
     return encode(
         FrameType.HELLO, 0,
@@ -108,7 +99,7 @@ def check_hello(frame: Frame, remote: RemoteConfig) -> None:
 
 def reason(e: BaseException) -> str:
     """One line saying why a connection failed or ended."""
-    if isinstance(e, asyncio.IncompleteReadError):
+    if isinstance(e, EOFError):
         return "connection closed by the peer"
     if isinstance(e, ConnectionResetError):
         return "connection reset by the peer"
@@ -123,25 +114,13 @@ def reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-class _LoopThread:
-    """An asyncio loop running in a daemon thread; in network namespace `netns`, when given,
-    so every socket the loop opens is there. OSError when that namespace cannot be entered."""
+def _start_thread(name: str, netns: str | None, body: Callable[[], None]) -> threading.Thread:
+    """A daemon thread running `body` in network namespace `netns` (when given), so every
+    socket it opens is there; OSError, once it has ended, when the namespace cannot be
+    entered."""
+    entered: concurrent.futures.Future[None] = concurrent.futures.Future()
 
-    def __init__(self, name: str, netns: str | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        entered: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self.thread = threading.Thread(
-            target=self._run, args=(netns, entered), name=name, daemon=True
-        )
-        self.thread.start()
-        try:
-            entered.result()
-        except OSError:
-            self.thread.join()
-            self.loop.close()
-            raise
-
-    def _run(self, netns: str | None, entered: concurrent.futures.Future[None]) -> None:
+    def run() -> None:
         if netns is not None:
             try:
                 link_netns.enter(netns)
@@ -149,15 +128,21 @@ class _LoopThread:
                 entered.set_exception(OSError(e.errno, f"network namespace {netns}: {e.strerror}"))
                 return
         entered.set_result(None)
-        self.loop.run_forever()
+        body()
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        entered.result()
+    except OSError:
+        thread.join()
+        raise
+    return thread
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
+
+def _handshake(stream: TlsStream, timeout: float) -> None:
+    stream.sock.settimeout(timeout)  # also bounds every later send: a peer that takes
+    stream.handshake(timeout)  # nothing for that long is as dead as a silent one
 
 
 # -- the P side -------------------------------------------------------------------------------
@@ -166,16 +151,62 @@ class _LoopThread:
 class _Connection:
     """One live connection of a session: the requests in flight on it, by sequence number."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self, stream: TlsStream) -> None:
+        self.stream = stream
         self.seq = 0
         self.pending: dict[int, concurrent.futures.Future[Container]] = {}
-        self.last_rx = asyncio.get_running_loop().time()
+        self.dead: LinkError | None = None  # set once: no request is added after it
+        self.lock = threading.Lock()  # guards pending and dead
+        self.last_rx = time.monotonic()
+
+    def request(
+        self, ftype: FrameType, payload: bytes, fut: concurrent.futures.Future[Container]
+    ) -> None:
+        """Number and send one request, in the caller's thread; its answer or the connection's
+        end completes `fut`."""
+        stream = self.stream
+        with stream.send_lock:  # sequence order is sending order
+            self._send_held(ftype, payload, fut)
+
+    def heartbeat(self) -> None:
+        """A HEARTBEAT, unless a frame is being sent (then bytes are flowing anyway): the
+        receiving thread that sends it must never wait on a sender (see `TlsStream.abort`)."""
+        stream = self.stream
+        if stream.send_lock.acquire(blocking=False):
+            try:
+                self._send_held(FrameType.HEARTBEAT, b"", concurrent.futures.Future())
+            finally:
+                stream.send_lock.release()
+
+    def _send_held(
+        self, ftype: FrameType, payload: bytes, fut: concurrent.futures.Future[Container]
+    ) -> None:
+        with self.lock:
+            if self.dead is not None:
+                raise self.dead
+            self.seq += 1
+            seq = self.seq
+            self.pending[seq] = fut
+        try:
+            self.stream.send_held(build_header(ftype, seq, len(payload)), payload)
+        except (OSError, ssl.SSLError):
+            self.stream.abort()  # a frame cut short: the receiver fails everything in flight
+
+    def answered(self, frame: Frame) -> None:
+        if frame.type is not FrameType.RESPONSE:
+            raise FrameError(f"unexpected {frame.type.name} from the S side")
+        with self.lock:
+            fut = self.pending.pop(frame.body.answers, None)
+        if fut is None:
+            raise FrameError(f"RESPONSE to #{frame.body.answers}, not in flight")
+        fut.set_result(frame.body)
 
     def fail(self, error: LinkError) -> None:
-        for fut in self.pending.values():
+        with self.lock:
+            self.dead = error
+            pending, self.pending = self.pending, {}
+        for fut in pending.values():
             fut.set_exception(error)
-        self.pending.clear()
 
 
 class LinkSession:
@@ -189,36 +220,31 @@ class LinkSession:
         self.link, self.remote = link, remote
         self.backoff = backoff
         self._ctx = tls.context(link, [remote], server=False)
-        self._conn: _Connection | None = None  # touched only on the loop
+        self._conn: _Connection | None = None
         self._up = threading.Event()
-        self._thread: _LoopThread | None = None  # None before start() and after close()
-        self._lock = threading.Lock()  # no request is queued on a loop being stopped
-        self._keeper: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None  # None before start() and after close()
+        self._lock = threading.Lock()  # guards _conn, _sock and _thread
+        self._sock: socket.socket | None = None  # being connected: close() interrupts it
 
     @property
     def name(self) -> str:
         return self.remote.name
 
     def start(self) -> None:
-        self._thread = _LoopThread(f"link-{self.name}", self.link.netns)
-        self._keeper = self._thread.run(self._spawn())
-
-    async def _spawn(self) -> asyncio.Task[None]:
-        return asyncio.create_task(self._keep())
+        self._thread = _start_thread(f"link-{self.name}", self.link.netns, self._keep)
 
     def close(self) -> None:
         """Drop the connection; requests in flight and later ones raise LinkDown."""
         with self._lock:
             thread, self._thread = self._thread, None
+            self._stop.set()
+            if self._sock is not None:
+                _interrupt(self._sock)
+            if self._conn is not None:
+                self._conn.stream.abort()
         if thread is not None:
-            thread.run(self._stop())  # after the requests queued before: they fail, not hang
-            thread.stop()
-
-    async def _stop(self) -> None:
-        assert self._keeper is not None
-        self._keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._keeper
+            thread.join()
 
     @property
     def connected(self) -> bool:
@@ -264,115 +290,114 @@ class LinkSession:
             raise ValueError(f"{ftype.name} of {len(payload)} bytes: split it (at most {MAX_DATA})")
         fut: concurrent.futures.Future[Container] = concurrent.futures.Future()
         with self._lock:
-            if self._thread is None:
-                raise LinkDown(f"link to {self.name} is closed")
-            self._thread.loop.call_soon_threadsafe(self._send, ftype, payload, fut)
+            conn, closed = self._conn, self._thread is None
+        if closed:
+            raise LinkDown(f"link to {self.name} is closed")
+        if conn is None:
+            raise LinkDown(f"link to {self.name} is down")
+        conn.request(ftype, payload, fut)
         body = fut.result()
         if body.status is not Status.OK:
             raise RemoteError(body.status, f"array {self.name}: {body.error}")
         data: bytes = body.data
         return data
 
-    def _send(
-        self, ftype: FrameType, payload: bytes, fut: concurrent.futures.Future[Container]
-    ) -> None:
-        """On the loop: number the request and queue it, so sequence order is sending order."""
-        conn = self._conn
-        if conn is None:
-            fut.set_exception(LinkDown(f"link to {self.name} is down"))
-            return
-        conn.seq += 1
-        conn.pending[conn.seq] = fut
-        conn.writer.write(build_header(ftype, conn.seq, len(payload)) + payload)
-
     # -- the connection ------------------------------------------------------------------------
 
-    async def _keep(self) -> None:
+    def _keep(self) -> None:
         """Connect, serve until the connection dies, fail what was in flight, reconnect."""
         delay = self.backoff[0]
         last = ""
         where = f"link to {self.name} ({self.remote.host}:{self.remote.port})"
-        while True:
+        while not self._stop.is_set():
             try:
-                async with asyncio.timeout(self.link.timeout):  # not wait_for: on 3.11 it
-                    conn = await self._connect()  # can swallow close()'s cancel (gh-86296)
-            except (OSError, EOFError, TimeoutError, FrameError, Refused) as e:
+                stream = self._connect()
+            except (OSError, EOFError, FrameError, Refused, ssl.SSLError) as e:
+                if self._stop.is_set():
+                    return
                 if reason(e) != last:  # one line per new reason, not one per attempt
                     last = reason(e)
                     log.warning("%s: cannot connect: %s", where, last)
-                await asyncio.sleep(delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff[1])
                 continue
             delay, last = self.backoff[0], ""
+            conn = _Connection(stream)
+            with self._lock:
+                if self._stop.is_set():
+                    stream.abort()
+                    stream.sock.close()
+                    return
+                self._conn = conn
             log.info("%s up", where)
-            self._conn = conn
             self._up.set()
             try:
-                why = await self._serve(conn)
+                why = self._serve(conn)
             finally:
                 self._up.clear()
-                self._conn = None
+                with self._lock:
+                    self._conn = None
                 conn.fail(LinkDown(f"link to {self.name} lost"))
-                _reset(conn.writer)
+                stream.abort()
+                stream.sock.close()
             log.warning("%s down: %s", where, why)
 
-    async def _connect(self) -> _Connection:
-        reader, writer = await asyncio.open_connection(
-            self.remote.host, self.remote.port, ssl=self._ctx
-        )
+    def _connect(self) -> TlsStream:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.remote.host else socket.AF_INET)
+        with self._lock:
+            if self._stop.is_set():
+                sock.close()
+                raise OSError(0, "closed")
+            self._sock = sock
         try:
-            tls.authenticate(writer.get_extra_info("ssl_object"), [self.remote])
-            writer.write(hello(self.link))
-            check_hello(await read_frame(reader), self.remote)
+            sock.settimeout(self.link.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect((self.remote.host, self.remote.port))
+            stream = TlsStream(sock, self._ctx, server_side=False)
+            _handshake(stream, self.link.timeout)
+            tls.authenticate(stream.tls, [self.remote])
+            stream.send(hello(self.link))
+            check_hello(stream.read_frame(self.link.timeout), self.remote)
         except BaseException:
-            writer.close()
+            sock.close()
             raise
-        return _Connection(reader, writer)
-
-    async def _serve(self, conn: _Connection) -> str:
-        """Until the connection ends: why it did."""
-        tasks = [asyncio.create_task(self._receive(conn)), asyncio.create_task(self._watch(conn))]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            return done.pop().result()
         finally:
-            for t in tasks:
-                t.cancel()
+            with self._lock:
+                self._sock = None
+        return stream
 
-    async def _receive(self, conn: _Connection) -> str:
+    def _serve(self, conn: _Connection) -> str:
+        """Receive answers until the connection ends: why it did. Heartbeats keep frames
+        coming from a live peer; none for `timeout`: it is dead."""
+        timeout = self.link.timeout
+        stream = conn.stream
+        beat = time.monotonic()
         try:
-            while True:
-                frame = await read_frame(conn.reader)
-                conn.last_rx = asyncio.get_running_loop().time()
-                if frame.type is not FrameType.RESPONSE:
-                    raise FrameError(f"unexpected {frame.type.name} from the S side")
-                fut = conn.pending.pop(frame.body.answers, None)
-                if fut is None:
-                    raise FrameError(f"RESPONSE to #{frame.body.answers}, not in flight")
-                fut.set_result(frame.body)
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now - conn.last_rx > timeout:
+                    return f"no answer for {timeout:g}s"
+                if now - beat >= timeout / 4:
+                    beat = now
+                    conn.heartbeat()
+                if stream.receive(min(timeout / 4, beat + timeout / 4 - now)):
+                    conn.last_rx = time.monotonic()
+                    while (frame := stream.next_frame()) is not None:
+                        conn.answered(frame)
+            return "closed"
         except FrameError as e:
             return f"dropped: {e}"
-        except (OSError, EOFError) as e:
+        except LinkError as e:
+            return str(e)
+        except (OSError, EOFError, ssl.SSLError) as e:
             return reason(e)
 
-    async def _watch(self, conn: _Connection) -> str:
-        """Heartbeats keep frames coming from a live peer; none for `timeout`: it is dead."""
-        loop = asyncio.get_running_loop()
-        timeout = self.link.timeout
-        while True:
-            await asyncio.sleep(timeout / 4)
-            if loop.time() - conn.last_rx > timeout:
-                return f"no answer for {timeout:g}s"
-            self._send(FrameType.HEARTBEAT, b"", concurrent.futures.Future())
 
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with a reset: requests the kernel still holds for the peer are discarded, never
-    delivered late (they were failed to their callers)."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.fileno() >= 0:  # None or closed: nothing is held any more
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+def _interrupt(sock: socket.socket) -> None:
+    """Wake the thread blocked on `sock` (connecting, accepting or receiving) with an error;
+    that thread closes it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 # -- the S side -------------------------------------------------------------------------------
@@ -404,6 +429,22 @@ class _BadRequest(Exception):
     """A request no volume could serve (beyond its end): BAD_REQUEST."""
 
 
+class _Peer:
+    """A connection the server holds: its thread, its stream once TLS is up, and (once
+    authenticated) which remote it is. `gone`: superseded or closed, apply nothing more."""
+
+    def __init__(self, sock: socket.socket, who: str) -> None:
+        self.sock = sock
+        self.who = who
+        self.thread: threading.Thread | None = None
+        self.remote: RemoteConfig | None = None
+        self.gone = False
+
+    def drop(self) -> None:
+        self.gone = True
+        _interrupt(self.sock)
+
+
 class LinkServer:
     """Accepts the configured peers on `link.listen` and applies each connection's requests
     one at a time, in sequence order, answering each once it is done (so a WRITE with FUA is
@@ -427,129 +468,147 @@ class LinkServer:
         self.route = route
         self.on_control = control
         self._ctx = tls.context(link, self.remotes, server=True)
-        self._thread: _LoopThread | None = None
-        self._server: asyncio.Server | None = None
-        self._conns: dict[asyncio.Task[None], _Peer] = {}
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._peers: list[_Peer] = []
+        self._lock = threading.Lock()  # guards _peers
+        self._closing = False
 
     def start(self) -> None:
         """Listen; raises OSError when the address cannot be bound."""
-        self._thread = _LoopThread("link-server", self.link.netns)
+        bound: concurrent.futures.Future[socket.socket] = concurrent.futures.Future()
+
+        def listen() -> None:
+            assert self.link.listen is not None
+            try:
+                sock = socket.create_server(self.link.listen, backlog=16)
+            except OSError as e:
+                bound.set_exception(e)
+                return
+            bound.set_result(sock)
+            self._accept(sock)
+
+        self._thread = _start_thread("link-server", self.link.netns, listen)
         try:
-            self._thread.run(self._listen())
+            self._listener = bound.result()
         except OSError:
-            self._thread.stop()
+            self._thread.join()
             self._thread = None
             raise
-
-    async def _listen(self) -> None:
-        assert self.link.listen is not None
-        host, port = self.link.listen
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Accepted(self._accepted), host, port)
 
     @property
     def address(self) -> tuple[str, int]:
         """Where it listens (the port chosen, when the config said 0)."""
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
+        assert self._listener is not None
+        host, port = self._listener.getsockname()[:2]
         return host, port
 
     def close(self) -> None:
         """Stop accepting, drop every connection, and wait for requests being applied."""
-        if self._thread is None:
+        if self._thread is None or self._listener is None:
             return
-        self._thread.run(self._stop())
-        self._thread.stop()
-        self._thread = None
+        with self._lock:
+            self._closing = True
+            peers = list(self._peers)
+        _interrupt(self._listener)  # wakes the accepting thread
+        self._thread.join()
+        self._listener.close()
+        for peer in peers:
+            peer.drop()
+        for peer in peers:
+            if peer.thread is not None:
+                peer.thread.join()
+        self._thread = self._listener = None
 
-    async def _stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for peer in self._conns.values():
-            peer.transport.abort()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-        await self._server.wait_closed()
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, addr = listener.accept()
+            except OSError:
+                return  # closed
+            peer = _Peer(sock, f"{addr[0]}:{addr[1]}")
+            with self._lock:
+                if self._closing:
+                    sock.close()
+                    return
+                self._peers.append(peer)
+                peer.thread = threading.Thread(
+                    target=self._connection, args=(peer,), name=f"link-from-{peer.who}",
+                    daemon=True,
+                )  # fmt: skip
+                peer.thread.start()
 
-    def _accepted(self, transport: asyncio.Transport) -> None:
-        task = asyncio.get_running_loop().create_task(self._accept(transport))
-        self._conns[task] = _Peer(transport)
-
-    async def _accept(self, transport: asyncio.Transport) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        peer = self._conns[task]
-        host, port = transport.get_extra_info("peername")[:2]
-        who = f"{host}:{port}"
-        writer: asyncio.StreamWriter | None = None
+    def _connection(self, peer: _Peer) -> None:
         try:
-            async with asyncio.timeout(self.link.timeout):
-                reader, writer = await self._tls(transport)
-            remote = tls.authenticate(writer.get_extra_info("ssl_object"), self.remotes)
-            async with asyncio.timeout(self.link.timeout):
-                check_hello(await read_frame(reader), remote)
-            peer.remote = remote
-            await self._supersede(task, remote)
-            writer.write(hello(self.link))
-        except (Refused, ssl.SSLError, FrameError) as e:
-            log.warning("link: refused %s: %s", who, reason(e))
-        except (OSError, EOFError, TimeoutError) as e:
-            log.warning("link: handshake with %s failed: %s", who, reason(e))
-        else:
-            log.info("link from %s (%s) up", remote.name, who)
-            log.warning("link from %s (%s) down: %s", remote.name, who,
-                        await self._serve(remote, reader, writer))  # fmt: skip
+            stream, remote = self._admit(peer)
+            if stream is not None and remote is not None:
+                log.info("link from %s (%s) up", remote.name, peer.who)
+                log.warning("link from %s (%s) down: %s", remote.name, peer.who,
+                            self._serve(peer, remote, stream))  # fmt: skip
         finally:
-            (writer or transport).close()
-            del self._conns[task]
+            peer.sock.close()
+            with self._lock:
+                self._peers.remove(peer)
 
-    async def _tls(
-        self, transport: asyncio.Transport
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """The TLS handshake on a new connection, then streams over it."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        protocol = asyncio.StreamReaderProtocol(reader)
-        secure = await loop.start_tls(transport, protocol, self._ctx, server_side=True)
-        assert secure is not None
-        protocol.connection_made(secure)
-        return reader, asyncio.StreamWriter(secure, protocol, reader, loop)
+    def _admit(self, peer: _Peer) -> tuple[TlsStream | None, RemoteConfig | None]:
+        """TLS, the peer's certificate and HELLO, then this array's HELLO: the stream and
+        who it is, or (None, None) when refused (logged)."""
+        stream = TlsStream(peer.sock, self._ctx, server_side=True)
+        try:
+            _handshake(stream, self.link.timeout)
+            remote = tls.authenticate(stream.tls, self.remotes)
+            check_hello(stream.read_frame(self.link.timeout), remote)
+            self._supersede(peer, remote)
+            stream.send(hello(self.link))
+        except (Refused, ssl.SSLError, FrameError) as e:
+            log.warning("link: refused %s: %s", peer.who, reason(e))
+        except (OSError, EOFError) as e:
+            log.warning("link: handshake with %s failed: %s", peer.who, reason(e))
+        else:
+            return stream, remote
+        return None, None
 
-    async def _supersede(self, task: asyncio.Task[None], remote: RemoteConfig) -> None:
+    def _supersede(self, peer: _Peer, remote: RemoteConfig) -> None:
         """A peer's new connection replaces its older ones: they are dropped, and the request
         one of them is applying ends, before the new one is answered. So nothing sent on an
         older connection (that the P side gave up on) is applied after anything on the new."""
-        old = [t for t, p in self._conns.items() if t is not task and p.remote == remote]
-        for t in old:
-            self._conns[t].transport.abort()
-        await asyncio.gather(*old, return_exceptions=True)
+        with self._lock:  # a later connection of the same peer drops this one, not the reverse
+            peer.remote = remote
+            old = [p for p in self._peers if p is not peer and p.remote == remote]
+        for p in old:
+            p.drop()
+        for p in old:
+            if p.thread is not None:
+                p.thread.join()
 
-    async def _serve(
-        self, remote: RemoteConfig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> str:
-        """Read requests while the connection's applier applies them; why it ended."""
-        applier = _Applier(lambda frame: self._answer(remote, frame), writer, remote.name)
+    def _serve(self, peer: _Peer, remote: RemoteConfig, stream: TlsStream) -> str:
+        """Read requests, apply them in order, answer all that were read in one send; why
+        the connection ended."""
         expected = 1
+        timeout = self.link.timeout
         try:
             while True:
-                async with asyncio.timeout(self.link.timeout):
-                    frame = await read_frame(reader)
-                if frame.seq != expected:
-                    raise FrameError(f"sequence number {frame.seq}, expected {expected}")
-                if frame.type not in REQUESTS:
-                    raise FrameError(f"unexpected {frame.type.name} from the P side")
-                expected += 1
-                applier.queue.put(frame)
-        except TimeoutError:
-            return f"no frame for {self.link.timeout:g}s"
+                if not stream.receive(timeout):
+                    return f"no frame for {timeout:g}s"
+                answers = []
+                while (frame := stream.next_frame()) is not None:
+                    if frame.seq != expected:
+                        raise FrameError(f"sequence number {frame.seq}, expected {expected}")
+                    if frame.type not in REQUESTS:
+                        raise FrameError(f"unexpected {frame.type.name} from the P side")
+                    expected += 1
+                    if peer.gone:
+                        return "superseded"
+                    answers.append(self._answer(remote, frame))
+                if answers:
+                    stream.send(*answers)
         except FrameError as e:
             return f"dropped: {e}"
-        except (OSError, EOFError) as e:
-            return reason(e)
-        finally:
-            await applier.stop()
+        except (OSError, EOFError, ssl.SSLError) as e:
+            return "superseded" if peer.gone else reason(e)
 
     def _answer(self, remote: RemoteConfig, frame: Frame) -> bytes:
-        """In the applier's thread: apply one request, and the RESPONSE to it."""
+        """Apply one request, and the RESPONSE to it."""
         if frame.type is FrameType.HEARTBEAT:
             status, error, data = Status.OK, "", b""
         else:
@@ -581,70 +640,6 @@ class LinkServer:
         except Exception as e:  # a bug below must not take the link down with it
             log.exception("link: %s from %s failed", frame.type.name, remote.name)
             return Status.FAILED, f"{type(e).__name__}: {e}", b""
-
-
-class _Applier:
-    """Applies one connection's requests in a thread of its own, in the order they came, and
-    hands the answers to the loop, several at once when requests queue up (a thread hop per
-    request would cost more than most requests). Requests still queued once the connection is
-    gone are dropped, not applied."""
-
-    def __init__(
-        self, answer: Callable[[Frame], bytes], writer: asyncio.StreamWriter, name: str
-    ) -> None:
-        self.answer = answer
-        self.writer = writer
-        self.loop = asyncio.get_running_loop()
-        self.queue: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
-        self.gone = False
-        self.done = self.loop.create_future()
-        threading.Thread(target=self._run, name=f"link-apply-{name}", daemon=True).start()
-
-    async def stop(self) -> None:
-        """Once the request being applied (if any) is done."""
-        self.gone = True
-        self.queue.put(None)
-        await self.done
-
-    def _run(self) -> None:
-        answers: list[bytes] = []
-        try:
-            while (frame := self._next(answers)) is not None:
-                if not self.gone:
-                    answers.append(self.answer(frame))
-        finally:
-            self.loop.call_soon_threadsafe(self.done.set_result, None)
-
-    def _next(self, answers: list[bytes]) -> Frame | None:
-        """The next request; before waiting for one, send the answers made so far."""
-        try:
-            return self.queue.get_nowait()
-        except queue.Empty:
-            if answers:
-                self.loop.call_soon_threadsafe(self.writer.write, b"".join(answers))
-                answers.clear()
-            return self.queue.get()
-
-
-class _Peer:
-    """A connection the server holds, and (once authenticated) which remote it is."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.remote: RemoteConfig | None = None
-
-
-class _Accepted(asyncio.Protocol):
-    """Holds a new connection unread until the TLS handshake takes it over (bytes read before
-    would be lost to the handshake, which then stalls)."""
-
-    def __init__(self, accepted: Callable[[asyncio.Transport], None]) -> None:
-        self.accepted = accepted
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self.accepted(transport)
 
 
 def _apply_to(target: Target, frame: Frame) -> bytes | bytearray:

@@ -80,11 +80,12 @@ class Drill:
     def host_cli(self, *args: str) -> tuple[int, str]:
         return run_rc(VSCSI, "host", *args, "--socket", str(self.w / "host.sock"), timeout=120)
 
-    def agent_config(self) -> Path:
-        cfg = self.w / "agent.toml"
+    def agent_config(self, a_socket: str = "", name: str = "agent.toml") -> Path:
+        """The agent's config; `a_socket`: where it looks for site A's array instead."""
+        cfg = self.w / name
         cfg.write_text(
             '[agent]\npoll = 1.0\ndown_after = 3\nchangeover_timeout = 120\n'
-            f'[[site]]\nname = "siteA"\nsocket = "{self.a.socket}"\n'
+            f'[[site]]\nname = "siteA"\nsocket = "{a_socket or self.a.socket}"\n'
             f'[[site]]\nname = "siteB"\nsocket = "{self.b.socket}"\n'
             '[[pair]]\nname = "tc"\n'
             f'[host]\nsocket = "{self.w}/host.sock"\nfilesystems = ["fs1"]\n'
@@ -175,6 +176,40 @@ class Drill:
         self.si_digest = hashlib.sha256((self.w / "si0.img").read_bytes()).hexdigest()
         self.same_volumes()
         say(f"{FILES} files, checksums kept; si split (PSUS): the point-in-time copy")
+
+    def agent_decides(self, cfg: Path) -> dict[str, Any]:
+        """What `vscsi agent check` decides for pair tc over enough rounds to act."""
+        rc, out = run_rc(VSCSI, "agent", "check", "-c", str(cfg), "--rounds", "4", "--json",
+                         timeout=120)  # fmt: skip
+        assert rc == 0, out
+        (decision,) = json.loads(out)["pairs"]
+        return dict(decision)
+
+    def step_agent_holds_back(self) -> None:
+        say("the agent must not act: the link cut between two healthy sites, then site A's "
+            "array out of the agent's reach while its link is up")
+        cut("down")
+        try:
+            # fence never: served (not a file* the checksums cover: the SI copy predates it)
+            (self.mnt / "written-during-cut").write_bytes(os.urandom(64 << 10))
+            run("sync")
+            d = self.agent_decides(self.agent_config())
+            assert d["action"] == "none" and "link down, both sites healthy" in d["reason"], d
+            say(f"link cut: agent: {d['reason']}; the P-VOL kept serving (fence never)")
+        finally:
+            mend("down")
+        self.wait("the link back", lambda: all(
+            link["up"] for d in (self.a, self.b) for link in request(d.socket, "status")["links"]
+        ))  # fmt: skip
+        rc, out = self.vscsi(self.a, "pair", "resync", "tc", "--wait", "300")
+        assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+        self.same_volumes()  # the write made during the cut reached site B by the resync
+        d = self.agent_decides(self.agent_config(str(self.w / "nowhere.sock"), "agent-lost.toml"))
+        assert d["action"] == "none" and d["reason"].startswith(
+            "takeover refused: the agent cannot reach siteA"), d  # fmt: skip
+        rc, out = self.vscsi(self.b, "pair", "display", "tc", "--json")
+        assert json.loads(out)["pairs"][0]["svol"]["status"] == "PAIR", out
+        say(f"site A out of reach: agent: {d['reason']}")
 
     def step_site_a_dies(self) -> None:
         say("site A's array is killed; the agent, in a dry run first, then for real")
@@ -274,8 +309,8 @@ class Drill:
         say(f"back on site A ({self.a.sd('tca')}, P-VOL PAIR); files verified; copies identical")
 
 
-STEPS = ["step_pairs", "step_mount_and_write", "step_site_a_dies", "step_old_primary_returns",
-         "step_corruption_recovery", "step_fail_back"]  # fmt: skip
+STEPS = ["step_pairs", "step_mount_and_write", "step_agent_holds_back", "step_site_a_dies",
+         "step_old_primary_returns", "step_corruption_recovery", "step_fail_back"]  # fmt: skip
 
 
 def main() -> int:

@@ -36,15 +36,18 @@ class FakeArray:
     def __init__(self, name: str, peer: str, role: str) -> None:
         self.name, self.peer, self.role = name, peer, role
         self.up = True
+        self.answers = True  # False: alive, but the agent's path to its socket is broken
         self.links_up = True
         self.p = self.s = "PAIR"
         self.takeovers: list[str] = []
         self.settle_after = 0  # pair_display answers after a takeover before SSWS shows
         self.refuse: ControlError | None = None
+        self.other: FakeArray | None = None  # the peer array: its link is down while it is
 
     def handle(self, cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "status":
-            return {"links": [{"remote": self.peer, "serial": 1, "up": self.links_up}]}
+            up = self.links_up and (self.other is None or self.other.up)
+            return {"links": [{"remote": self.peer, "serial": 1, "up": up}]}
         if cmd == "pair_display":
             return {"pairs": [self.row()], "volumes": []}
         assert cmd == "takeover", cmd
@@ -89,6 +92,7 @@ class Host:
 def world(tmp_path: Path) -> Iterator[tuple[FakeArray, FakeArray, Host, Clock, AgentConfig]]:
     clock = Clock()
     a, b = FakeArray("siteA", "siteB", PVOL), FakeArray("siteB", "siteA", SVOL)
+    a.other, b.other = b, a
     host = Host(tmp_path / "host.sock")
     cfg = parse({
         "agent": {"poll": 2.0, "down_after": 3, "changeover_timeout": 30},
@@ -110,7 +114,7 @@ def agent_for(world: tuple[FakeArray, FakeArray, Host, Clock, AgentConfig],
         arr = arrays.get(path)
         if arr is None:  # the host's real socket
             return request(path, cmd, timeout=timeout, **args)
-        if not arr.up:
+        if not (arr.up and arr.answers):
             raise ControlError(f"no vscsi daemon at {path} (Connection refused); start one")
         return arr.handle(cmd, args)
 
@@ -227,6 +231,25 @@ def test_a_link_failure_between_healthy_arrays_is_no_site_failure(
     run_for(agent_for(world), clock, 60)
     assert b.takeovers == [] and host.calls == []
     assert lines(caplog)[1:] == ["pair tc: link down, both sites healthy: no action"]
+
+
+def test_an_unreachable_p_array_whose_link_is_up_is_not_taken_over(
+    world: tuple[FakeArray, FakeArray, Host, Clock, AgentConfig],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent loses its path to site A's control socket; site A still serves and its link
+    to site B is up: taking over would move the primary away from a live array."""
+    a, b, host, clock, _ = world
+    caplog.set_level(logging.INFO, "vscsi.agent")
+    a.answers = False
+    run_for(agent_for(world), clock, 60)
+    assert b.takeovers == [] and host.calls == []
+    assert lines(caplog)[-1].startswith(
+        "pair tc: takeover refused: the agent cannot reach siteA (control socket: no vscsi "
+        "daemon at /fake/a.sock")  # fmt: skip
+    assert lines(caplog)[-1].endswith(
+        "but siteB's link to it is up: the P-VOL's array is alive, the failure is the agent's "
+        "path to it")  # fmt: skip
 
 
 def test_a_p_site_back_before_down_after_resets_the_count(

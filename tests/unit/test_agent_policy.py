@@ -41,13 +41,17 @@ CASES = [
     (obs(up("siteA"), up("siteB"), A_PVOL, B_SVOL), "none", None, "P-VOL at siteA healthy"),
     (obs(down("siteA", 1), up("siteB"), B_SVOL), "none", None, "check failed 1 of 3"),
     (obs(down("siteA", 2), up("siteB"), B_SVOL), "none", None, "check failed 2 of 3"),
-    (obs(down("siteA", 3), up("siteB"), B_SVOL), "takeover", "siteB",
+    (obs(down("siteA", 3), up("siteB", links=False), B_SVOL), "takeover", "siteB",
      "siteA down for 3 checks (control socket: no vscsi daemon"),
-    (obs(down("siteA", 7), up("siteB"), B_SVOL), "takeover", "siteB", "siteA down for 3 checks"),
-    (obs(down("siteA", 3), up("siteB"), view("siteB", SVOL, "PAIR", "PSUE")), "takeover",
-     "siteB", "down"),
-    (obs(down("siteA", 3), up("siteB"), view("siteB", SVOL, "PSUS", "SSUS")), "takeover",
-     "siteB", "down"),
+    (obs(down("siteA", 7), up("siteB", links=False), B_SVOL), "takeover", "siteB",
+     "siteA down for 3 checks"),
+    (obs(down("siteA", 3), up("siteB", links=False), view("siteB", SVOL, "PAIR", "PSUE")),
+     "takeover", "siteB", "down"),
+    (obs(down("siteA", 3), up("siteB", links=False), view("siteB", SVOL, "PSUS", "SSUS")),
+     "takeover", "siteB", "down"),
+    # the agent cannot reach the P array, the S array's link to it is up: the P site is alive
+    (obs(down("siteA", 3), up("siteB"), B_SVOL), "none", None,
+     "takeover refused: the agent cannot reach siteA (control socket: no vscsi daemon"),
     # the site's heartbeat failed although its array answers: a site failure too
     (obs(sick("siteA", 3), up("siteB"), A_PVOL, B_SVOL), "takeover", "siteB", "heartbeat"),
     # the site's heartbeat failed, its array answers and the link is down: that array still
@@ -60,10 +64,10 @@ CASES = [
          B_SVOL), "none", None, "link down, both sites healthy: no action"),
     (obs(down("siteA", 5), down("siteB", 5)), "none", None,
      "cannot decide: both sites unreachable"),
-    (obs(down("siteA", 3), up("siteB"), view("siteB", SVOL, "COPY", "COPY")), "none", None,
-     "takeover refused: the S-VOL at siteB is in COPY"),
-    (obs(down("siteA", 3), up("siteB"), view("siteB", SVOL, "PSUS", "SMPL")), "none", None,
-     "takeover refused: the S-VOL at siteB is SMPL"),
+    (obs(down("siteA", 3), up("siteB", links=False), view("siteB", SVOL, "COPY", "COPY")),
+     "none", None, "takeover refused: the S-VOL at siteB is in COPY"),
+    (obs(down("siteA", 3), up("siteB", links=False), view("siteB", SVOL, "PSUS", "SMPL")),
+     "none", None, "takeover refused: the S-VOL at siteB is SMPL"),
     (obs(down("siteA", 9), up("siteB"), view("siteB", SVOL, "PAIR", "SSWS")), "none", None,
      "already taken over"),
     (obs(up("siteA"), up("siteB"), view("siteA", PVOL, "PSUE", "SSWS", demoted=True),
@@ -80,7 +84,7 @@ CASES = [
     (Observation("tc", (down("siteA", 3), up("siteB")), {}, {"siteB": "no remote pair 'tc'"}),
      "none", None, "cannot decide: no reachable site shows the pair"),
     # P-VOL at siteB (after a swap), siteB down: the takeover goes to siteA
-    (obs(up("siteA"), down("siteB", 3), view("siteA", SVOL)), "takeover", "siteA",
+    (obs(up("siteA", links=False), down("siteB", 3), view("siteA", SVOL)), "takeover", "siteA",
      "siteB down for 3 checks"),
 ]  # fmt: skip
 
@@ -94,8 +98,8 @@ def test_policy_table(o: Observation, action: str, site: str | None, words: str)
 
 
 def test_the_dry_run_line_says_what_would_run_and_why() -> None:
-    d = decide(obs(down("siteA", 3, "control socket: connection refused"), up("siteB"), B_SVOL),
-               DOWN)  # fmt: skip
+    d = decide(obs(down("siteA", 3, "control socket: connection refused"),
+                   up("siteB", links=False), B_SVOL), DOWN)  # fmt: skip
     assert d.describe(dry_run=True) == (
         "would run takeover tc at siteB: siteA down for 3 checks (control socket: connection "
         "refused)"

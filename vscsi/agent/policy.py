@@ -1,11 +1,12 @@
 """When to take over: health observations in, one decision with its reason out, no I/O.
 
-The rule (docs/failover.md, "The external agent"): run the takeover at the S site only when
-the P-VOL's site has failed `down_after` checks in a row, the S site is healthy and its S-VOL
-holds consistent data (PAIR, PSUE, SSUS). A link failure between two healthy arrays is not a
-site failure: with fence never the P-VOL keeps serving, and a takeover would make a second
-primary. Whatever cannot be decided safely (both sites unreachable, a split brain, an S-VOL
-mid-copy, a P array that still answers while the link is down) is left alone, with the reason.
+The rule (docs/failover.md, "The external agent"): run the takeover at the S site only when the
+P-VOL's site has failed `down_after` checks in a row, the S site is healthy and its S-VOL holds
+consistent data (PAIR, PSUE, SSUS). A link failure between two healthy arrays is not a site
+failure: with fence never the P-VOL keeps serving, and a takeover would make a second primary.
+Nor is a P array the agent cannot reach while the S array's link to it is up. Whatever cannot be
+decided safely (both sites unreachable, a split brain, an S-VOL mid-copy, a P array that still
+answers while the link is down) is left alone, with the reason.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def decide(obs: Observation, down_after: int) -> Decision:
     if not s.healthy:
         return none(f"cannot decide: {p.name} (P-VOL) down and {s.name} (S-VOL) unhealthy "
                     f"({s.reason}): no action")  # fmt: skip
+    if not p.reachable and s.links_up:
+        return none(f"takeover refused: the agent cannot reach {p.name} ({p.reason}), but "
+                    f"{s.name}'s link to it is up: the P-VOL's array is alive, the failure is "
+                    "the agent's path to it")  # fmt: skip
     if p.reachable and (p.links_up is False or s.links_up is False):
         return none(f"takeover refused: the array at {p.name} still answers and the link is "
                     f"down, so a takeover would make a second primary ({p.reason}); stop that "

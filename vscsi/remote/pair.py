@@ -74,6 +74,7 @@ class RemotePair(Mirror):
     ) -> None:
         super().__init__(rec, manager, None, local)
         self.peer = peer
+        self._decoded: tuple[dict[str, Any], PairState] | None = None
         self._attach()
 
     # -- the record's remote part -----------------------------------------------------------
@@ -84,7 +85,13 @@ class RemotePair(Mirror):
 
     @property
     def state(self) -> PairState:
-        return decode_state(self.info["state"])
+        """Decoded once per change: every mirrored write asks (records are replaced, never
+        changed in place, so the record's identity says whether it changed)."""
+        record = self.info["state"]
+        cached = self._decoded
+        if cached is None or cached[0] is not record:
+            cached = self._decoded = (record, decode_state(record))
+        return cached[1]
 
     @property
     def lineage(self) -> Lineage:

@@ -166,13 +166,19 @@ def encode(ftype: FrameType, seq: int, **fields: Any) -> bytes:
     return build_header(ftype, seq, len(payload)) + payload
 
 
+def write_head(volume: str, offset: int, fua: bool) -> bytes:
+    """A WRITE payload up to its data (sent apart: the data is not copied into a payload)."""
+    name = volume.encode()
+    if len(name) < 256:
+        return b"".join((bytes((len(name),)), name, _WRITE_AT.pack(offset, fua)))
+    return PAYLOADS[FrameType.WRITE].build({"volume": volume, "offset": offset, "fua": fua,
+                                            "data": b""})  # fmt: skip
+
+
 def build_payload(ftype: FrameType, **fields: Any) -> bytes:
     if ftype is FrameType.WRITE:
-        name = fields["volume"].encode()
-        if len(name) < 256:
-            at = _WRITE_AT.pack(fields["offset"], fields["fua"])
-            return b"".join((bytes((len(name),)), name, at, fields["data"]))
-    elif ftype is FrameType.RESPONSE:
+        return write_head(fields["volume"], fields["offset"], fields["fua"]) + fields["data"]
+    if ftype is FrameType.RESPONSE:
         error = fields["error"].encode()
         if len(error) < 65536:
             head = _RESPONSE.pack(fields["answers"], fields["status"], len(error))
@@ -202,8 +208,9 @@ def parse_payload(ftype: FrameType, data: bytes) -> Container:
         if ftype is FrameType.WRITE:
             n = data[0]
             offset, fua = _WRITE_AT.unpack_from(data, 1 + n)
-            volume = data[1 : 1 + n].decode()
-            return Container(volume=volume, offset=offset, fua=fua, data=data[10 + n :])
+            volume = data[1 : 1 + n].decode()  # the data is a view: a MiB is not copied again
+            return Container(volume=volume, offset=offset, fua=fua,
+                             data=memoryview(data)[10 + n :])  # fmt: skip
         if ftype is FrameType.RESPONSE:
             answers, status, n = _RESPONSE.unpack_from(data)
             if status in _STATUSES and len(data) >= 11 + n:

@@ -30,7 +30,7 @@ class RemoteReplica:
             offset += len(buf)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        data = b"".join(bufs)
+        data = bufs[0] if len(bufs) == 1 else memoryview(b"".join(bufs))
         for start in range(0, len(data), MAX_DATA):
             piece = data[start : start + MAX_DATA]
             self.session.write(self.volume_name, offset + start, piece, fua)

@@ -40,6 +40,7 @@ from vscsi.link.frames import (
     build_payload,
     encode,
     parse_result,
+    write_head,
 )
 from vscsi.link.stream import TlsStream
 from vscsi.link.tls import Refused
@@ -160,7 +161,10 @@ class _Connection:
         self.last_rx = time.monotonic()
 
     def request(
-        self, ftype: FrameType, payload: bytes, fut: concurrent.futures.Future[Container]
+        self,
+        ftype: FrameType,
+        payload: Sequence[bytes | memoryview],
+        fut: concurrent.futures.Future[Container],
     ) -> None:
         """Number and send one request, in the caller's thread; its answer or the connection's
         end completes `fut`."""
@@ -174,12 +178,15 @@ class _Connection:
         stream = self.stream
         if stream.send_lock.acquire(blocking=False):
             try:
-                self._send_held(FrameType.HEARTBEAT, b"", concurrent.futures.Future())
+                self._send_held(FrameType.HEARTBEAT, (), concurrent.futures.Future())
             finally:
                 stream.send_lock.release()
 
     def _send_held(
-        self, ftype: FrameType, payload: bytes, fut: concurrent.futures.Future[Container]
+        self,
+        ftype: FrameType,
+        payload: Sequence[bytes | memoryview],
+        fut: concurrent.futures.Future[Container],
     ) -> None:
         with self.lock:
             if self.dead is not None:
@@ -188,7 +195,8 @@ class _Connection:
             seq = self.seq
             self.pending[seq] = fut
         try:
-            self.stream.send_held(build_header(ftype, seq, len(payload)), payload)
+            length = sum(len(part) for part in payload)
+            self.stream.send_held(build_header(ftype, seq, length), *payload)
         except (OSError, ssl.SSLError):
             self.stream.abort()  # a frame cut short: the receiver fails everything in flight
 
@@ -258,10 +266,14 @@ class LinkSession:
     def read(self, volume: str, offset: int, length: int) -> bytes:
         return bytes(self._call(FrameType.READ, volume=volume, offset=offset, length=length))
 
-    def write(self, volume: str, offset: int, data: bytes, fua: bool = False) -> None:
+    def write(
+        self, volume: str, offset: int, data: bytes | memoryview, fua: bool = False
+    ) -> None:
         """Returns once the peer applied it; with `fua`, once it is durable there. Reads and
         writes carry at most MAX_DATA bytes (`RemoteReplica` splits larger ones)."""
-        self._call(FrameType.WRITE, volume=volume, offset=offset, fua=fua, data=data)
+        if len(data) > MAX_DATA:
+            raise ValueError(f"WRITE of {len(data)} bytes: split it (at most {MAX_DATA})")
+        self._send(FrameType.WRITE, write_head(volume, offset, fua), data)
 
     def unmap(self, volume: str, offset: int, length: int) -> None:
         self._call(FrameType.UNMAP, volume=volume, offset=offset, length=length)
@@ -288,6 +300,10 @@ class LinkSession:
         payload = build_payload(ftype, **fields)
         if len(payload) > MAX_PAYLOAD:
             raise ValueError(f"{ftype.name} of {len(payload)} bytes: split it (at most {MAX_DATA})")
+        return self._send(ftype, payload)
+
+    def _send(self, ftype: FrameType, *payload: bytes | memoryview) -> bytes:
+        """`_call` with the payload in parts, sent one after the other."""
         fut: concurrent.futures.Future[Container] = concurrent.futures.Future()
         with self._lock:
             conn, closed = self._conn, self._thread is None

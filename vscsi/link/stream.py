@@ -134,7 +134,7 @@ class TlsStream:
         end = HEADER_SIZE + header.length
         if len(plain) < end:
             return None
-        payload = bytes(plain[HEADER_SIZE:end])
+        payload = bytes(memoryview(plain)[HEADER_SIZE:end])  # one copy, not two
         del plain[:end]
         return Frame(header.type, header.seq, parse_payload(header.type, payload))
 

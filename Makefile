@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 APT_PKGS := qemu-system-x86 qemu-utils linux-image-amd64 busybox-static sg3-utils lsscsi fio tcmu-runner \
             e2fsprogs kmod udev util-linux dmsetup open-iscsi multipath-tools
 
-.PHONY: deps apt venv test unit integration lint demo drill bench bench-tracker bench-shadow clean
+.PHONY: deps apt venv test unit integration lint demo drill bench profile bench-tracker bench-shadow clean
 
 deps: apt venv
 
@@ -49,6 +49,11 @@ drill: deps
 
 bench: deps
 	VSCSI_VM_MEM=3G scripts/vm-run 'bash scripts/bench.sh'
+
+# py-spy on the daemons of one bench_io backend while fio runs: flame graphs and summaries in
+# vm-out/ (VSCSI_PROFILE_BACKEND=vscsi|vscsi-pair|vscsi-remote, VSCSI_PROFILE_JOB="randwrite 4K QD16")
+profile: deps
+	VSCSI_VM_MEM=3G scripts/vm-run '$(CURDIR)/$(VPY) -m bench.profile'
 
 bench-tracker: venv
 	$(VPY) bench/bench_tracker.py

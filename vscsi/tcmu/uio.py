@@ -80,6 +80,7 @@ class RingDevice:
         self._bell = threading.Lock()  # guards the two flags below
         self._owed = False  # a completion is published that no doorbell has announced yet
         self._ringing = False  # a worker is ringing: others leave their completions to it
+        self._working = 0  # commands handed to workers and not completed (guarded by _bell)
 
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
@@ -112,8 +113,8 @@ class RingDevice:
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not stop.is_set() and self.error is None:
-            if self._batch(ring, pool) and pool is None and self._spin(ring):
-                continue  # (workers need the GIL more than a spinning fetcher does)
+            if self._batch(ring, pool) and not self._working and self._spin(ring):
+                continue  # (not while workers run: they need the GIL more than a spinner)
             for fd, _ev in poller.poll(1000):
                 if fd == self.fd:
                     os.read(self.fd, 4)  # acknowledge the doorbell
@@ -144,6 +145,8 @@ class RingDevice:
         inline = pooled = 0
         for cmd in ring.fetch():
             if not cmd.bad and ring.handler.waits(cmd.cdb):
+                with self._bell:
+                    self._working += 1
                 pool.submit(self._run, ring, cmd)
                 pooled += 1
             else:
@@ -156,6 +159,8 @@ class RingDevice:
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:
             ring.complete(cmd, ring.run(cmd))
+            with self._bell:
+                self._working -= 1
             self._ring_doorbell()
         except Exception as e:
             self._failed(e)
@@ -183,11 +188,13 @@ class RingDevice:
 
     def _spin(self, ring: Ring) -> bool:
         """After a batch, watch the ring briefly before sleeping: at queue depth the next
-        command usually arrives within microseconds, and a poll/read wake-up costs more."""
+        command usually arrives within microseconds, and a poll/read wake-up costs more. Each
+        look lets go of the GIL (`sleep(0)`), so other LUNs' threads are not held up."""
         deadline = time.perf_counter() + SPIN_SECONDS
         while time.perf_counter() < deadline:
             if ring.pending():
                 return True
+            time.sleep(0)
         return False
 
     def wake(self) -> None:

@@ -367,7 +367,7 @@ class LinkSession:
             self._sock = sock
         try:
             sock.settimeout(self.link.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _no_delay(sock)
             sock.connect((self.remote.host, self.remote.port))
             stream = TlsStream(sock, self._ctx, server_side=False)
             _handshake(stream, self.link.timeout)
@@ -407,6 +407,12 @@ class LinkSession:
             return str(e)
         except (OSError, EOFError, ssl.SSLError) as e:
             return reason(e)
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Every frame goes out at once: with Nagle's algorithm a small answer waits for the
+    peer's delayed ACK of the one before (tens of milliseconds per request)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _interrupt(sock: socket.socket) -> None:
@@ -542,6 +548,7 @@ class LinkServer:
                 sock, addr = listener.accept()
             except OSError:
                 return  # closed
+            _no_delay(sock)
             peer = _Peer(sock, f"{addr[0]}:{addr[1]}")
             with self._lock:
                 if self._closing:

@@ -36,9 +36,12 @@ def daemons() -> dict[str, int]:
 
 
 def record(pid: int, out: Path, fmt: str) -> subprocess.Popen[bytes]:
+    """py-spy on `pid`; with VSCSI_PROFILE_IDLE=1 waiting threads are sampled too (to see
+    where a request waits, not only where CPU goes)."""
+    idle = ["--idle"] if os.environ.get("VSCSI_PROFILE_IDLE") == "1" else []
     return subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(SECONDS),
-                             "--rate", "200", "--threads", "--nonblocking", "--format", fmt,
-                             "--output", str(out)], stdout=subprocess.DEVNULL)  # fmt: skip
+                             "--rate", "200", "--threads", "--nonblocking", *idle, "--format",
+                             fmt, "--output", str(out)], stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 def summary(raw: Path, top: int = 25) -> str:

@@ -73,7 +73,8 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise AssertionError(f"vscsi up exited {self.proc.returncode}:\n{self.output()}")
             vols = self.try_status()
-            if vols and all(v["state"] == "serving" and (v["sd"] or v["export"] == "none")
+            if vols and all(v["state"] == "serving" and (v["sd"] or "loop" not in
+                                                         str(v["export"]).split("+"))
                             for v in vols.values()):
                 return vols
             time.sleep(0.5)

@@ -371,3 +371,46 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
         vscsi(daemon, "lun", "unmap", "CL1-A", "hostb", str(lun))
         remove_device(IQN_B, PORT1, lun)
     wait_luns(IQN_B, PORT1, {2})
+
+
+def test_persistent_reservations_between_two_initiators(daemon: Daemon) -> None:
+    """Two hosts on one volume through their own host groups, as a cluster fences: both
+    register, A holds a Write Exclusive - Registrants Only reservation, B (registered) may
+    write; once A preempts B's key, B's writes get RESERVATION CONFLICT while A's succeed."""
+    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "6", "hg0")
+    b2 = luns(IQN_B, PORT1)[2][0]
+    unit_attentions(b2)
+    sid = logged_in(IQN_B, PORT1).name.removeprefix("session")
+    run("iscsiadm", "-m", "session", "-r", sid, "--rescan")
+    a_sg, a_sd = luns(IQN_A, PORT1)[0]
+    b_sg, b_sd = wait_luns(IQN_B, PORT1, {2, 6})[6]
+    unit_attentions(a_sg)
+    unit_attentions(b_sg)
+
+    def pr(sg: str, *args: str) -> str:
+        return run("sg_persist", "-n", *args, sg)
+
+    def write(sd: str) -> tuple[int, str]:
+        return run_rc("dd", "if=/dev/zero", f"of={sd}", "bs=4096", "count=1", "seek=100",
+                      "oflag=direct", "conv=notrunc")  # fmt: skip
+
+    pr(a_sg, "--out", "--register", "--param-sark=0xa1")
+    pr(b_sg, "--out", "--register", "--param-sark=0xb2")
+    pr(a_sg, "--out", "--reserve", "--param-rk=0xa1", "--prout-type=5")
+    keys = pr(b_sg, "--in", "--read-keys")
+    assert "2 registered reservation keys follow" in keys and "0xb2" in keys, keys
+    res = pr(b_sg, "--in", "--read-reservation")
+    assert "Key=0xa1" in res and "Write Exclusive, registrants only" in res, res
+    assert write(b_sd)[0] == 0  # a registrant may write
+    pr(a_sg, "--out", "--preempt", "--param-rk=0xa1", "--param-sark=0xb2", "--prout-type=5")
+    rc, out = write(b_sd)
+    assert rc != 0, out
+    rc, out = run_rc("sg_raw", "-s", "512", "-i", "/dev/zero", b_sg,
+                     "2a", "00", "00", "00", "00", "64", "00", "00", "01", "00")  # fmt: skip
+    assert "reservation conflict" in out.lower(), out
+    assert write(a_sd)[0] == 0
+    pr(a_sg, "--out", "--clear", "--param-rk=0xa1")
+    assert "NO registered reservation keys" in pr(b_sg, "--in", "--read-keys")
+    vscsi(daemon, "lun", "unmap", "CL1-A", "hostb", "6")
+    remove_device(IQN_B, PORT1, 6)
+    wait_luns(IQN_B, PORT1, {2})

@@ -38,7 +38,7 @@ unit: venv
 
 # One boot, all integration tests; a skipped integration test fails the run (tests/integration).
 integration: deps
-	scripts/vm-run '$(CURDIR)/$(VPY) -m pytest tests/integration -v -rs -x'
+	scripts/vm-run '$(CURDIR)/$(VPY) -m pytest tests/integration -v -rs -x --durations=12'
 
 demo: deps
 	scripts/vm-run 'bash scripts/demo.sh'

@@ -136,6 +136,7 @@ class Served:
     sg: str | None = None
     state: str = "starting"
     reattached: bool = False
+    replies: bool = False  # the kernel waits for our netlink replies about its backstore
     stats: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -362,6 +363,7 @@ class Daemon:
             if existing is not None:
                 configfs.check_backstore(existing, s.volume.size, s.volume.block_size)
                 s.backstore, s.reattached = existing, True
+                s.replies = not configfs.opt_out_of_replies(existing)
             else:
                 s.backstore = configfs.create_backstore(
                     name, s.volume.size, s.volume.block_size, self.config.command_timeout
@@ -455,11 +457,16 @@ class Daemon:
         """The volume of a TCMU device name `tcm-user/<hba>/<dev>/vscsi/<volume>`."""
         return self.served.get(device_name.rsplit("/", 1)[-1])
 
-    def _on_added(self, name: str, minor: int, dev_id: int) -> int | None:
-        return 0 if self._ours(name) else None  # another vscsi daemon's: it answers
+    # The netlink callbacks: None sends no reply. A backstore this daemon creates tells the
+    # kernel to wait for none (configfs.create_backstore), one it re-attached is told so when
+    # it can be; only a backstore the kernel still waits on (`Served.replies`) gets answers.
 
-    def _on_removed(self, name: str, minor: int, dev_id: int) -> int:
-        return 0
+    def _on_added(self, name: str, minor: int, dev_id: int) -> int | None:
+        return None  # only our own creations, which wait for no reply
+
+    def _on_removed(self, name: str, minor: int, dev_id: int) -> int | None:
+        s = self._owner(name)
+        return 0 if s is not None and s.replies else None
 
     def _on_reconfig(self, name: str, minor: int, dev_id: int, **changes: Any) -> int | None:
         s = self._owner(name)
@@ -467,9 +474,13 @@ class Daemon:
             return None  # another vscsi daemon's: it answers
         if "write_cache" in changes:
             s.volume.write_cache = bool(changes["write_cache"])
-        if "size" in changes and changes["size"] != s.volume.size:
-            return -22  # -EINVAL: resizing a served volume is not supported
-        return 0
+        resized = "size" in changes and changes["size"] != s.volume.size
+        if resized:
+            log.error("%s: dev_size changed in configfs; still serving %d bytes", s.cfg.name,
+                      s.volume.size)  # fmt: skip
+        if not s.replies:
+            return None
+        return -22 if resized else 0  # -EINVAL: resizing a served volume is not supported
 
     def _ours(self, name: str) -> bool:
         return self._owner(name) is not None

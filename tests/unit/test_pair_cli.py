@@ -17,6 +17,7 @@ from vscsi.control import ControlServer
 from vscsi.daemon import Daemon, DaemonError
 from vscsi.pair.vpd import parse_page
 from vscsi.scsi.result import GOOD
+from vscsi.tcmu import configfs
 
 MIB = 1 << 20
 TUR = bytes(6)
@@ -170,9 +171,36 @@ def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Daemon, tmp_path
         Daemon(parse(cfg, base=tmp_path)).open()
 
 
-def test_the_daemon_claims_only_its_own_tcmu_devices(daemon: Daemon) -> None:
-    """Another vscsi daemon's device event gets no reply from this one (its owner answers);
-    a reconfig of it neither."""
-    assert daemon._on_added("tcm-user/1/vscsi-v0/vscsi/v0", 0, 1) == 0
-    assert daemon._on_added("tcm-user/1/vscsi-rb/vscsi/rb", 0, 2) is None
-    assert daemon._on_reconfig("tcm-user/1/vscsi-rb/vscsi/rb", 0, 2, size=1) is None
+def test_the_daemon_answers_only_what_the_kernel_waits_for(daemon: Daemon) -> None:
+    """Its own backstores tell the kernel to wait for no reply (so tcmu-runner's -ENOENT for
+    a subtype it does not know cannot fail them): no answer. A re-attached one that could not
+    be told gets answers; another vscsi daemon's device never does (its owner answers)."""
+    mine, other = "tcm-user/1/vscsi-v0/vscsi/v0", "tcm-user/1/vscsi-rb/vscsi/rb"
+    assert daemon._on_added(mine, 0, 1) is None and daemon._on_added(other, 0, 2) is None
+    assert daemon._on_removed(mine, 0, 1) is None
+    assert daemon._on_reconfig(mine, 0, 1, write_cache=0) is None
+    assert daemon.served["v0"].volume.write_cache is False  # still followed
+    daemon.served["v0"].replies = True  # an old backstore the kernel still waits on
+    assert daemon._on_reconfig(mine, 0, 1, size=1) == -22  # resizing is refused
+    assert daemon._on_reconfig(mine, 0, 1, write_cache=1) == 0
+    assert daemon._on_removed(mine, 0, 1) == 0
+    assert daemon._on_reconfig(other, 0, 2, size=1) is None
+    assert daemon._on_removed(other, 0, 2) is None
+
+
+def test_new_backstores_ask_the_kernel_for_no_netlink_replies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, str] = {}
+
+    class SO:
+        def __init__(self, name: str, **kw: str) -> None:
+            seen.update(kw)
+
+        def set_attribute(self, *_: str) -> None: ...
+
+    monkeypatch.setattr(configfs.rtslib_fb, "UserBackedStorageObject", SO)
+    monkeypatch.setattr(configfs, "_check_aptpl_file", lambda _v: None)
+    monkeypatch.setattr(configfs, "_force_aptpl", lambda _so: None)
+    configfs.create_backstore("v0", 1 << 20, 512)
+    assert seen["control"] == "hw_block_size=512,nl_reply_supported=-1"

@@ -140,6 +140,16 @@ def check_backstore(bs: Backstore, size: int, block_size: int) -> None:
         )
 
 
+def opt_out_of_replies(bs: Backstore) -> bool:
+    """Make the kernel wait for no netlink reply about a backstore an earlier daemon made (as
+    `create_backstore` does from the start); False if this kernel cannot be told."""
+    try:
+        bs.so.set_attribute("nl_reply_supported", "-1")
+    except (RTSLibError, OSError):
+        return False
+    return True
+
+
 def create_backstore(
     volume: str, size: int, block_size: int, cmd_time_out: int | None = None
 ) -> Backstore:
@@ -154,7 +164,9 @@ def create_backstore(
             config=f"{SUBTYPE}/{volume}",
             size=size,
             wwn=unit_serial(volume),
-            control=f"hw_block_size={block_size}",
+            # the kernel waits for no netlink reply about this device: with tcmu-runner on the
+            # host the first reply (its -ENOENT for a subtype it has no handler for) would win
+            control=f"hw_block_size={block_size},nl_reply_supported=-1",
         )
         if cmd_time_out is not None:
             so.set_attribute("cmd_time_out", str(cmd_time_out))

@@ -9,10 +9,15 @@ DEVICE_ID arrives; the configfs write (enable, rmdir, dev_config, dev_size) bloc
 fails with the CMD_STATUS we send. REMOVED and RECONFIG do not wait when nobody is subscribed
 to the `config` group (-ESRCH); ADDED waits even then ("the listener may not be up yet").
 
-So a dead daemon can hang configfs: the flag outlives us. We therefore subscribe before touching
-configfs, reply to every event of subtype `vscsi` at once (another handler's devices are not
-ours to answer), and send `SUPP_KERN_CMD_REPLY=0` on a clean stop. After a SIGKILL the flag stays
-on until the next `vscsi up` subscribes; a stuck waiter is released by writing 1 to
+So a dead daemon can hang configfs: the flag outlives us. And the kernel takes the first reply
+as the answer, whoever sends it: tcmu-runner (libtcmu) answers -ENOENT for a subtype it has no
+handler for, which failed a vscsi backstore's enable whenever its reply came first (seen in the
+VM, tests/integration/test_coexist.py). A vscsi backstore therefore says
+`nl_reply_supported=-1` when it is created (and a re-attached one is told so through its
+attribute), and the kernel waits for no reply about it; the daemon's callbacks answer only a
+backstore the kernel still waits on. We still subscribe before touching configfs, never answer
+another handler's devices, and send `SUPP_KERN_CMD_REPLY=0` on a clean stop. After a SIGKILL
+the flag stays on until the next `vscsi up` subscribes; a stuck waiter is released by writing 1 to
 /sys/module/target_core_user/parameters/reset_netlink (it fails pending events with -EINTR),
 and block_netlink=1 there fails new events at once.
 """

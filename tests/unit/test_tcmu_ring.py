@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -202,24 +204,31 @@ def test_bad_mailbox_is_refused() -> None:
         Ring(k.mem, Disk())
 
 
-def test_served_in_a_thread_with_doorbells() -> None:
-    k, disk = LoopbackKernel(), Disk()
-    dev = LoopbackDevice(k)
+@contextlib.contextmanager
+def served(dev: LoopbackDevice, handler: Disk, workers: int = 0) -> Iterator[None]:
+    """`dev` served by a thread, as the daemon serves a uio device; stopped afterwards."""
     stop = threading.Event()
-    t = threading.Thread(target=dev.serve, args=(disk, stop))
+    t = threading.Thread(target=dev.serve, args=(handler, stop, workers))
     t.start()
     try:
-        for i in range(50):
-            c = dev.execute(rw(0x2A, i, 2), bytes([i]) * 1024)
-            assert c.status == GOOD
-        c = dev.execute(rw(0x28, 10, 2), data_in_len=1024)
-        assert c.data == bytes([10]) * 512 + bytes([11]) * 512
+        yield
     finally:
         stop.set()
         dev.wake()
         t.join(5)
         dev.close()
     assert not t.is_alive()
+
+
+def test_served_in_a_thread_with_doorbells() -> None:
+    k, disk = LoopbackKernel(), Disk()
+    dev = LoopbackDevice(k)
+    with served(dev, disk):
+        for i in range(50):
+            c = dev.execute(rw(0x2A, i, 2), bytes([i]) * 1024)
+            assert c.status == GOOD
+        c = dev.execute(rw(0x28, 10, 2), data_in_len=1024)
+        assert c.data == bytes([10]) * 512 + bytes([11]) * 512
 
 
 def test_fast_decoders_agree_with_declarations() -> None:
@@ -313,23 +322,13 @@ def test_out_of_order_completions_from_a_thread_pool() -> None:
 def test_thread_pool_serving_through_doorbells() -> None:
     k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Disk()
     dev = LoopbackDevice(k)
-    stop = threading.Event()
-    t = threading.Thread(target=dev.serve, args=(disk, stop, 4))
-    t.start()
-    try:
-        with ThreadPoolExecutor(8) as initiators:
-            writes = [
-                initiators.submit(dev.execute, rw(0x2A, i, 1), bytes([i]) * 512) for i in range(64)
-            ]
-            assert all(f.result().status == GOOD for f in writes)
+    with served(dev, disk, 4), ThreadPoolExecutor(8) as initiators:
+        writes = [
+            initiators.submit(dev.execute, rw(0x2A, i, 1), bytes([i]) * 512) for i in range(64)
+        ]
+        assert all(f.result().status == GOOD for f in writes)
         c = dev.execute(rw(0x28, 5, 2), data_in_len=1024)
         assert c.data == bytes([5]) * 512 + bytes([6]) * 512
-    finally:
-        stop.set()
-        dev.wake()
-        t.join(5)
-        dev.close()
-    assert not t.is_alive()
 
 
 def test_restart_after_partial_completion_resumes_from_cmd_tail() -> None:
@@ -435,11 +434,8 @@ def test_workers_finishing_together_share_one_doorbell_and_none_is_left_unannoun
 
     k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Gated()
     dev = Counting(k)
-    stop = threading.Event()
-    t = threading.Thread(target=dev.serve, args=(disk, stop, 8))
-    t.start()
     try:
-        with ThreadPoolExecutor(8) as initiators:
+        with served(dev, disk, 8), ThreadPoolExecutor(8) as initiators:
             writes = [
                 initiators.submit(dev.execute, rw(0x2A, i, 1), bytes([i]) * 512) for i in range(8)
             ]
@@ -447,10 +443,6 @@ def test_workers_finishing_together_share_one_doorbell_and_none_is_left_unannoun
                 assert started.acquire(timeout=10)
             release.set()
             assert all(f.result().status == GOOD for f in writes)
-        assert dev.doorbells < 8
     finally:
         release.set()
-        stop.set()
-        dev.wake()
-        t.join(5)
-        dev.close()
+    assert dev.doorbells < 8

@@ -58,8 +58,8 @@ CONFIG = (
     'state_dir = "{w}/iscsistate"\n'
     + volume("hg0", "8MiB", 0x610) + volume("hg1", "8MiB", 0x611)
     + volume("hg2", "8MiB", 0x612) + volume("mp0", "16MiB", 0x613)
-    + volume("pv", "8MiB", 0x614) + volume("sv", "8MiB", 0x615).replace('"iscsi"', '"none"')
-    + '\n[[shadow_set]]\nname = "dsa9"\nmembers = ["{w}/m1.img", "{w}/m2.img"]\n'
+    + volume("ipv", "8MiB", 0x614) + volume("isv", "8MiB", 0x615).replace('"iscsi"', '"none"')
+    + '\n[[shadow_set]]\nname = "dsa9"\nmembers = ["{w}/im1.img", "{w}/im2.img"]\n'
       'size = "8MiB"\ncreate = true\nexport = "iscsi"\n'
       '[shadow_set.identity]\nserial = 410013\nvolume_id = 0x616\n'
     + f'\n[[port]]\nname = "CL1-A"\niqn = "{PORT1[0]}"\nportals = ["{PORT1[1]}"]\n'
@@ -349,10 +349,10 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
 ) -> None:
     """The pair and shadow-set machinery under a LUN that a remote host reaches over iSCSI:
     mapped at run time, written with fio --verify, every copy byte for byte the same."""
-    vscsi(daemon, "pair", "create", "pv", "sv", "--mu", "0", "--wait", "300")
+    vscsi(daemon, "pair", "create", "ipv", "isv", "--mu", "0", "--wait", "300")
     b2 = luns(IQN_B, PORT1)[2][0]
     unit_attentions(b2)
-    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "3", "pv")
+    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "3", "ipv")
     vscsi(daemon, "lun", "map", "CL1-A", "hostb", "5", "dsa9")
     unit_attentions(b2)
     sid = logged_in(IQN_B, PORT1).name.removeprefix("session")
@@ -365,8 +365,8 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
     for job in jobs:
         fio_ok(job, daemon)
     vscsi(daemon, "shadow", "wait", "dsa9", "--timeout", "300")  # no copy or merge running
-    run("cmp", str(workdir / "pv.img"), str(workdir / "sv.img"))
-    run("cmp", "-n", str(8 << 20), str(workdir / "m1.img"), str(workdir / "m2.img"))
+    run("cmp", str(workdir / "ipv.img"), str(workdir / "isv.img"))
+    run("cmp", "-n", str(8 << 20), str(workdir / "im1.img"), str(workdir / "im2.img"))
     for lun in (3, 5):
         vscsi(daemon, "lun", "unmap", "CL1-A", "hostb", str(lun))
         remove_device(IQN_B, PORT1, lun)

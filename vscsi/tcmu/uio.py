@@ -90,8 +90,8 @@ class RingDevice:
 
         With `workers` and a kernel that takes out-of-order completions, the commands the
         handler says may wait (`waits`) run on a thread pool of that size, completed as they
-        finish; every other command runs at once on this thread (a hop to a worker costs more
-        than most commands take), one notify per batch.
+        finish; every other command runs at once on this thread (a hop to a worker buys
+        nothing for a command that does not wait), one notify per batch.
         A broken ring (`RingError`), a failed doorbell or any unexpected exception, here or
         in a worker, ends the loop with `error` set: the host's commands to this device would
         only time out from then on, so the owner stops and a restart re-attaches.

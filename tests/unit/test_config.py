@@ -80,6 +80,8 @@ write_cache = false
         ('[daemon]\nsockets = "x"\n[[volume]]\nname = "a"\npath = "x"', "daemon.sockets"),
         ('[daemon]\ncommand_timeout = -1\n[[volume]]\nname = "a"\npath = "x"',
          "daemon.command_timeout"),
+        ('[daemon]\nio_workers = 65\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
+        ('[daemon]\nio_workers = "8"\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
         ("", "volume"),
     ],
 )
@@ -160,3 +162,9 @@ def test_shadow_add_paths_are_directories(tmp_path: Path) -> None:
     cfg = parse({"daemon": daemon, "volume": [{"name": "a", "path": "/x"}]})
     assert cfg.shadow_add_paths == ["/dev/disk/by-id/", "/srv/vscsi/"]
     assert cfg.socket_group == "root"
+
+
+def test_io_workers_default_and_in_order(tmp_path: Path) -> None:
+    assert load(write(tmp_path, '[[volume]]\nname = "a"\npath = "x"')).io_workers == 8
+    body = '[daemon]\nio_workers = 0\n[[volume]]\nname = "a"\npath = "x"'
+    assert load(write(tmp_path, body)).io_workers == 0

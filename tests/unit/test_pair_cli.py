@@ -204,3 +204,14 @@ def test_new_backstores_ask_the_kernel_for_no_netlink_replies(
     monkeypatch.setattr(configfs, "_force_aptpl", lambda _so: None)
     configfs.create_backstore("v0", 1 << 20, 512)
     assert seen["control"] == "hw_block_size=512,nl_reply_supported=-1"
+
+
+def test_a_backstore_the_kernel_cannot_be_told_keeps_getting_answers() -> None:
+    """An old kernel without the nl_reply_supported attribute: the daemon must go on
+    answering that backstore's events, or its removal would wait for ever."""
+
+    class SO:
+        def set_attribute(self, name: str, value: str) -> None:
+            raise OSError(2, "No such file or directory")
+
+    assert configfs.opt_out_of_replies(configfs.Backstore("v0", SO())) is False  # type: ignore[arg-type]

@@ -182,6 +182,7 @@ class Config:
     copy_rate: int = 0  # bytes/s for pair and shadow-set copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
     io_workers: int = DEFAULT_IO_WORKERS  # threads per LUN running commands; 0 = in ring order
+    fast_path: bool = True  # READ/WRITE the compiled ring path may serve go through it
     socket_group: str | None = None  # may run read-only commands over the socket
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
     link: LinkConfig | None = None  # set when the config has [[remote]] tables or link_listen
@@ -256,8 +257,9 @@ _SHADOW_KEYS = {
     "export", "identity", "follow_symlinks",
 }  # fmt: skip
 _DAEMON_KEYS = {
-    "socket", "state_dir", "copy_rate", "command_timeout", "io_workers", "socket_group",
-    "shadow_add_paths", "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
+    "socket", "state_dir", "copy_rate", "command_timeout", "io_workers", "fast_path",
+    "socket_group", "shadow_add_paths", "link_listen", "link_cert", "link_key", "link_timeout",
+    "link_netns",
 }  # fmt: skip
 _REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
 _TOP = ("daemon", "volume", "shadow_set", "remote", "port", "host_group")
@@ -401,6 +403,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     workers = _get(daemon, "io_workers", int, "daemon")
     if workers is not None and not 0 <= workers <= MAX_IO_WORKERS:
         raise ConfigError(f"daemon.io_workers: {workers} must be 0 (in order) to {MAX_IO_WORKERS}")
+    fast = _get(daemon, "fast_path", bool, "daemon")
     tables = data.get("volume", [])
     sets = data.get("shadow_set", [])
     if not isinstance(tables, list) or not isinstance(sets, list) or not (tables or sets):
@@ -423,6 +426,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
         command_timeout=timeout,
         io_workers=DEFAULT_IO_WORKERS if workers is None else workers,
+        fast_path=True if fast is None else fast,
         socket_group=_socket_group(daemon),
         shadow_add_paths=_shadow_add_paths(daemon),
         link=link,

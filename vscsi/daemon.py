@@ -371,7 +371,7 @@ class Daemon:
             s.device = UioDevice.open(s.backstore.uio_name)
             s.thread = threading.Thread(
                 target=s.device.serve,
-                args=(s.lun, self._rings_stop, self.config.io_workers),
+                args=(s.lun, self._rings_stop, self.config.io_workers, self.config.fast_path),
                 name=f"ring-{name}",
                 daemon=True,
             )

@@ -116,6 +116,14 @@ def vscsi_backend(work: Path) -> Iterator[str]:
 
 
 @contextmanager
+def vscsi_python_backend(work: Path) -> Iterator[str]:
+    """vscsi with every command served by the Python core: what the compiled path buys."""
+    vol = 'name = "bench"\npath = "vscsi.img"'
+    with vscsi_daemon(work, vol, daemon="fast_path = false\n") as (_, dev):
+        yield dev
+
+
+@contextmanager
 def vscsi_pair_backend(work: Path) -> Iterator[str]:
     """A P-VOL in PAIR with an unexported S-VOL on the same tmpfs (ShadowImage-style)."""
     vols = 'name = "pv"\npath = "pv.img"\n[[volume]]\nname = "sv"\npath = "sv.img"\n'
@@ -232,6 +240,14 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def fast_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| job | vscsi | vscsi without the compiled path | ratio |", "|---|---|---|---|"]
+    for job, *_ in JOBS:
+        fast, slow = results["vscsi"][job], results["vscsi-python"][job]
+        lines.append(f"| {job} | {fast:,.0f} | {slow:,.0f} | {fast / slow:.2f}x |")
+    return "\n".join(lines)
+
+
 PAIRED = {"vscsi-pair": "local PAIR", "vscsi-remote": "remote PAIR"}
 
 
@@ -254,6 +270,7 @@ def main() -> None:
         "fileio": fileio_backend,
         "tcmu-runner": tcmu_runner_backend,
         "vscsi": vscsi_backend,
+        "vscsi-python": vscsi_python_backend,
         "vscsi-pair": vscsi_pair_backend,
         "vscsi-remote": vscsi_remote_backend,
     }
@@ -276,6 +293,9 @@ def main() -> None:
     if {"fileio", "tcmu-runner", "vscsi"} <= results.keys():
         tables.append(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)\n"
                       + table(results))  # fmt: skip
+    if {"vscsi", "vscsi-python"} <= results.keys():
+        tables.append("the compiled READ/WRITE path: vscsi with it and without it (fast_path = "
+                      "false), IOPS\n" + fast_table(results))  # fmt: skip
     if "vscsi" in results and PAIRED.keys() & results.keys():
         tables.append("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) "
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip

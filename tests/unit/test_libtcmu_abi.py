@@ -139,6 +139,7 @@ def test_the_library_fetches_and_completes_commands_in_our_structs() -> None:
     c1 = lib.tcmulib_get_next_command(byref(dev), 0)
     c2 = lib.tcmulib_get_next_command(byref(dev), 16)
     assert not lib.tcmulib_get_next_command(byref(dev), 0)
+    assert dev.cmd_tail == k.head  # its private fetch position, which the transport reads
     one, two = c1.contents, c2.contents
     assert (one.cmd_id, two.cmd_id) == (first, second)
     assert ctypes.string_at(one.cdb, 10) == cdb

@@ -66,6 +66,8 @@ class FakeLib:
         self.next_data = DATA_OFF
         self.r, self.w = os.pipe2(os.O_NONBLOCK)
         self.ooo = ooo
+        self.tdev = TcmuDevice(map=addressof(self.map), map_len=MAP)
+        self.dev = addressof(self.tdev)
 
     def push(self, cmd_id: int, raw: bytes, data: bytes = b"", size: int = 0) -> memoryview:
         """Queue a command; returns its data buffer, a view of the map."""
@@ -159,7 +161,7 @@ def test_results_become_tcmu_statuses_with_sense_and_one_doorbell_per_batch() ->
 
     for op in range(6):
         lib.push(10 + op, bytes([op]) + bytes(5))
-    serve(LibtcmuDevice(lib, 1, "uio0"), Handler(answer), lambda: len(lib.completed) == 6)
+    serve(LibtcmuDevice(lib, lib.dev, "uio0"), Handler(answer), lambda: len(lib.completed) == 6)
     got = {cmd_id: (sts, s) for cmd_id, sts, s, _ in lib.completed}
     hw = BAD_ENTRY_SENSE.ljust(96, b"\0")
     assert got[10][0] == 0 and got[12][0] == 3 and got[13][0] == 1
@@ -181,7 +183,7 @@ def test_data_moves_in_place_in_the_shared_map() -> None:
 
     read = lib.push(1, rw(0x28, 0, 2), size=1024)
     lib.push(2, rw(0x2A, 0, 1), b"W" * 512)
-    serve(LibtcmuDevice(lib, 1, "uio0"), Handler(answer), lambda: len(lib.completed) == 2)
+    serve(LibtcmuDevice(lib, lib.dev, "uio0"), Handler(answer), lambda: len(lib.completed) == 2)
     assert bytes(read) == b"R" * 1024
     assert [(c, s) for c, s, _, _ in lib.completed] == [(1, 0), (2, 0)]
 
@@ -192,7 +194,7 @@ def test_an_iovec_outside_the_map_is_answered_hardware_error_unrun() -> None:
     lib.queue[0].contents.iovec[0].iov_base = addressof(lib.map) + MAP - 100
     ran: list[bytes] = []
     handler = Handler(lambda raw, _b: ran.append(raw) or Result(GOOD))  # type: ignore[func-returns-value]
-    serve(LibtcmuDevice(lib, 1, "uio0"), handler, lambda: len(lib.completed) == 1)
+    serve(LibtcmuDevice(lib, lib.dev, "uio0"), handler, lambda: len(lib.completed) == 1)
     assert lib.completed[0][1:3] == (2, BAD_ENTRY_SENSE.ljust(96, b"\0")) and ran == []
 
 
@@ -213,7 +215,7 @@ def test_commands_that_wait_run_on_workers_and_complete_out_of_order() -> None:
             release.set()
         return len(lib.completed) == 2
 
-    serve(LibtcmuDevice(lib, 1, "uio0"), Handler(answer), read_done, workers=2)
+    serve(LibtcmuDevice(lib, lib.dev, "uio0"), Handler(answer), read_done, workers=2)
     (first, _, _, t1), (second, _, _, t2) = lib.completed
     assert (first, second) == (2, 1)
     assert t2.startswith("uio0-io") and not t1.startswith("uio0-io")
@@ -223,7 +225,7 @@ def test_commands_that_wait_run_on_workers_and_complete_out_of_order() -> None:
 def test_without_out_of_order_completion_no_command_goes_to_a_worker() -> None:
     lib = FakeLib(ooo=False)
     lib.push(1, rw(0x2A, 0, 1), b"x" * 512)
-    serve(LibtcmuDevice(lib, 1, "uio0"), Handler(lambda *_: Result(GOOD)),
+    serve(LibtcmuDevice(lib, lib.dev, "uio0"), Handler(lambda *_: Result(GOOD)),
           lambda: len(lib.completed) == 1, workers=4)  # fmt: skip
     assert not lib.completed[0][3].startswith("uio0-io")
 
@@ -347,6 +349,38 @@ def test_a_lun_served_through_the_real_libtcmu(loop: LoopDevice) -> None:
     assert dev.error is None and dev.drained()
     ctx.close()
     assert lib.closed == 1
+
+
+@needs_libtcmu
+def test_a_command_libtcmu_drops_is_still_answered(loop: LoopDevice) -> None:
+    """libtcmu 1.5.4 hands out no command with a vendor-specific opcode; the LUN still says
+    INVALID COMMAND OPERATION CODE, and the ring ends drained (cmd_tail caught up)."""
+    _, ctx, devices = attach(loop)
+    dev = devices["v0"]
+    stop = threading.Event()
+    t = threading.Thread(target=dev.serve, args=(make_lun(), stop, 0))
+    t.start()
+    try:
+        for _ in range(3):  # in a batch with good commands, and alone
+            k = loop.kernel
+            ids = [k.submit(rw(0x28, 0, 1), data_in_len=512), k.submit(bytes([0xC5]) + bytes(5)),
+                   k.submit(rw(0x28, 1, 1), data_in_len=512)]  # fmt: skip
+            loop.theirs.send(b"\1\0\0\0")
+            for cmd_id in ids:
+                pending = k.pending.get(cmd_id)  # None: already completed
+                assert pending is None or pending.done.wait(10), f"command {cmd_id} unanswered"
+            vendor = k.completions[ids[1]]
+            assert vendor.status == CHECK_CONDITION
+            assert Sense.parse(vendor.sense[: 8 + vendor.sense[7]]).code == (5, 0x20, 0)
+            assert [k.completions[i].status for i in (ids[0], ids[2])] == [GOOD, GOOD]
+        alone = loop.execute(bytes([0xEE]) + bytes(9))
+        assert Sense.parse(alone.sense[: 8 + alone.sense[7]]).code == (5, 0x20, 0)
+    finally:
+        stop.set()
+        dev.wake()
+        t.join(5)
+    assert dev.error is None and dev.drained()
+    ctx.close()
 
 
 @needs_libtcmu

@@ -28,9 +28,9 @@ open it at a time, and a busy device is refused with the same one-line error as 
 
 Differences from the native ring, all libtcmu 1.5.4's: at attach it resets the ring, so commands
 queued while no daemon ran complete BUSY and the host retries them (the native ring serves them
-in place); a CDB it cannot size (opcode group 3 other than 0x7F, vendor groups 6 and 7) is
-dropped without an answer, so the kernel times it out (`cmd_time_out`); a failed doorbell is
-only logged by the library; there is no spin after a batch.
+in place); a failed doorbell is only logged by the library, so it cannot stop the daemon;
+there is no spin after a batch. The commands libtcmu drops (a CDB it cannot size) are still
+answered, from the ring (`LibtcmuDevice._answer_dropped`).
 """
 
 from __future__ import annotations
@@ -226,6 +226,8 @@ def load(path: str = LIBRARY) -> ctypes.CDLL:
 _libc = ctypes.CDLL(None)
 _libc.free.argtypes = [c_void_p]
 _libc.free.restype = None
+_libc.malloc.argtypes = [c_size_t]
+_libc.malloc.restype = c_void_p
 
 
 # -- one device -------------------------------------------------------------------------------
@@ -253,7 +255,9 @@ class LibtcmuDevice:
         self.name = name
         self.fd = lib.tcmu_dev_get_fd(dev)
         self.mem, self._base = _map(lib, dev)
-        flags = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)[1]
+        _v, flags, self._cmdr_off, self._cmdr_size, _h = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
+        self._priv = TcmuDevice.from_address(dev)  # for its cmd_tail: where libtcmu fetched to
+        self._seen = self._priv.cmd_tail  # entries before this one are accounted for
         self.ooo = bool(lib.tcmu_dev_oooc_supported(dev))
         self.read_len = bool(flags & abi.FLAG_CAP_READ_LEN)
         self.commands = 0
@@ -291,14 +295,56 @@ class LibtcmuDevice:
         lib.tcmulib_processing_start(dev)
         inline = 0
         while cmd := lib.tcmulib_get_next_command(dev, 0):
+            inline += self._answer_dropped(handler, cmd.contents.cmd_id)
             cdb, buf = self._parse(cmd.contents)
             if pool is not None and buf is not None and handler.waits(cdb):
                 pool.submit(self._work, handler, cmd, cdb, buf)
             else:
                 self._complete(cmd, buf, _run(handler, cdb, buf))
                 inline += 1
+        inline += self._answer_dropped(handler, None)
         if inline:
             self._doorbell()
+
+    def _answer_dropped(self, handler: CommandHandler, fetched: int | None) -> int:
+        """Answer the CMD entries libtcmu skipped on its way to the command `fetched`.
+
+        tcmulib_get_next_command drops a command whose CDB length it does not know (vendor
+        opcodes 0xC0-0xFF, group 3 but 0x7F: libtcmu.c:1139-1148) and never hands it out; the
+        kernel would time it out, and cmd_tail would lag one slot behind for good. Its entry
+        is still intact (completions so far filled only slots before it), so it is run from
+        the ring here — the LUN answers INVALID COMMAND OPERATION CODE as on the native ring —
+        and completed through a tcmulib_cmd of our own (malloc'd: the library frees it)."""
+        mem, end, pos = self.mem, self._priv.cmd_tail, self._seen
+        answered = 0
+        while pos != end:
+            ent = self._cmdr_off + pos
+            len_op, cmd_id, _kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
+            if len_op & abi.OP_MASK == abi.OP_CMD:
+                if cmd_id == fetched:
+                    fetched = None
+                else:
+                    self._answer_entry(handler, ent, cmd_id)
+                    answered += 1
+            pos = (pos + (len_op & ~abi.OP_MASK)) % self._cmdr_size
+        self._seen = end
+        return answered
+
+    def _answer_entry(self, handler: CommandHandler, ent: int, cmd_id: int) -> None:
+        mem = self.mem
+        iov_cnt, _bidi, _dif, cdb_off = abi.CMD_COUNTS.unpack_from(mem, ent + 8)
+        views = []
+        for i in range(iov_cnt):
+            base, ln = abi.IOVEC.unpack_from(mem, ent + abi.CMD_IOV_OFFSET + i * abi.IOVEC.size)
+            views.append(mem[base : base + ln])
+        buf = DataBuffer(views)
+        cdb = bytes(mem[cdb_off : min(cdb_off + 16, len(mem))])
+        cmd = ctypes.cast(_libc.malloc(ctypes.sizeof(TcmulibCmd)), POINTER(TcmulibCmd))
+        if not cmd:
+            raise MemoryError("malloc of a tcmulib_cmd")
+        ctypes.memset(cmd, 0, ctypes.sizeof(TcmulibCmd))
+        cmd.contents.cmd_id = cmd_id
+        self._complete(cmd, buf, _run(handler, cdb, buf))
 
     def _parse(self, cmd: TcmulibCmd) -> tuple[bytes, DataBuffer | None]:
         """The CDB and the data buffer as views of the shared map (None: an iovec outside it)."""

@@ -476,8 +476,9 @@ class Daemon:
         self._rings_stop.set()
         for s in served:
             self._stop_ring(s)
-        if self._libtcmu is not None and not self._keep_kernel_objects:
-            self._libtcmu.close()  # every ring thread has stopped; the backstores still exist
+        running = any(s.thread is not None and s.thread.is_alive() for s in served)
+        if self._libtcmu is not None and not self._keep_kernel_objects and not running:
+            self._libtcmu.close()  # it unmaps the rings: only once no thread can touch them
         for s in served:
             self._unserve(s)
         if self._netlink is not None:

@@ -320,6 +320,8 @@ class LibtcmuDevice:
         while pos != end:
             ent = self._cmdr_off + pos
             len_op, cmd_id, _kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
+            if not len_op & ~abi.OP_MASK:
+                raise UioError(f"corrupt ring entry at {pos}: length 0")
             if len_op & abi.OP_MASK == abi.OP_CMD:
                 if cmd_id == fetched:
                     fetched = None
@@ -407,21 +409,28 @@ class LibtcmuDevice:
             if self._ringing:
                 return
             self._ringing = True
-        try:
-            while True:
-                with self._bell:
-                    if not self._owed:
-                        return
-                    self._owed = False
-                self.lib.tcmulib_processing_complete(self.dev)
-        finally:
+        while True:
             with self._bell:
-                self._ringing = False
+                if not self._owed:
+                    self._ringing = False  # in the same hold: no completion is left unrung
+                    return
+                self._owed = False
+            try:
+                self.lib.tcmulib_processing_complete(self.dev)
+            except BaseException:
+                with self._bell:
+                    self._ringing = False
+                raise
 
     def _failed(self, e: Exception) -> None:
-        log.error("%s: unexpected error", self.name, exc_info=e)
+        """Record the first failure (one line) and wake the serving loop to stop."""
+        if isinstance(e, UioError):
+            why = str(e)
+        else:
+            log.error("%s: unexpected error", self.name, exc_info=e)
+            why = f"unexpected {type(e).__name__}: {e}"
         if self.error is None:
-            self.error = f"unexpected {type(e).__name__}: {e}"
+            self.error = why
         self.wake()
 
     def drained(self) -> bool:

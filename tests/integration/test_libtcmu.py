@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import rtslib_fb
 
 from tests.integration.conftest import VSCSI, Daemon, our_configfs_objects, run, run_rc
 from tests.integration.hostio import Writer, fio, fio_ok
+from tests.integration.test_coexist import roundtrip
+from vscsi.tcmu import configfs
 
 MIB = 1 << 20
 
@@ -104,6 +110,39 @@ def test_errors_get_sense(daemon: Daemon) -> None:
     rc, out = run_rc("sg_raw", "-R", sg, "c5", "00", "00", "00", "00", "00")
     assert rc != 0 and "Invalid command operation code" in out, out
     run("sg_turs", sg)  # and the ring is still in step
+
+
+def test_tcmu_runner_devices_come_up_beside_the_libtcmu_daemon(
+    daemon: Daemon, workdir: Path
+) -> None:
+    """The daemon's libtcmu left the netlink group: a device tcmu-runner makes afterwards is
+    answered by tcmu-runner alone (a listening libtcmu would say -ENOENT, and could be first)."""
+    work = workdir / "libtcmu-runner"
+    work.mkdir(exist_ok=True)
+    img = work / "runner.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full", str(img),
+        str(16 * MIB))  # fmt: skip
+    log = (work / "tcmu-runner.log").open("wb")
+    proc = subprocess.Popen(["tcmu-runner"], stdout=log, stderr=subprocess.STDOUT)
+    so = target = None
+    try:
+        time.sleep(3)  # it subscribes to the netlink group and registers its handlers
+        assert proc.poll() is None, (work / "tcmu-runner.log").read_text()
+        so = rtslib_fb.UserBackedStorageObject("libtcmu_qcow", config=f"qcow/{img}",
+                                               size=16 * MIB)  # fmt: skip
+        target = rtslib_fb.Target(rtslib_fb.FabricModule("loopback"))
+        rtslib_fb.LUN(rtslib_fb.TPG(target, 1), 0, so)
+        dev, _ = configfs.find_disk(configfs.LoopExport(target.wwn, target), timeout=60)
+        roundtrip(dev, 1)
+        roundtrip(daemon.sd("lt512"), 20)  # ours is untouched
+    finally:
+        if target is not None:
+            target.delete()
+        if so is not None:
+            so.delete()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    roundtrip(daemon.sd("lt512"), 21)
 
 
 def test_sigkill_under_writes_restart_reattaches(daemon: Daemon) -> None:

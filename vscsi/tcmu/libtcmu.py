@@ -186,18 +186,16 @@ class TcmuDevice(Structure):
     ]
 
 
+# The functions the transport calls (tcmulib_master_fd_ready never: libtcmu hears no events).
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "tcmulib_initialize": (c_void_p, [POINTER(TcmulibHandler), c_size_t]),
     "tcmulib_get_master_fd": (c_int, [c_void_p]),
-    "tcmulib_master_fd_ready": (c_int, [c_void_p]),
     "tcmulib_close": (None, [c_void_p]),
     "tcmulib_get_next_command": (POINTER(TcmulibCmd), [c_void_p, c_int]),
     "tcmulib_command_complete": (None, [c_void_p, POINTER(TcmulibCmd), c_int]),
     "tcmulib_processing_start": (None, [c_void_p]),
     "tcmulib_processing_complete": (None, [c_void_p]),
     "tcmu_dev_get_fd": (c_int, [c_void_p]),
-    "tcmu_dev_get_private": (c_void_p, [c_void_p]),
-    "tcmu_dev_set_private": (None, [c_void_p, c_void_p]),
     "tcmu_dev_get_cfgstring": (c_char_p, [c_void_p]),
     "tcmu_dev_get_uio_name": (c_char_p, [c_void_p]),
     "tcmu_dev_oooc_supported": (c_bool, [c_void_p]),

@@ -128,11 +128,11 @@ class Handler:
 
 
 def serve(dev: Any, handler: Any, until: Callable[[], bool], workers: int = 0) -> None:
-    """Run `dev.serve` in a thread until `until()` holds (5 s at most), then stop it."""
+    """Run `dev.serve` in a thread until `until()` holds (20 s at most), then stop it."""
     stop = threading.Event()
     t = threading.Thread(target=dev.serve, args=(handler, stop, workers))
     t.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     try:
         while not until() and time.monotonic() < deadline and dev.error is None:
             time.sleep(0.005)
@@ -204,7 +204,7 @@ def test_commands_that_wait_run_on_workers_and_complete_out_of_order() -> None:
 
     def answer(raw: bytes, _buf: DataBuffer) -> Result:
         if raw[0] == 0x2A:
-            assert release.wait(5)
+            assert release.wait(20)
         return Result(GOOD)
 
     lib.push(1, rw(0x2A, 0, 1), b"x" * 512)  # waits: a worker holds it
@@ -269,7 +269,7 @@ class LoopDevice:
         assert cmd_id is not None
         pending = self.kernel.pending[cmd_id]
         self.theirs.send(b"\1\0\0\0")
-        assert pending.done.wait(10), f"command {cmd_id} not completed"
+        assert pending.done.wait(30), f"command {cmd_id} not completed"
         assert pending.completion is not None
         return pending.completion
 
@@ -368,7 +368,7 @@ def test_a_command_libtcmu_drops_is_still_answered(loop: LoopDevice) -> None:
             loop.theirs.send(b"\1\0\0\0")
             for cmd_id in ids:
                 pending = k.pending.get(cmd_id)  # None: already completed
-                assert pending is None or pending.done.wait(10), f"command {cmd_id} unanswered"
+                assert pending is None or pending.done.wait(30), f"command {cmd_id} unanswered"
             vendor = k.completions[ids[1]]
             assert vendor.status == CHECK_CONDITION
             assert Sense.parse(vendor.sense[: 8 + vendor.sense[7]]).code == (5, 0x20, 0)

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from vscsi.tcmu.netlink import NetlinkError, NetlinkListener, resolve_family
 from vscsi.tcmu.uio import UioDevice, UioError
 
 log = logging.getLogger("vscsi")
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # -- pair operations as the control socket runs them: local or remote by the pair's kind -------
@@ -211,12 +213,18 @@ class Daemon:
         self._stop.set()
 
     def _setup_logging(self) -> None:
+        """Rich on a terminal; one plain line per record elsewhere (a journal, a file, CI),
+        where rich would wrap every line at 80 columns."""
         level = logging.WARNING - 10 * min(self.verbose + 1, 2)
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
         logging.getLogger("asyncio").setLevel(logging.WARNING)
-        logging.basicConfig(
-            level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
-        )
+        if sys.stderr.isatty():
+            handler: logging.Handler = RichHandler(show_path=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
+        logging.basicConfig(level=level, handlers=[handler])
 
     def open(self) -> None:
         """Backing stores, shadow sets, pair state and LUNs: everything below the kernel."""

@@ -56,8 +56,10 @@ struct fast_lun {
     uint8_t masks[4][16];
 };
 
-/* Serve what the fast path owns; returns 1 when it stopped at an entry for the Python core,
- * 0 when the ring is empty. */
+/* Serve what the fast path owns of the entries queued when it is called — never more, so a
+ * ring kept busy cannot hold the LUN's state (a pair waiting to be created, a unit attention
+ * waiting to be reported) for longer than one batch. Returns 1 when it stopped at an entry for
+ * the Python core, 0 when it reached that head. */
 int ring_serve_fast(struct fast_ring *ring, const struct fast_lun *lun);
 
 #endif

@@ -2,8 +2,11 @@
  * leaves to the Python SCSI core. Layouts are target_core_user.h's (vscsi/tcmu/abi.py). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "ring.h"
 
@@ -158,4 +161,52 @@ int ring_serve_fast(struct fast_ring *r, const struct fast_lun *l)
         ring_store_release_u32(r->base, MAILBOX_TAIL, r->pos);
     }
     return 0; /* not past the head seen on entry: the caller's view of the LUN stays fresh */
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int watching; /* a ring of this process is watching its head */
+
+static int ring_doorbell(int fd, const uint32_t *one)
+{
+    ssize_t n;
+    while ((n = write(fd, one, sizeof *one)) < 0 && errno == EINTR)
+        ;
+    return n == sizeof *one ? 0 : -1;
+}
+
+/* Wait for cmd_head to move past `pos` until `deadline`; 1 if it did. */
+static int watch(const struct fast_ring *r, uint64_t deadline)
+{
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&watching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return 0;
+    int moved = 0;
+    while (!(moved = ring_load_acquire_u32(r->base, MAILBOX_HEAD) != r->pos) &&
+           now_ns() < deadline)
+        sched_yield();
+    __atomic_store_n(&watching, 0, __ATOMIC_RELEASE);
+    return moved;
+}
+
+int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
+                        uint64_t window_ns)
+{
+    static const uint32_t one = 1;
+    uint64_t deadline = now_ns() + window_ns;
+    for (;;) {
+        uint64_t before = r->entries;
+        int stopped = ring_serve_fast(r, l);
+        if (r->entries != before && ring_doorbell(doorbell_fd, &one) < 0)
+            return -(errno ? errno : EIO);
+        if (stopped)
+            return 1;
+        if (!watch(r, deadline))
+            return 0;
+    }
 }

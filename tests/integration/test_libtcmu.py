@@ -117,6 +117,7 @@ def test_tcmu_runner_devices_come_up_beside_the_libtcmu_daemon(
 ) -> None:
     """The daemon's libtcmu left the netlink group: a device tcmu-runner makes afterwards is
     answered by tcmu-runner alone (a listening libtcmu would say -ENOENT, and could be first)."""
+    configfs.prepare_kernel()  # rtslib's dbroot and tcm_loop, before rtslib is used here
     work = workdir / "libtcmu-runner"
     work.mkdir(exist_ok=True)
     img = work / "runner.qcow2"

@@ -24,6 +24,7 @@ from vscsi.scsi.result import CHECK_CONDITION, GOOD
 from vscsi.store.base import Volume
 from vscsi.store.file import FileVolume
 from vscsi.tcmu.loopback import Completion, LoopbackDevice, LoopbackKernel
+from vscsi.tcmu.ring import Ring
 
 BS = 512
 SIZE = 256 << 10  # 512 blocks
@@ -187,11 +188,10 @@ def test_writes_that_must_be_durable_are_left_to_the_core(tmp_path: Path) -> Non
         assert dev.execute(rw10(0x2A, 0, 1, flags=0x08), b"a" * BS).status == GOOD  # FUA
         lun.volume.write_cache = False
         assert dev.execute(rw16(0x8A, 1, 1), b"b" * BS).status == GOOD
-        assert dev.ring is not None and dev.ring.fast_commands == 0
         lun.volume.write_cache = True
         assert dev.execute(rw16(0x8A, 2, 1), b"c" * BS).status == GOOD
-        assert dev.ring.fast_commands == 1
         assert dev.execute(rw10(0x28, 0, 3), b"", 3 * BS).data == b"a" * BS + b"b" * BS + b"c" * BS
+    assert dev.ring is not None and dev.ring.fast_commands == 2  # the last write, the read
     lun.volume.close()  # type: ignore[attr-defined]
 
 
@@ -273,3 +273,40 @@ def test_many_initiators_against_both_paths_end_identical(tmp_path: Path, worker
         lun.volume.close()  # type: ignore[attr-defined]
         images.append(path.read_bytes())
     assert images[0] == images[1]
+
+
+def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_window(
+    tmp_path: Path,
+) -> None:
+    """Under load the next command comes right after the last answer: C serves it, rings
+    for it and keeps watching, with no wake-up of the Python loop in between."""
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, bool]] = []
+    with lun.direct() as path:
+        assert path is not None
+        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
+        t = threading.Thread(target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 3)))
+        t.start()
+        for i in range(1, 20):  # each waits for the answer to the one before, as QD1 does
+            c = dev.execute(rw10(0x2A, i, 1), bytes([i + 1]) * BS)
+            assert c.status == GOOD
+        t.join()
+    assert done == [(20, True)] and ring.fast_commands == 20
+    want = b"".join(bytes([i + 1]) * BS for i in range(20))
+    assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
+def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: Path) -> None:
+    lun = file_lun(tmp_path / "v.img")
+    k = LoopbackKernel()
+    ring = Ring(k.mem, lun)
+    k.submit(rw10(0x28, 0, 1), b"", BS)
+    with lun.direct() as path, pytest.raises(OSError, match="doorbell"):
+        assert path is not None
+        ring.serve_fast(path, -1, 0)
+    assert [c.status for c in k.reap()] == [GOOD]
+    lun.volume.close()  # type: ignore[attr-defined]

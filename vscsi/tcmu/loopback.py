@@ -177,6 +177,14 @@ class LoopbackDevice(RingDevice):
         irq_r, self._irq_w = os.pipe2(os.O_CLOEXEC)
         super().__init__("loopback", irq_r, kernel.mem)
         self.events: dict[int, _Pending] = {}
+        # The compiled path rings with a write() from C: the kernel's side reaps in a thread.
+        self._bell_r, self.doorbell_fd = os.pipe2(os.O_CLOEXEC)
+        self._reaper = threading.Thread(target=self._reap_on_doorbells, daemon=True)
+        self._reaper.start()
+
+    def _reap_on_doorbells(self) -> None:
+        while os.read(self._bell_r, 4096):
+            self.kernel.reap()
 
     def ring_doorbell(self) -> None:
         """The kernel's side: tell the daemon there is work (uio_event_notify)."""
@@ -207,3 +215,6 @@ class LoopbackDevice(RingDevice):
     def close(self) -> None:
         super().close()
         os.close(self._irq_w)
+        os.close(self.doorbell_fd)  # the reaper reads end of file and ends
+        self._reaper.join(5)
+        os.close(self._bell_r)

@@ -35,14 +35,16 @@ and the tail store is the single publishing store of each completion.
 
 The compiled path. `serve_fast()` hands the ring to C (csrc/fastpath.c) for the leading
 READ/WRITE(10/16) entries the LUN says are plain data movement (`Lun.direct`); C answers those
-GOOD in their own slots and stops at the first entry it does not own, which `fetch()` then
-parses for the Python core. It runs only while nothing is outstanding, so its completions are
-in ring order whatever the pool does.
+GOOD in their own slots, rings the doorbell, and stops at the first entry it does not own,
+which `fetch()` then parses for the Python core — or, with the ring empty, watches it for a
+short window and serves what comes meanwhile. It runs only while nothing is outstanding, so its
+completions are in ring order whatever the pool does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from contextlib import AbstractContextManager
 from typing import Protocol
@@ -185,25 +187,30 @@ class Ring:
             self.complete(cmd, self.run(cmd))
         return self.entries - before
 
-    def serve_fast(self, path: FastPath) -> int:
-        """Serve in C the leading entries `path` allows (module doc); returns how many entries
-        were consumed. Nothing, while commands are out with workers."""
+    def serve_fast(self, path: FastPath, doorbell: int, window: float) -> tuple[int, bool]:
+        """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
+        descriptor) for them and watch the ring for more up to `window` seconds (see
+        ring_serve_fast_for). Returns how many entries were consumed and whether the window
+        ran out with the ring empty. Nothing while commands are out with workers. OSError
+        when the doorbell fails."""
         with self._lock:
             if self._tail != self._next:
-                return 0
+                return 0, False
         r, lun, io = self._fast, self._fast_lun, path.io
         r.pos, r.replay_end = self._next, self._replay_end
         lun.fd, lun.direct_fd, lun.reads, lun.writes = io
         lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
         entries, commands = r.entries, r.commands
-        lib.ring_serve_fast(r, lun)
+        rc = lib.ring_serve_fast_for(r, lun, doorbell, int(window * 1e9))
         with self._lock:
             self._next = self._tail = r.pos
             self._replay_end = r.replay_end
             self.commands += r.commands - commands
             self.fast_commands += r.commands - commands
             self.entries += r.entries - entries
-        return r.entries - entries
+        if rc < 0:
+            raise OSError(-rc, f"doorbell: {os.strerror(-rc)}")
+        return r.entries - entries, rc == 0
 
     def fetch(self) -> list[Command]:
         """Parse every entry between the last one read and cmd_head.

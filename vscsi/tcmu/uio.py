@@ -85,6 +85,8 @@ class RingDevice:
         self._ringing = False  # a worker is ringing: others leave their completions to it
         self._working = 0  # commands handed to workers and not completed (guarded by _bell)
         self._direct: Callable[[], AbstractContextManager[FastPath | None]] | None = None
+        self._watched = False  # the compiled path watched the ring after its last batch
+        self.doorbell_fd = fd  # where the compiled path rings (uio: the device itself)
 
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
@@ -123,7 +125,8 @@ class RingDevice:
         poller.register(self.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         while not stop.is_set() and self.error is None:
-            if self._batch(ring, pool) and not self._working and self._spin(ring):
+            served = self._batch(ring, pool)
+            if served and not self._working and not self._watched and self._spin(ring):
                 continue  # (not while workers run: they need the GIL more than a spinner)
             for fd, _ev in poller.poll(1000):
                 if fd == self.fd:
@@ -145,14 +148,14 @@ class RingDevice:
         self.wake()
 
     def _batch(self, ring: Ring, pool: ThreadPoolExecutor | None) -> bool:
-        """Serve what is queued; True if anything was."""
-        fast = self._serve_fast(ring)
+        """Serve what is queued; True if anything was. (The compiled path rings for its own.)"""
+        before = ring.entries
+        self._serve_fast(ring)
+        after_fast = ring.entries
         if pool is None:
-            if ring.process() or fast:
+            if ring.process():
                 self.notify()
-                return True
-            return False
-        before = ring.entries - fast
+            return ring.entries != before
         inline = pooled = 0
         for cmd in ring.fetch():
             if not cmd.bad and ring.handler.waits(cmd.cdb):
@@ -163,16 +166,19 @@ class RingDevice:
             else:
                 ring.complete(cmd, ring.run(cmd))
                 inline += 1
-        if inline or fast or (not pooled and ring.entries != before):
+        if inline or (not pooled and ring.entries != after_fast):
             self._ring_doorbell()  # PAD/TMR entries alone: their ring space is free once reaped
         return ring.entries != before
 
-    def _serve_fast(self, ring: Ring) -> int:
-        """The compiled path's share of the queue (`Ring.serve_fast`): entries consumed."""
+    def _serve_fast(self, ring: Ring) -> None:
+        """The compiled path's share of the queue (`Ring.serve_fast`), and its watch for more:
+        `_watched` says it watched the ring for the spin window (no need to spin again)."""
+        self._watched = False
         if self._direct is None or not ring.pending():
-            return 0
+            return
         with self._direct() as path:
-            return 0 if path is None else ring.serve_fast(path)
+            if path is not None:
+                _, self._watched = ring.serve_fast(path, self.doorbell_fd, SPIN_SECONDS)
 
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:

@@ -265,7 +265,7 @@ def test_sigkill_never_loses_an_in_flight_write(
     checked = 0
     deadline = time.monotonic() + seconds
     for i in range(300):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and checked >= 50:  # a loaded host takes longer
             break
         r, w = os.pipe()
         pid = os.fork()

@@ -40,20 +40,17 @@ class FaultyVolume(MemVolume):
 
 
 class GatedReplica(LocalReplica):
-    """Counts bytes written; `gate` (set by default) pauses every write while cleared, or with
-    `copies_only` only the copier's (host writes' update copies pass)."""
+    """Counts bytes written; `gate` (set by default) pauses every write while cleared."""
 
     def __init__(self, volume: Volume) -> None:
         super().__init__(volume)
         self.written = 0
         self.gate = threading.Event()
         self.gate.set()
-        self.copies_only = False
         self.reads = 0
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        if not self.copies_only or threading.current_thread().name.startswith("pair-copy"):
-            self.gate.wait()
+        self.gate.wait()
         super().write(offset, bufs, fua)
         self.written += sum(len(b) for b in bufs)
 

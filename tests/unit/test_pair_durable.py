@@ -215,13 +215,14 @@ def test_clean_stop_keeps_every_change_mark(tmp_path: Path, pvol: str) -> None:
 
 
 class HeldCopy(LocalReplica):
-    """Writes and reads from the copier thread, or from the thread starting the manager,
-    wait for `go`; host I/O (and its S-VOL writes, on the P-VOL's fanout) passes."""
+    """Writes and reads from the copier thread wait for `go`; host I/O passes."""
 
     go = threading.Event()
 
     def _wait(self) -> None:
-        if threading.current_thread().name.startswith(("pair-copy", "manager-start")):
+        if threading.current_thread().name.startswith("pair-copy") or (
+            threading.current_thread() is not threading.main_thread()
+        ):
             assert self.go.wait(30)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
@@ -256,8 +257,7 @@ def test_recovery_copy_of_a_lost_log_runs_in_the_background(tmp_path: Path) -> N
     t = threading.Thread(
         target=lambda: started.append(
             PairManager(str(tmp_path / "state"), vols(), {}, replica_factory=HeldCopy)
-        ),
-        name="manager-start",
+        )
     )
     t.start()
     t.join(5)

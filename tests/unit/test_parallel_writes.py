@@ -1,6 +1,7 @@
-"""A mirrored write runs its sides at the same time: a P-VOL and its S-VOLs (local or over the
-link), a shadow set's members. Each side waits, briefly, for the others to start; written one
-after another they never meet, and the test fails after the meeting's timeout.
+"""A mirrored write that waits for its devices (FUA, or the write cache off) runs its sides at
+the same time: a P-VOL and its S-VOLs (local or over the link), a shadow set's members. Each
+side waits, briefly, for the others to start; written one after another they never meet, and
+the test fails after the meeting's timeout. A buffered write is written in turn, as before.
 
 The answers stay those of a write done in turn: an S-VOL failure suspends its pair, a P-VOL
 failure is the host's error and the range is copied again, a fence fails the write, a failed
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.pairvolumes import MIB, FaultyVolume, manager, read, volumes, write
+from tests.unit.pairvolumes import MIB, FaultyVolume, manager, read, volumes
 from tests.unit.remotepeers import SIZE as SITE_SIZE
 from tests.unit.remotepeers import two_sites
 from tests.unit.test_shadow_support import CHUNK, create, data_of, members
@@ -69,6 +70,11 @@ def slowly(volume: Any, done: threading.Event, delay: float = 0.3) -> None:
     volume.write = slow_write
 
 
+def write(vol: Any, offset: int, data: bytes, fua: bool = True) -> None:
+    """A write-through write (FUA) unless told: the kind whose sides run side by side."""
+    vol.write(offset, [memoryview(data)], fua)
+
+
 def paired(m: PairManager, *pairs: tuple[str, str, int]) -> None:
     for i, (p, s, mu) in enumerate(pairs):
         m.create(f"p{i}", p, s, mu)
@@ -102,7 +108,7 @@ def test_a_remote_pvol_write_overlaps_the_update_copy_on_the_link(tmp_path: Path
     meeting = Meeting(2)
     meeting.join(a.vols["Av0"])
     meeting.join(b.vols["Bv0"])
-    a.m.volume("Av0").write(4096, [memoryview(b"r" * 4096)])
+    write(a.m.volume("Av0"), 4096, b"r" * 4096)
     assert meeting.met == [True, True]
     assert a.vols["Av0"].data == b.vols["Bv0"].data
     a.m.close()
@@ -115,7 +121,7 @@ def test_a_shadow_sets_members_are_written_at_once(tmp_path: Path) -> None:
     meeting = Meeting(3)
     for v in vols:
         meeting.join(v)
-    s.write(CHUNK, [memoryview(b"m" * 8192)])
+    write(s, CHUNK, b"m" * 8192)
     assert meeting.met == [True] * 3
     s.close()
     assert data_of(tmp_path, "a") == data_of(tmp_path, "b") == data_of(tmp_path, "c")
@@ -132,13 +138,39 @@ def test_the_fanout_threads_end_when_the_volumes_close(tmp_path: Path) -> None:
     m.close()
     assert not started[0].is_alive()
     with pytest.raises(RuntimeError):
-        m.volume("v0").fanout.start(lambda: None)
+        m.volume("v0").fanout.start(lambda: None, True)
+
+
+def test_buffered_writes_write_their_sides_in_turn_on_the_calling_thread(
+    tmp_path: Path,
+) -> None:
+    """A copy into a write cache is quicker done in turn than handed to a thread; a failed
+    P-VOL write then stops before the S-VOL, as it always did."""
+    vols = volumes(2, 4 * MIB)
+    m = manager(str(tmp_path), vols)
+    paired(m, ("v0", "v1", 0))
+    threads: list[str] = []
+    s_write = vols["v1"].write
+
+    def record(offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+        threads.append(threading.current_thread().name)
+        s_write(offset, bufs, fua)
+
+    vols["v1"].write = record  # type: ignore[method-assign]
+    write(m.volume("v0"), 0, b"b" * 4096, fua=False)
+    assert threads == [threading.current_thread().name]
+    vols["v0"].failing = True
+    with pytest.raises(MediumError):
+        write(m.volume("v0"), 0, b"x" * 4096, fua=False)
+    assert len(threads) == 1
+    vols["v0"].failing = False
+    m.close()
 
 
 def test_writers_zero_writes_the_sides_in_turn_on_the_calling_thread() -> None:
     order: list[tuple[str, str]] = []
     f = Fanout("t", 0)
-    side = f.start(lambda: order.append(("side", threading.current_thread().name)))
+    side = f.start(lambda: order.append(("side", threading.current_thread().name)), True)
     order.append(("own", threading.current_thread().name))
     side.result()
     me = threading.current_thread().name
@@ -221,7 +253,7 @@ def test_a_fence_data_pair_failing_its_update_copy(tmp_path: Path, p_fails: bool
     if p_fails:
         a.vols["Av0"].bad_write.add(0)
     with pytest.raises(MediumError if p_fails else WriteProtectedError):
-        a.m.volume("Av0").write(0, [memoryview(b"f" * 4096)])
+        write(a.m.volume("Av0"), 0, b"f" * 4096)
     pair = a.m.remote.pair("tc")
     assert pair.status is Status.PSUE and pair.state.fenced
     assert pair.rec.pdiff is not None and pair.rec.pdiff.test(0, 4096)
@@ -234,11 +266,11 @@ def test_a_member_failing_beside_the_others_leaves_the_set(tmp_path: Path) -> No
     s = create(tmp_path, [a, b, c])
     b.bad_write.append((CHUNK, 4096))
     c.bad_write.append((CHUNK, 4096))
-    s.write(CHUNK, [memoryview(b"w" * 8192)])
+    write(s, CHUNK, b"w" * 8192)
     assert [m["state"] for m in s.show()["members"]] == ["ShadowSetMember", "Removed", "Removed"]
     a.bad_write.append((0, 4096))
     with pytest.raises(MediumError):  # the last full member: its error is the host's
-        s.write(0, [memoryview(b"l" * 4096)])
+        write(s, 0, b"l" * 4096)
     s.close()
 
 

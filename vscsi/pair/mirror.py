@@ -98,18 +98,24 @@ class Mirror:
     # -- host writes on the P side ---------------------------------------------------------
 
     def start_update(
-        self, offset: int, length: int, mirror: Callable[[Replica], None], fanout: Fanout
+        self,
+        offset: int,
+        length: int,
+        mirror: Callable[[Replica], None],
+        fanout: Fanout,
+        beside: bool,
     ) -> Pending | None:
         """A host write or UNMAP is about to change the P-VOL: start its update copy to the
-        S-VOL (COPY/PAIR) on `fanout`, beside the P-VOL's write, or track it (None). The
-        caller holds the range's region lock and write intent, which cover both."""
+        S-VOL (COPY/PAIR) on `fanout`, beside the P-VOL's write when `beside` (it waits for
+        its device), or track it (None). The caller holds the range's region lock and write
+        intent, which cover both."""
         with self.lock:
             if not self.takes_updates():
                 self.track(offset, length)
                 return None
             replica = self.replica
         assert replica is not None
-        return fanout.start(functools.partial(mirror, replica))
+        return fanout.start(functools.partial(mirror, replica), beside)
 
     def finish_update(self, offset: int, length: int, update: Pending) -> None:
         """The update copy ended: a failure is answered by the pair (`update_failed`)."""

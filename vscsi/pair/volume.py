@@ -11,7 +11,7 @@ from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, Status
 from vscsi.resync.engine import deallocate
 from vscsi.store.base import Extent, NotReadyError, Volume, WriteProtectedError
-from vscsi.store.fanout import Fanout, Pending
+from vscsi.store.fanout import Fanout, Pending, waits
 from vscsi.store.locks import Guarded, Guards, RegionLocks, WriteGate
 from vscsi.tracker import WriteIntentLog
 
@@ -137,7 +137,7 @@ class PairVolume:
                 self._paired(
                     offset, length, primaries, secondary,
                     lambda: self.held.write_base(offset, bufs, fua),
-                    lambda replica: replica.write(offset, bufs, fua),
+                    lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
                 )  # fmt: skip
 
     def unmap(self, offset: int, length: int) -> None:
@@ -152,7 +152,7 @@ class PairVolume:
                 self._paired(
                     offset, length, primaries, secondary,
                     lambda: self.held.unmap_base(offset, length),
-                    lambda replica: replica.unmap(offset, length),
+                    lambda replica: replica.unmap(offset, length), self._waits(False),
                 )  # fmt: skip
 
     def replicate(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
@@ -164,7 +164,7 @@ class PairVolume:
             self._paired(
                 offset, length, self.manager.roles(self.name)[0], None,
                 lambda: self.held.write_base(offset, bufs, fua),
-                lambda replica: replica.write(offset, bufs, fua),
+                lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
             )  # fmt: skip
 
     def replicate_unmap(self, offset: int, length: int) -> None:
@@ -173,7 +173,7 @@ class PairVolume:
             self._paired(
                 offset, length, self.manager.roles(self.name)[0], None,
                 lambda: deallocate(self.held, offset, length),
-                lambda replica: replica.unmap(offset, length),
+                lambda replica: replica.unmap(offset, length), self._waits(False),
             )  # fmt: skip
 
     def _paired(
@@ -184,32 +184,39 @@ class PairVolume:
         secondary: Mirror | None,
         local: Callable[[], None],
         mirror: Callable[[Replica], None],
+        beside: bool,
     ) -> None:
-        """Change this volume (`local`) and, at the same time, each pair: its update copy
-        (`mirror`) runs on the fanout beside `local`, or it tracks the range. Every update
-        copy has ended before anything is answered. A failed one is its pair's to answer
-        (suspend; a fence may fail the command). When `local` fails the command fails with
-        its error, but part of it may be on this volume: the range is tracked too."""
-        updates = [(p, p.start_update(offset, length, mirror, self.fanout)) for p in primaries]
+        """Change this volume (`local`) and, at the same time when `beside`, each pair: its
+        update copy (`mirror`) runs on the fanout beside `local` (after it when not `beside`),
+        or it tracks the range. Every update copy has ended before anything is answered. A
+        failed one is its pair's to answer (suspend; a fence may fail the command). When
+        `local` fails the command fails with its error, but part of it may be on this volume:
+        the range is tracked too."""
+        updates = [
+            (p, p.start_update(offset, length, mirror, self.fanout, beside)) for p in primaries
+        ]
         try:
             local()
-        except Exception:
-            _answer(offset, length, updates)  # the host gets this volume's error
-            for pair in primaries:
-                pair.primary_failed(offset, length)
-            if secondary is not None:
-                secondary.secondary_written(offset, length)
-            raise
-        except BaseException:
+        except BaseException as e:
             for _, update in updates:
                 if update is not None:
-                    update.wait()  # none outlives the command: it writes from the host's buffers
+                    update.drop()  # none outlives the command: it writes from the host's buffers
+            if isinstance(e, Exception):  # the host gets this volume's error
+                _answer(offset, length, updates)
+                for pair in primaries:
+                    pair.primary_failed(offset, length)
+                if secondary is not None:
+                    secondary.secondary_written(offset, length)
             raise
         error = _answer(offset, length, updates)
         if secondary is not None:
             secondary.secondary_written(offset, length)
         if error is not None:
             raise error
+
+    def _waits(self, fua: bool) -> bool:
+        """Whether this volume's write waits for its device: then the S-VOLs' run beside it."""
+        return waits(fua, self.base.write_cache)
 
     @contextmanager
     def _tracked(self, offset: int, length: int) -> Iterator[None]:

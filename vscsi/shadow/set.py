@@ -57,7 +57,7 @@ from vscsi.shadow.states import (
     apply,
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
-from vscsi.store.fanout import DEFAULT_WORKERS, Fanout
+from vscsi.store.fanout import DEFAULT_WORKERS, Fanout, waits
 from vscsi.store.locks import Guards, RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, WriteIntentLog
 from vscsi.tracker.wil import LogFile
@@ -790,19 +790,23 @@ class ShadowSet:
         """To every full member and copy target; acknowledged when all have it. A member that
         fails leaves the set and the write succeeds, unless it was the last full member."""
         length = sum(len(b) for b in bufs)
-        self._mutate(offset, length, lambda v: v.write(offset, bufs, fua))
+        self._mutate(offset, length, lambda v: v.write(offset, bufs, fua), self._waits(fua))
 
     def unmap(self, offset: int, length: int) -> None:
-        self._mutate(offset, length, lambda v: v.unmap(offset, length))
+        self._mutate(offset, length, lambda v: v.unmap(offset, length), self._waits(False))
 
     def write_held(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         """`write` for a caller that holds the gate, the region lock and the write intent (see
         `guards`)."""
         length = sum(len(b) for b in bufs)
-        self._mutate_held(offset, length, lambda v: v.write(offset, bufs, fua))
+        self._mutate_held(offset, length, lambda v: v.write(offset, bufs, fua), self._waits(fua))
 
     def unmap_held(self, offset: int, length: int) -> None:
-        self._mutate_held(offset, length, lambda v: v.unmap(offset, length))
+        self._mutate_held(offset, length, lambda v: v.unmap(offset, length), self._waits(False))
+
+    def _waits(self, fua: bool) -> bool:
+        """Whether the members' writes wait for their devices: then they run side by side."""
+        return waits(fua, self._write_cache)
 
     @property
     def guards(self) -> Guards:
@@ -811,23 +815,28 @@ class ShadowSet:
         calls the `_held` methods, so a paired set pays for one of each."""
         return Guards(self._gate, self._regions, self._wil)
 
-    def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+    def _mutate(
+        self, offset: int, length: int, io: Callable[[Volume], None], beside: bool
+    ) -> None:
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
-            self._mutate_held(offset, length, io)
+            self._mutate_held(offset, length, io, beside)
 
-    def _mutate_held(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+    def _mutate_held(
+        self, offset: int, length: int, io: Callable[[Volume], None], beside: bool
+    ) -> None:
         """The range is marked unflushed before the I/O (a member failing meanwhile counts
         it) and again after it (a flush that started while it was in flight does not cover
         it); a target removed meanwhile gets it in its bitmap even where the I/O succeeded,
         as only a flush, which it no longer gets, would make it durable there. The members
-        are written side by side, and all of them have ended before a failure is answered."""
+        are written side by side when `beside`, and all of them have ended before a failure
+        is answered."""
         with self._lock:
             targets = self._in_set()
             self._unflushed.mark(offset, length)
             for m in self._members.values():
                 if m.bitmap is not None:
                     m.bitmap.mark(offset, length)
-        outcomes = self._fanout.run([functools.partial(io, m.volume) for m in targets])
+        outcomes = self._fanout.run([functools.partial(io, m.volume) for m in targets], beside)
         failed = []
         for m, e in zip(targets, outcomes, strict=True):
             if isinstance(e, VolumeError):

@@ -4,10 +4,12 @@ writes overlap: each one waits in pwritev or on the link with the GIL released. 
 write then costs about its slowest side instead of the sum of them.
 
 Only a write that waits for its device (FUA, or the write cache off: `waits`) is worth it. A
-buffered write is a copy into the page cache, quicker done in turn than handed to a thread:
-measured on this project's hosts (tmpfs and ext4), a 4 KiB buffered pair write took 34-37 us
-in turn and 48-52 us side by side, and 1 MiB gained nothing, while 1 MiB with O_DSYNC went
-from 5.8 ms to 3.0 ms. Sides not worth a thread run in turn, as with `workers=0`.
+buffered write is a copy into the page cache, quicker done in turn than handed to a thread
+(about 20 us: a wake-up and the GIL coming back). Measured on a 2-core host: a 4 KiB buffered
+pair write on tmpfs took 34-37 us in turn and 48-52 us side by side, 1 MiB gained nothing;
+with O_DSYNC on two files of one ext4 disk a 1 MiB pair write went from 1.23 to 1.09 ms and
+a two-member shadow set's from 1.44 to 1.18 ms (medians; one disk's bandwidth bounds both).
+Sides not worth a thread run in turn, as with `workers=0`.
 
 Every side is waited for before the command ends, whatever failed: the sides write from the
 host's buffers (the ring's data area, reused once the command completes) and under the
@@ -41,7 +43,7 @@ class Pending:
 
     def __init__(self, future: Future[None], call: Callable[[], None] | None = None) -> None:
         self._future = future
-        self._call = call  # a side deferred to its wait (workers=0)
+        self._call = call  # a side in turn: it runs when waited for
 
     def wait(self) -> None:
         """Return once the side ended (never raises: the error stays for `result`)."""
@@ -82,11 +84,6 @@ class Fanout:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) if workers else None
         )
-
-    @property
-    def overlaps(self) -> bool:
-        """Whether sides run beside the caller (workers > 0)."""
-        return self._pool is not None
 
     def start(self, call: Callable[[], None], beside: bool) -> Pending:
         """Start `call` beside the caller's own side; in turn (deferred to its wait) when not

@@ -211,6 +211,7 @@ class Array:
                 chunk=128 << 10, checkpoint_bytes=256 << 10, checkpoint_interval=1e9,
                 committer=Committer(state / "durable"), wil_file=lambda _: log,
                 serial=self.serial, peers={other.name: self.peer},
+                writers=0,  # the S side after the P side: the same fault points in each play
             )  # fmt: skip
             if other.m is not None:
                 assert other.peer is not None

@@ -38,6 +38,7 @@ from vscsi.remote.peer import Peer
 from vscsi.resync.engine import Settings
 from vscsi.scsi.identity import Identity
 from vscsi.store.base import Volume, VolumeError
+from vscsi.store.fanout import DEFAULT_WORKERS
 from vscsi.tracker import DirtyMap, InvalidLogError
 from vscsi.tracker.wil import LogFile
 
@@ -75,6 +76,7 @@ class PairManager:
         wil_file: Callable[[str], LogFile] | None = None,
         serial: int = 0,
         peers: Mapping[str, Peer] | None = None,
+        writers: int = DEFAULT_WORKERS,
     ) -> None:
         self.store = PairStore(state_dir, committer)  # the state dir's committer, if shared
         # a crash-model test's write-intent log file per volume name; their cleaners then run
@@ -85,6 +87,7 @@ class PairManager:
         self.replica_factory = replica_factory
         self.chunk = chunk
         self.wil_idle = wil_idle
+        self.writers = writers  # threads per P-VOL writing its S-VOLs; 0: after the P-VOL
         self.checkpoint_interval = checkpoint_interval  # a restart loses at most this much copy
         self.resync_settings = Settings(
             chunk=chunk,
@@ -516,4 +519,5 @@ class PairManager:
                 except (OSError, VolumeError) as e:  # the last durable record stands
                     log.error("pair %s: final checkpoint failed: %s", pair.name, e)
             for pv in self.volumes.values():
+                pv.fanout.close()
                 pv.base.close()

@@ -5,8 +5,10 @@ committer. The rules of each kind of pair live in its state machine and its subc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ from vscsi.pair.replica import Replica
 from vscsi.pair.states import Status
 from vscsi.pair.volume import GRAIN
 from vscsi.resync.engine import Resync
+from vscsi.store.fanout import Fanout, Pending
 from vscsi.tracker import DirtyMap
 
 if TYPE_CHECKING:
@@ -73,12 +76,53 @@ class Mirror:
         """The S-VOL failed: keep the range and whatever was left to copy as P changes."""
         raise NotImplementedError
 
+    def takes_updates(self) -> bool:
+        """Under the lock: whether a host write on the P-VOL is copied to the S-VOL now."""
+        raise NotImplementedError
+
+    def track(self, offset: int, length: int) -> None:
+        """Under the lock: a host write the S-VOL does not take is a P-VOL change."""
+        raise NotImplementedError
+
+    def update_failed(self, offset: int, length: int, error: Exception) -> None:
+        """An update copy failed; raise to fail the host's write."""
+        raise NotImplementedError
+
     def finish_copy(self) -> bool:
         """Record the end of the copy once its data is durable (see PairCopy.finish)."""
         raise NotImplementedError
 
     def before_commit(self, rec: PairRecord) -> None:
         """Records this snapshot depends on, made durable before it is committed."""
+
+    # -- host writes on the P side ---------------------------------------------------------
+
+    def start_update(
+        self,
+        offset: int,
+        length: int,
+        mirror: Callable[[Replica], None],
+        fanout: Fanout,
+        beside: bool,
+    ) -> Pending | None:
+        """A host write or UNMAP is about to change the P-VOL: start its update copy to the
+        S-VOL (COPY/PAIR) on `fanout`, beside the P-VOL's write when `beside` (it waits for
+        its device), or track it (None). The caller holds the range's region lock and write
+        intent, which cover both."""
+        with self.lock:
+            if not self.takes_updates():
+                self.track(offset, length)
+                return None
+            replica = self.replica
+        assert replica is not None
+        return fanout.start(functools.partial(mirror, replica), beside)
+
+    def finish_update(self, offset: int, length: int, update: Pending) -> None:
+        """The update copy ended: a failure is answered by the pair (`update_failed`)."""
+        try:
+            update.result()
+        except Exception as e:  # any S-side failure, local or the link
+            self.update_failed(offset, length, e)
 
     # -- durable state ----------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ involve it. What every pair shares (record, copier, checkpoints) is `vscsi.pair.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vscsi.pair.mirror import Mirror
@@ -66,24 +66,16 @@ class Pair(Mirror):
 
     # -- host writes -------------------------------------------------------------------------
 
-    def primary_written(
-        self, offset: int, length: int, mirror: Callable[[Replica], None]
-    ) -> None:
-        """A host write or UNMAP landed on the P-VOL: `mirror` it to the S-VOL (COPY/PAIR) or
-        track it (PSUS/PSUE).
+    def takes_updates(self) -> bool:
+        return self.rec.status in (Status.COPY, Status.PAIR)
 
-        An S-VOL failure suspends the pair (PSUE) and the command still succeeds for the host.
-        """
-        with self.lock:
-            status = self.rec.status
-            if status not in (Status.COPY, Status.PAIR):
-                assert self.rec.pdiff is not None
-                self.rec.pdiff.mark(offset, length)
-                return
-        try:
-            mirror(self.replica)
-        except Exception as e:  # any S-side failure, local or (later) remote link
-            self.suspend(offset, length, e)
+    def track(self, offset: int, length: int) -> None:
+        assert self.rec.pdiff is not None
+        self.rec.pdiff.mark(offset, length)
+
+    def update_failed(self, offset: int, length: int, error: Exception) -> None:
+        """The S-VOL failed: the pair suspends (PSUE); the host's write still succeeds."""
+        self.suspend(offset, length, error)
 
     def primary_failed(self, offset: int, length: int) -> None:
         """The P-VOL failed a host write: the range may hold part of it on P and nothing on S.

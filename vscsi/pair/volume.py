@@ -11,12 +11,13 @@ from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, Status
 from vscsi.resync.engine import deallocate
 from vscsi.store.base import DirectIo, Extent, NotReadyError, Volume, WriteProtectedError
+from vscsi.store.fanout import Fanout, Pending, waits
 from vscsi.store.locks import Guarded, Guards, RegionLocks, WriteGate
 from vscsi.tracker import WriteIntentLog
 
 if TYPE_CHECKING:
     from vscsi.pair.manager import PairManager
-    from vscsi.pair.pair import Pair
+    from vscsi.pair.mirror import Mirror
 
 GRAIN = 65536
 WIL_REGION = 1 << 20  # fixed, so a restart with another copy chunk still reads the log
@@ -46,6 +47,7 @@ class PairVolume:
             self.wil = wil  # the set's: its cleaner checkpoints the pairs after the set
             wil.add_before_clear(checkpoint)
         self.held = HeldWrites(self)
+        self.fanout = Fanout(f"mirror-{base.name}", manager.writers)  # S-VOL writes beside P's
 
     def _open_log(self, checkpoint: Callable[[], None]) -> WriteIntentLog:
         m = self.manager
@@ -158,7 +160,7 @@ class PairVolume:
                 self._paired(
                     offset, length, primaries, secondary,
                     lambda: self.held.write_base(offset, bufs, fua),
-                    lambda replica: replica.write(offset, bufs, fua),
+                    lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
                 )  # fmt: skip
 
     def unmap(self, offset: int, length: int) -> None:
@@ -173,7 +175,7 @@ class PairVolume:
                 self._paired(
                     offset, length, primaries, secondary,
                     lambda: self.held.unmap_base(offset, length),
-                    lambda replica: replica.unmap(offset, length),
+                    lambda replica: replica.unmap(offset, length), self._waits(False),
                 )  # fmt: skip
 
     def replicate(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
@@ -185,7 +187,7 @@ class PairVolume:
             self._paired(
                 offset, length, self.manager.roles(self.name)[0], None,
                 lambda: self.held.write_base(offset, bufs, fua),
-                lambda replica: replica.write(offset, bufs, fua),
+                lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
             )  # fmt: skip
 
     def replicate_unmap(self, offset: int, length: int) -> None:
@@ -194,32 +196,50 @@ class PairVolume:
             self._paired(
                 offset, length, self.manager.roles(self.name)[0], None,
                 lambda: deallocate(self.held, offset, length),
-                lambda replica: replica.unmap(offset, length),
+                lambda replica: replica.unmap(offset, length), self._waits(False),
             )  # fmt: skip
 
-    @staticmethod
     def _paired(
+        self,
         offset: int,
         length: int,
-        primaries: list[Pair],
-        secondary: Pair | None,
+        primaries: list[Mirror],
+        secondary: Mirror | None,
         local: Callable[[], None],
         mirror: Callable[[Replica], None],
+        beside: bool,
     ) -> None:
-        """Change this volume (`local`), then each pair: mirror or track. When `local` fails
-        the command fails, but part of it may be on this volume: the range is tracked too."""
+        """Change this volume (`local`) and, at the same time when `beside`, each pair: its
+        update copy (`mirror`) runs on the fanout beside `local` (after it when not `beside`),
+        or it tracks the range. Every update copy has ended before anything is answered. A
+        failed one is its pair's to answer (suspend; a fence may fail the command). When
+        `local` fails the command fails with its error, but part of it may be on this volume:
+        the range is tracked too."""
+        updates = [
+            (p, p.start_update(offset, length, mirror, self.fanout, beside)) for p in primaries
+        ]
         try:
             local()
-        except Exception:
-            for pair in primaries:
-                pair.primary_failed(offset, length)
-            if secondary is not None:
-                secondary.secondary_written(offset, length)
+        except BaseException as e:
+            for _, update in updates:
+                if update is not None:
+                    update.drop()  # none outlives the command: it writes from the host's buffers
+            if isinstance(e, Exception):  # the host gets this volume's error
+                _answer(offset, length, updates)
+                for pair in primaries:
+                    pair.primary_failed(offset, length)
+                if secondary is not None:
+                    secondary.secondary_written(offset, length)
             raise
-        for pair in primaries:
-            pair.primary_written(offset, length, mirror)
+        error = _answer(offset, length, updates)
         if secondary is not None:
             secondary.secondary_written(offset, length)
+        if error is not None:
+            raise error
+
+    def _waits(self, fua: bool) -> bool:
+        """Whether this volume's write waits for its device: then the S-VOLs' run beside it."""
+        return waits(fua, self.base.write_cache)
 
     @contextmanager
     def _tracked(self, offset: int, length: int) -> Iterator[None]:
@@ -255,9 +275,29 @@ class PairVolume:
         return self.base.extent_at(offset)
 
     def close(self) -> None:
+        self.fanout.close()
         if self.owns_wil:
             self.wil.close()
         self.base.close()
+
+
+def _answer(
+    offset: int, length: int, updates: list[tuple[Mirror, Pending | None]]
+) -> Exception | None:
+    """Wait for every update copy, then let each pair answer its own: the first error a pair
+    gives for the host (a fence), once every pair has answered."""
+    for _, update in updates:
+        if update is not None:
+            update.wait()
+    error = None
+    for pair, update in updates:
+        if update is None:
+            continue
+        try:
+            pair.finish_update(offset, length, update)
+        except Exception as e:
+            error = error or e
+    return error
 
 
 def _shareable(base: Volume) -> Guards | None:

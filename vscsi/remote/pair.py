@@ -10,14 +10,12 @@ name the local volume plainly and the peer's as `REMOTE:VOLUME`, and a swap exch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 from vscsi.link.session import LinkError
 from vscsi.pair.mirror import Mirror
 from vscsi.pair.persist import PairRecord
-from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, PairError, Role, Status
 from vscsi.pair.volume import GRAIN
 from vscsi.pair.vpd import SlotInfo
@@ -227,22 +225,18 @@ class RemotePair(Mirror):
 
     # -- host writes on the P side ---------------------------------------------------------------
 
-    def primary_written(self, offset: int, length: int, mirror: Callable[[Replica], None]) -> None:
-        """Mirror a P-VOL write (COPY/PAIR) or track it; an update copy that fails is
-        answered by the fence level, which may fail the host's write."""
-        with self.lock:
-            if self.state.p not in LIVE:
-                self._track(offset, length)
-                return
-            replica = self.replica
-        assert replica is not None
-        try:
-            mirror(replica)
-        except Exception as e:
-            if not self._update_failed(offset, length, e):
-                raise WriteProtectedError(
-                    f"{self.local_name}: fence=data pair {self.name} could not copy the write"
-                ) from e
+    def takes_updates(self) -> bool:
+        return self.state.p in LIVE
+
+    def track(self, offset: int, length: int) -> None:
+        self._track(offset, length)
+
+    def update_failed(self, offset: int, length: int, error: Exception) -> None:
+        """Answered by the fence level, which may fail the host's write."""
+        if not self._update_failed(offset, length, error):
+            raise WriteProtectedError(
+                f"{self.local_name}: fence=data pair {self.name} could not copy the write"
+            ) from error
 
     def _track(self, offset: int, length: int) -> None:
         if self.rec.pdiff is None:

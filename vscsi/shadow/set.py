@@ -1,11 +1,11 @@
 """`ShadowSet`: one virtual unit over several member volumes, kept identical (OpenVMS Volume
 Shadowing). It is a `Volume`, so a LUN can serve it and a pair can mirror it.
 
-Host writes go to every full member and every copy target and are acknowledged when all have
-them; reads come from one full member (round-robin, or always the master: the read policy),
-never from a copy target. One worker thread runs the head of the state machine's queue (copy,
-minicopy, merge, minimerge: `jobs.py`) through the resync engine (`vscsi.resync.engine`), a
-chunk at a time under the chunk's region lock, so a host write to
+Host writes go to every full member and every copy target, side by side (`Fanout`), and are
+acknowledged when all have them; reads come from one full member (round-robin, or always the
+master: the read policy), never from a copy target. One worker thread runs the head of the
+state machine's queue (copy, minicopy, merge, minimerge: `jobs.py`) through the resync engine
+(`vscsi.resync.engine`), a chunk at a time under the chunk's region lock, so a host write to
 that region waits and lands after it: stale copy data never overwrites a host write. Where
 every volume involved has a hole (all zeroes), a merge or copy skips it without reading, so a
 sparse set is merged in the time its data takes. While a merge is pending, a host read of a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -56,6 +57,7 @@ from vscsi.shadow.states import (
     apply,
 )
 from vscsi.store.base import Extent, MediumError, NotReadyError, Volume, VolumeError
+from vscsi.store.fanout import DEFAULT_WORKERS, Fanout, waits
 from vscsi.store.locks import Guards, RegionLocks, WriteGate
 from vscsi.tracker import DirtyMap, WriteIntentLog
 from vscsi.tracker.wil import LogFile
@@ -85,6 +87,7 @@ class Tuning:
     log_idle: float = 1.0
     checkpoint_bytes: int = 64 << 20
     copy_rate: int = 0  # bytes/s written by copies (the daemon's copy_rate); 0 = unlimited
+    writers: int = DEFAULT_WORKERS  # threads writing the other members of a host write; 0: in turn
 
 
 @dataclass(slots=True)
@@ -177,6 +180,7 @@ class ShadowSet:
         self._cond = threading.Condition(self._lock)
         self._gate = WriteGate()
         self._regions = RegionLocks(tuning.chunk)
+        self._fanout = Fanout(f"shadow-{name}", tuning.writers)  # members written side by side
         self._rr = itertools.count()
         self._work: dict[int, Work] = {}
         self._stopping = threading.Event()  # the worker stops (dismount)
@@ -656,6 +660,7 @@ class ShadowSet:
                 self._wil.mark_clean()
             self._commit(clean=True)
             self._mounted = False
+            self._fanout.close()
             if self._wil is not None:
                 self._wil.close()
             for v in self._volumes():
@@ -785,19 +790,23 @@ class ShadowSet:
         """To every full member and copy target; acknowledged when all have it. A member that
         fails leaves the set and the write succeeds, unless it was the last full member."""
         length = sum(len(b) for b in bufs)
-        self._mutate(offset, length, lambda v: v.write(offset, bufs, fua))
+        self._mutate(offset, length, lambda v: v.write(offset, bufs, fua), self._waits(fua))
 
     def unmap(self, offset: int, length: int) -> None:
-        self._mutate(offset, length, lambda v: v.unmap(offset, length))
+        self._mutate(offset, length, lambda v: v.unmap(offset, length), self._waits(False))
 
     def write_held(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         """`write` for a caller that holds the gate, the region lock and the write intent (see
         `guards`)."""
         length = sum(len(b) for b in bufs)
-        self._mutate_held(offset, length, lambda v: v.write(offset, bufs, fua))
+        self._mutate_held(offset, length, lambda v: v.write(offset, bufs, fua), self._waits(fua))
 
     def unmap_held(self, offset: int, length: int) -> None:
-        self._mutate_held(offset, length, lambda v: v.unmap(offset, length))
+        self._mutate_held(offset, length, lambda v: v.unmap(offset, length), self._waits(False))
+
+    def _waits(self, fua: bool) -> bool:
+        """Whether the members' writes wait for their devices: then they run side by side."""
+        return waits(fua, self._write_cache)
 
     @property
     def guards(self) -> Guards:
@@ -806,27 +815,34 @@ class ShadowSet:
         calls the `_held` methods, so a paired set pays for one of each."""
         return Guards(self._gate, self._regions, self._wil)
 
-    def _mutate(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+    def _mutate(
+        self, offset: int, length: int, io: Callable[[Volume], None], beside: bool
+    ) -> None:
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
-            self._mutate_held(offset, length, io)
+            self._mutate_held(offset, length, io, beside)
 
-    def _mutate_held(self, offset: int, length: int, io: Callable[[Volume], None]) -> None:
+    def _mutate_held(
+        self, offset: int, length: int, io: Callable[[Volume], None], beside: bool
+    ) -> None:
         """The range is marked unflushed before the I/O (a member failing meanwhile counts
         it) and again after it (a flush that started while it was in flight does not cover
         it); a target removed meanwhile gets it in its bitmap even where the I/O succeeded,
-        as only a flush, which it no longer gets, would make it durable there."""
+        as only a flush, which it no longer gets, would make it durable there. The members
+        are written side by side when `beside`, and all of them have ended before a failure
+        is answered."""
         with self._lock:
             targets = self._in_set()
             self._unflushed.mark(offset, length)
             for m in self._members.values():
                 if m.bitmap is not None:
                     m.bitmap.mark(offset, length)
+        outcomes = self._fanout.run([functools.partial(io, m.volume) for m in targets], beside)
         failed = []
-        for m in targets:
-            try:
-                io(m.volume)
-            except VolumeError as e:
+        for m, e in zip(targets, outcomes, strict=True):
+            if isinstance(e, VolumeError):
                 failed.append((m, e))
+            elif e is not None:
+                raise e
         with self._lock:
             self._unflushed.mark(offset, length)
             for m in targets:

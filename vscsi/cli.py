@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -10,11 +11,7 @@ from typing import Any
 
 import click
 
-from vscsi.agent.command import agent
-from vscsi.config import DEFAULT_SOCKET, ConfigError, load
-from vscsi.control import ControlError, request
-from vscsi.host.hostcli import host
-from vscsi.host.inq import inq
+from vscsi.control import DEFAULT_SOCKET, ControlError, request
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -33,7 +30,36 @@ socket_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose heavier subcommands are imported only when one of them runs (or --help
+    lists them): every `vscsi` process, the daemon's included, would otherwise pay for all."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # command name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, attr = self.lazy[cmd_name].split(":")
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "agent": "vscsi.agent.command:agent",
+        "host": "vscsi.host.hostcli:host",
+        "hostgroup": "vscsi.hostgroup.cli:hostgroup",
+        "inq": "vscsi.host.inq:inq",
+        "lun": "vscsi.hostgroup.cli:lun",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="vscsi")
 def main() -> None:
     """vscsi: emulated array volumes served to Linux through LIO/TCMU."""
@@ -51,6 +77,8 @@ def main() -> None:
 )
 def up(config_path: str, verbose: int, force_mount: tuple[str, ...]) -> None:
     """Serve the configured volumes until Ctrl-C or SIGTERM, then tear everything down."""
+    from vscsi.config import ConfigError, load
+
     try:
         config = load(config_path)
     except ConfigError as e:
@@ -71,6 +99,8 @@ def up(config_path: str, verbose: int, force_mount: tuple[str, ...]) -> None:
 @click.option("-c", "--config", "config_path", required=True, help="The TOML config file.")
 def check(config_path: str) -> None:
     """Validate a config file without serving anything."""
+    from vscsi.config import ConfigError, load
+
     try:
         config = load(config_path)
     except ConfigError as e:
@@ -124,11 +154,6 @@ def ports_status(port: dict[str, Any]) -> str:
         lines += [f"    {s['initiator']} from {','.join(s['addresses'])} ({s['state']})"
                   for s in sessions]  # fmt: skip
     return "\n".join(lines)
-
-
-main.add_command(inq)
-main.add_command(agent)
-main.add_command(host)
 
 
 def columns(rows: list[tuple[str, ...]]) -> str:
@@ -496,9 +521,3 @@ def link_keys(directory: str, name: str, serial: int) -> None:
         f"  serial = {serial}\n"
         f'  peer_cert = "/path/to/{cert.name}"'
     )
-
-
-from vscsi.hostgroup.cli import hostgroup, lun  # noqa: E402 (it uses call() and columns())
-
-main.add_command(hostgroup)
-main.add_command(lun)

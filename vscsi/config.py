@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vscsi.control import DEFAULT_SOCKET
 from vscsi.link import netns
 from vscsi.scsi.identity import Identity
 from vscsi.store.claim import store_key
 from vscsi.store.file import FileVolume, StoreConfigError
 
-DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
 DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once, out of order

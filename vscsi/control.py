@@ -28,6 +28,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SOCKET = "/run/vscsi/vscsi.sock"
 Handler = Callable[[dict[str, Any]], Any]
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13: the peer's supplementary groups
 _TYPES: dict[type, str] = {str: "a string", int: "an integer", bool: "a JSON bool (true/false)"}

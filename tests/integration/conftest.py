@@ -65,9 +65,18 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 240) -> dict[str, dict[str, object]]:
-        logf = self.log.open("ab")
-        self.proc = subprocess.Popen([VSCSI, "up", "-c", str(self.config)], stdout=logf,
-                                     stderr=subprocess.STDOUT)
+        self.spawn()
+        return self.wait_serving(timeout)
+
+    def spawn(self) -> None:
+        """Start `vscsi up` without waiting for it (see `start_all`)."""
+        with self.log.open("ab") as logf:
+            self.proc = subprocess.Popen([VSCSI, "up", "-c", str(self.config)], stdout=logf,
+                                         stderr=subprocess.STDOUT)
+
+    def wait_serving(self, timeout: float = 240) -> dict[str, dict[str, object]]:
+        """Every volume served (and its /dev/sdX there, if exported through tcm_loop)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,7 +86,7 @@ class Daemon:
                                                          str(v["export"]).split("+"))
                             for v in vols.values()):
                 return vols
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise AssertionError(f"volumes not served within {timeout}s:\n{self.output()}")
 
     def try_status(self) -> dict[str, dict[str, object]] | None:
@@ -112,6 +121,22 @@ class Daemon:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def start_all(*daemons: Daemon, timeout: float = 240) -> None:
+    """Start daemons overlapped: each next one once the previous one answers on its control
+    socket. A daemon answers there just before it creates its backstores, and rtslib picks a
+    new backstore's HBA index from what it saw in configfs: two daemons creating their first
+    ones at once could pick the same. The next one's start-up (an interpreter importing the
+    daemon, seconds in the emulated VM) still overlaps the previous one's backstores and disks."""
+    for d in daemons:
+        d.spawn()
+        deadline = time.monotonic() + timeout
+        while d.try_status() is None and d.proc is not None and d.proc.poll() is None:
+            assert time.monotonic() < deadline, f"no control socket within {timeout}s"
+            time.sleep(0.1)
+    for d in daemons:
+        d.wait_serving(timeout)
 
 
 @pytest.fixture(scope="session")

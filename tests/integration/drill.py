@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import VSCSI, Daemon, run, run_rc
+from tests.integration.conftest import VSCSI, Daemon, run, run_rc, start_all
 from tests.integration.hostio import rescan
 from tests.integration.sites import SERIAL, array, cut, make_keys, mend, network, volume
 from vscsi.control import ControlError, request
@@ -142,8 +142,7 @@ class Drill:
         say("two arrays up; TrueCopy pair tc (fence never) A:tca -> B:tcb; ShadowImage si "
             "on site B: tcb -> si0 (MU#0, not exported: the storage server never sees it)")
         make_keys(self.w)
-        self.b.start()
-        self.a.start()
+        start_all(self.b, self.a)
         rc, out = self.vscsi(self.a, "pair", "create", "tca", "siteB:tcb", "--fence", "never",
                              "--name", "tc", "--wait", "300")  # fmt: skip
         assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out

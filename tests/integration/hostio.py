@@ -92,6 +92,17 @@ def fio_ok(p: subprocess.Popen[str], d: Daemon, timeout: float = 600) -> None:
         raise AssertionError("\n".join([out[-3000:], "-- dmesg", *dmesg, "-- vscsi", *log]))
 
 
+def wait_writes(dev: str, count: int, timeout: float = 120) -> None:
+    """Until the host has completed `count` more writes to `dev` (the block layer's counter):
+    a fault injected then meets writes in flight."""
+    stat = Path(f"/sys/block/{Path(dev).resolve().name}/stat")  # /dev/mapper/X -> dm-N
+    target = int(stat.read_text().split()[4]) + count
+    deadline = time.monotonic() + timeout
+    while int(stat.read_text().split()[4]) < target:
+        assert time.monotonic() < deadline, f"{dev}: fewer than {count} writes in {timeout}s"
+        time.sleep(0.1)
+
+
 def rescan(dev: str) -> None:
     """Make the kernel read the disk again: a LUN that was write protected (an S-VOL, a fenced
     P-VOL) when the kernel last looked stays read-only to it until then (MODE SENSE WP)."""

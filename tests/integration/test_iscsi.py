@@ -18,11 +18,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc
-from tests.integration.hostio import fio, fio_ok
+from tests.integration.hostio import fio, fio_ok, wait_writes
+from vscsi.control import request
 
 IQN_A = "iqn.2026-01.test.vscsi:host-a"
 IQN_B = "iqn.2026-01.test.vscsi:host-b"
@@ -222,7 +224,27 @@ def unit_attentions(sg: str) -> str:
 
 
 def vscsi(daemon: Daemon, *args: str) -> str:
+    """The CLI, where it is what the test checks; the rest use `op` (a CLI process costs
+    seconds in the emulated VM)."""
     return run(VSCSI, *args, "--socket", daemon.socket)
+
+
+def op(daemon: Daemon, cmd: str, **args: Any) -> Any:
+    """A command on the control socket, as the CLI sends it."""
+    return request(daemon.socket, cmd, **args)
+
+
+def wait_idle(daemon: Daemon, timeout: float = 300) -> None:
+    """What `vscsi pair wait` and `vscsi shadow wait` wait for: no copy or merge running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pairs = op(daemon, "pair_display")["pairs"]
+        sets = op(daemon, "shadow_show")
+        if not any(p["status"] in ("COPY", "RCPY") for p in pairs) and not any(
+                s["operations"] for s in sets):  # fmt: skip
+            return
+        assert time.monotonic() < deadline, (pairs, sets)
+        time.sleep(0.2)
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -332,7 +354,7 @@ def test_a_volume_on_two_ports_is_one_multipath_map(daemon: Daemon, multipathd: 
     assert "vscsi-mp0" in run("multipath", "-ll") and Path(MPATH).exists()
 
     job = fio(MPATH, size="8M", rate_iops=100)
-    time.sleep(3)
+    wait_writes(MPATH, 100)  # a second of fio's writes
     assert job.poll() is None, job.communicate()[0]
     run(*iscsiadm_node("vs-a", PORT2, "--logout"))
     assert session(IQN_A, PORT2) is None
@@ -349,11 +371,12 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
 ) -> None:
     """The pair and shadow-set machinery under a LUN that a remote host reaches over iSCSI:
     mapped at run time, written with fio --verify, every copy byte for byte the same."""
-    vscsi(daemon, "pair", "create", "ipv", "isv", "--mu", "0", "--wait", "300")
+    op(daemon, "pair_create", name="ipv-isv", pvol="ipv", svol="isv", mu=0)
+    wait_idle(daemon)
     b2 = luns(IQN_B, PORT1)[2][0]
     unit_attentions(b2)
-    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "3", "ipv")
-    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "5", "dsa9")
+    op(daemon, "lun_map", port="CL1-A", name="hostb", lun=3, volume="ipv")
+    op(daemon, "lun_map", port="CL1-A", name="hostb", lun=5, volume="dsa9")
     unit_attentions(b2)
     sid = logged_in(IQN_B, PORT1).name.removeprefix("session")
     run("iscsiadm", "-m", "session", "-r", sid, "--rescan")
@@ -364,11 +387,11 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
     jobs = [fio(pv, size="4M"), fio(dsa, size="4M")]
     for job in jobs:
         fio_ok(job, daemon)
-    vscsi(daemon, "shadow", "wait", "dsa9", "--timeout", "300")  # no copy or merge running
+    wait_idle(daemon)
     run("cmp", str(workdir / "ipv.img"), str(workdir / "isv.img"))
     run("cmp", "-n", str(8 << 20), str(workdir / "im1.img"), str(workdir / "im2.img"))
     for lun in (3, 5):
-        vscsi(daemon, "lun", "unmap", "CL1-A", "hostb", str(lun))
+        op(daemon, "lun_unmap", port="CL1-A", name="hostb", lun=lun)
         remove_device(IQN_B, PORT1, lun)
     wait_luns(IQN_B, PORT1, {2})
 
@@ -377,7 +400,7 @@ def test_persistent_reservations_between_two_initiators(daemon: Daemon) -> None:
     """Two hosts on one volume through their own host groups, as a cluster fences: both
     register, A holds a Write Exclusive - Registrants Only reservation, B (registered) may
     write; once A preempts B's key, B's writes get RESERVATION CONFLICT while A's succeed."""
-    vscsi(daemon, "lun", "map", "CL1-A", "hostb", "6", "hg0")
+    op(daemon, "lun_map", port="CL1-A", name="hostb", lun=6, volume="hg0")
     b2 = luns(IQN_B, PORT1)[2][0]
     unit_attentions(b2)
     sid = logged_in(IQN_B, PORT1).name.removeprefix("session")
@@ -411,6 +434,6 @@ def test_persistent_reservations_between_two_initiators(daemon: Daemon) -> None:
     assert write(a_sd)[0] == 0
     pr(a_sg, "--out", "--clear", "--param-rk=0xa1")
     assert "NO registered reservation keys" in pr(b_sg, "--in", "--read-keys")
-    vscsi(daemon, "lun", "unmap", "CL1-A", "hostb", "6")
+    op(daemon, "lun_unmap", port="CL1-A", name="hostb", lun=6)
     remove_device(IQN_B, PORT1, 6)
     wait_luns(IQN_B, PORT1, {2})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import VSCSI, Daemon, run, run_rc
+from tests.integration.conftest import VSCSI, Daemon, run, run_rc, start_all
 
 MIB = 1 << 20
 
@@ -50,11 +50,17 @@ def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) 
                    + volume("ownb", loop, 0x11), "own-a")  # fmt: skip
     first.start()
     try:
-        for body, held in ((volume("ownc", img, 0x12), f"{img} is held by another process"),
-                           (volume("ownd", loop, 0x13), f"{loop} is in use by another process")):
-            second = Daemon(workdir, f'state_dir = "{workdir}/own-b"\n' + body, "own-b")
-            rc, out = run_rc(VSCSI, "up", "-c", str(second.config), timeout=180)
-            assert rc != 0 and f"volume[0].path: {held}" in out, out
+        refused = {}  # side by side: each is an interpreter importing the daemon
+        for tag, body, held in (
+            ("own-b", volume("ownc", img, 0x12), f"{img} is held by another process"),
+            ("own-c", volume("ownd", loop, 0x13), f"{loop} is in use by another process"),
+        ):
+            second = Daemon(workdir, f'state_dir = "{workdir}/{tag}"\n' + body, tag)
+            refused[held] = subprocess.Popen([VSCSI, "up", "-c", str(second.config)], text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for held, p in refused.items():
+            out, _ = p.communicate(timeout=180)
+            assert p.returncode != 0 and f"volume[0].path: {held}" in out, out
             assert len(out.strip().splitlines()) == 1, out
     finally:
         assert first.stop() == 0, first.output()
@@ -64,12 +70,8 @@ def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) 
     assert again.stop() == 0, again.output()
 
 
-def test_shadow_add_of_a_mounted_device_is_refused(workdir: Path, loop: str) -> None:
-    run("mkfs.ext4", "-q", "-F", loop)
-    mnt = workdir / "own-mnt"
-    mnt.mkdir(exist_ok=True)
-    run("mount", loop, str(mnt))
-    d = Daemon(workdir, f"""state_dir = "{workdir}/own-shadow"
+def shadow_daemon(workdir: Path) -> Daemon:
+    return Daemon(workdir, f"""state_dir = "{workdir}/own-shadow"
 shadow_add_paths = ["/dev/"]
 
 [[shadow_set]]
@@ -82,7 +84,30 @@ export = "none"
 serial = 410009
 volume_id = 0x20
 """, "own-shadow")
-    d.start()
+
+
+@pytest.fixture(scope="module")
+def daemons(workdir: Path, rundir: Path) -> Iterator[dict[str, Daemon]]:
+    """The daemons of the tests below, started side by side; each must stop cleanly."""
+    ds = [shadow_daemon(workdir), socket_daemon(workdir, rundir, "ownsock", ""),
+          socket_daemon(workdir, rundir, "owngrp", 'socket_group = "nogroup"')]  # fmt: skip
+    try:
+        start_all(*ds)
+        yield {d.config.stem: d for d in ds}
+    finally:
+        for d in ds:
+            if d.proc is not None:
+                assert d.stop() == 0, d.output()
+
+
+def test_shadow_add_of_a_mounted_device_is_refused(
+    workdir: Path, loop: str, daemons: dict[str, Daemon]
+) -> None:
+    run("mkfs.ext4", "-q", "-F", loop)
+    mnt = workdir / "own-mnt"
+    mnt.mkdir(exist_ok=True)
+    run("mount", loop, str(mnt))
+    d = daemons["own-shadow"]
     try:
         rc, out = run_rc(VSCSI, "shadow", "add", "owns", loop, "--socket", d.socket)
         assert rc == 1 and out == f"vscsi: {loop} is in use by another process (mounted, or " \
@@ -92,7 +117,7 @@ volume_id = 0x20
         assert out.splitlines()[-1] == "owns: Steady State", out
     finally:
         run("umount", str(mnt), check=False)
-        assert d.stop() == 0, d.output()
+        assert d.stop() == 0, d.output()  # before the loop device goes
 
 
 CLIENT = """
@@ -118,7 +143,7 @@ def as_user(uid: int, gid: int, groups: str, sock: str, request: dict[str, objec
     return json.loads(p.stdout)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def rundir() -> Iterator[Path]:
     """Sockets where other users can reach them (the workdir is root's only)."""
     d = Path("/run/vscsi-own-test")
@@ -135,31 +160,23 @@ def socket_daemon(workdir: Path, rundir: Path, name: str, extra: str) -> Daemon:
     return d
 
 
-def test_the_control_socket_refuses_users_who_are_not_root(workdir: Path, rundir: Path) -> None:
-    d = socket_daemon(workdir, rundir, "ownsock", "")
-    d.start()
-    try:
-        assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
-        assert as_user(65534, 65534, "", d.socket, {"cmd": "status"}) == {
-            "connect": "Permission denied"}
-        assert as_user(0, 0, "0", d.socket, {"cmd": "status"})["ok"]
-    finally:
-        assert d.stop() == 0, d.output()
+def test_the_control_socket_refuses_users_who_are_not_root(daemons: dict[str, Daemon]) -> None:
+    d = daemons["ownsock"]
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
+    assert as_user(65534, 65534, "", d.socket, {"cmd": "status"}) == {
+        "connect": "Permission denied"}
+    assert as_user(0, 0, "0", d.socket, {"cmd": "status"})["ok"]
 
 
-def test_the_socket_group_may_read_but_not_change(workdir: Path, rundir: Path) -> None:
-    d = socket_daemon(workdir, rundir, "owngrp", 'socket_group = "nogroup"')
-    d.start()
-    try:
-        st = os.stat(d.socket)
-        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 65534)
-        reader = (12345, 12345, "65534")  # nogroup as a supplementary group
-        status = as_user(*reader, d.socket, {"cmd": "status"})
-        assert status["ok"] and status["result"]["volumes"][0]["name"] == "owngrp", status
-        assert as_user(*reader, d.socket, {"cmd": "pair_delete", "name": "x"}) == {
-            "ok": False, "exit": 1,
-            "error": "pair_delete: group nogroup may run read-only commands only"}
-        assert as_user(12345, 12345, "", d.socket, {"cmd": "status"}) == {
-            "connect": "Permission denied"}
-    finally:
-        assert d.stop() == 0, d.output()
+def test_the_socket_group_may_read_but_not_change(daemons: dict[str, Daemon]) -> None:
+    d = daemons["owngrp"]
+    st = os.stat(d.socket)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 65534)
+    reader = (12345, 12345, "65534")  # nogroup as a supplementary group
+    status = as_user(*reader, d.socket, {"cmd": "status"})
+    assert status["ok"] and status["result"]["volumes"][0]["name"] == "owngrp", status
+    assert as_user(*reader, d.socket, {"cmd": "pair_delete", "name": "x"}) == {
+        "ok": False, "exit": 1,
+        "error": "pair_delete: group nogroup may run read-only commands only"}
+    assert as_user(12345, 12345, "", d.socket, {"cmd": "status"}) == {
+        "connect": "Permission denied"}

@@ -24,14 +24,14 @@ from vscsi.control import request
 from vscsi.pair.vpd import parse_page
 
 MIB = 1 << 20
-SIZE = 32 * MIB
+SIZE = 16 * MIB  # copied at copy_rate 1 MiB/s: a copy runs for 16 s
 GRAIN = 64 << 10
 
 
 @pytest.fixture(scope="module")
 def daemon(workdir: Path, baddev: str) -> Iterator[Daemon]:
     vols = "".join(
-        f'\n[[volume]]\nname = "{name}"\npath = "{workdir}/{name}.img"\nsize = "32MiB"\n'
+        f'\n[[volume]]\nname = "{name}"\npath = "{workdir}/{name}.img"\nsize = "16MiB"\n'
         f'create = true\n[volume.identity]\nserial = 410002\nvolume_id = {vid}\nport = "CL1-A"\n'
         for name, vid in (("pv", 0x200), ("sv0", 0x201), ("sv1", 0x202), ("sv2", 0x203))
     )
@@ -83,7 +83,20 @@ def pair(daemon: Daemon, name: str) -> dict[str, Any]:
 
 
 def vscsi(daemon: Daemon, *args: str, timeout: float = 300) -> str:
+    """The CLI, where it is what the test checks; the rest use `op` (a CLI process costs
+    seconds in the emulated VM)."""
     return run(VSCSI, *args, "--socket", daemon.socket, timeout=timeout)
+
+
+def op(daemon: Daemon, cmd: str, **args: Any) -> Any:
+    """A pair operation on the control socket, as the CLI sends it."""
+    return request(daemon.socket, cmd, **args)
+
+
+def wait_copied(daemon: Daemon, name: str, timeout: float = 120) -> None:
+    """What `vscsi pair wait NAME` waits for: the copy (COPY/RCPY) has ended."""
+    wait_for(lambda: pair(daemon, name)["status"] not in ("COPY", "RCPY"), timeout,
+             f"the copy of pair {name}")  # fmt: skip
 
 
 def wait_for(cond: Any, timeout: float = 120, what: str = "") -> None:
@@ -140,10 +153,10 @@ def test_simplex_page_and_inq(daemon: Daemon) -> None:
 
 
 def test_create_copy_then_pair(daemon: Daemon, workdir: Path) -> None:
-    run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=32", "oflag=direct")
+    run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
     unit_attentions(daemon, "pv")
     vscsi(daemon, "pair", "create", "pv", "sv0", "--mu", "0", "--name", "si0")
-    body, sbody = vpd_c0(daemon, "pv"), vpd_c0(daemon, "sv0")  # at once: the copy takes 32 s
+    body, sbody = vpd_c0(daemon, "pv"), vpd_c0(daemon, "sv0")  # at once: the copy takes 16 s
     assert mu_roles(body)[0] == ("P-VOL", "COPY") and body.slots[1].progress < 100
     assert mu_roles(sbody)[0] == ("S-VOL", "COPY")
     assert body.slots[1].partner_volume_id == 0x201
@@ -182,9 +195,9 @@ def test_split_then_both_sides_write_then_resync_copies_the_union(
     assert "Inquiry data has changed" in unit_attentions(daemon, "sv0")
     split_image = backing(workdir, "sv0")
     assert split_image == backing(workdir, "pv")
-    write_dev(daemon, "pv", 20 * MIB, b"p" * 4096, workdir)  # grain 320
-    write_dev(daemon, "sv0", 20 * MIB, b"s" * 4096, workdir)  # grain 320 again
-    write_dev(daemon, "sv0", 24 * MIB + 4096, b"s" * 8192, workdir)  # grain 384
+    write_dev(daemon, "pv", 12 * MIB, b"p" * 4096, workdir)  # grain 192
+    write_dev(daemon, "sv0", 12 * MIB, b"s" * 4096, workdir)  # grain 192 again
+    write_dev(daemon, "sv0", 14 * MIB + 4096, b"s" * 8192, workdir)  # grain 224
     p = pair(daemon, "si0")
     assert (p["pvol"]["changed_bytes"], p["svol"]["changed_bytes"]) == (GRAIN, 2 * GRAIN)
     vscsi(daemon, "pair", "resync", "si0", "--wait", "120")
@@ -238,31 +251,31 @@ def test_delete_makes_both_simplex_and_writable(daemon: Daemon, workdir: Path) -
 
 
 def test_sigkill_during_copy_resumes_from_its_progress(daemon: Daemon, workdir: Path) -> None:
-    run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=32", "oflag=direct")
-    vscsi(daemon, "pair", "create", "pv", "sv0", "--mu", "0", "--name", "si0")
+    run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
+    op(daemon, "pair_create", name="si0", pvol="pv", svol="sv0", mu=0)
     wait_for(lambda: pair(daemon, "si0")["progress"] >= 50, what="copy progress")
     daemon.kill()
     daemon.start()
     p = pair(daemon, "si0")
     assert p["status"] in ("COPY", "PAIR") and p["progress"] > 0, p
-    vscsi(daemon, "pair", "wait", "si0", "--timeout", "120")
+    wait_copied(daemon, "si0")
     p = pair(daemon, "si0")
     assert p["status"] == "PAIR" and p["copied"] < SIZE, p  # resumed, not from zero
     cmp_files(workdir / "pv.img", workdir / "sv0.img")
 
 
 def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
-    vscsi(daemon, "pair", "split", "si0")
+    op(daemon, "pair_split", name="si0")
     good = backing(workdir, "sv0")
-    run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=32", "oflag=direct")
-    vscsi(daemon, "pair", "restore", "si0")  # 32 MiB at 1 MiB/s: the checks below come first
+    run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
+    op(daemon, "pair_restore", name="si0")  # 16 MiB at 1 MiB/s: the checks below come first
     unit_attentions(daemon, "pv")  # the restore's 3F/03 first: sg_dd does not retry after it
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={daemon.sg('pv')}", "bs=512", "count=1")
     assert rc != 0 and re.search(r"not ready", out, re.I), out  # P-VOL: no writes in RCPY
     wait_for(lambda: pair(daemon, "si0")["progress"] >= 30, what="restore progress")
     daemon.kill()
     daemon.start()
-    vscsi(daemon, "pair", "wait", "si0", "--timeout", "120")
+    wait_copied(daemon, "si0")
     assert pair(daemon, "si0")["status"] == "PSUS"
     assert backing(workdir, "pv") == good and backing(workdir, "sv0") == good
 
@@ -270,9 +283,10 @@ def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
 def test_sigkill_after_split_keeps_the_split(daemon: Daemon, workdir: Path) -> None:
     """An acknowledged split survives a SIGKILL right after it: PSUS after the restart, the
     S-VOL still the point-in-time image (not re-copied), the P-VOL's later write tracked."""
-    vscsi(daemon, "pair", "resync", "si0", "--wait", "120")
+    op(daemon, "pair_resync", name="si0")
+    wait_copied(daemon, "si0")
     write_dev(daemon, "pv", 2 * MIB, os.urandom(8192), workdir)
-    vscsi(daemon, "pair", "split", "si0")
+    op(daemon, "pair_split", name="si0")
     image = backing(workdir, "sv0")
     write_dev(daemon, "pv", 6 * MIB, os.urandom(8192), workdir)
     daemon.kill()
@@ -287,11 +301,11 @@ def test_sigkill_after_split_keeps_the_split(daemon: Daemon, workdir: Path) -> N
 
 
 def test_three_mus_on_one_pvol(daemon: Daemon, workdir: Path) -> None:
-    vscsi(daemon, "pair", "resync", "si0")
-    vscsi(daemon, "pair", "create", "pv", "sv1", "--mu", "1", "--name", "si1")
-    vscsi(daemon, "pair", "create", "pv", "sv2", "--mu", "2", "--name", "si2")
+    op(daemon, "pair_resync", name="si0")
+    op(daemon, "pair_create", name="si1", pvol="pv", svol="sv1", mu=1)
+    op(daemon, "pair_create", name="si2", pvol="pv", svol="sv2", mu=2)
     for name in ("si0", "si1", "si2"):
-        vscsi(daemon, "pair", "wait", name, "--timeout", "180")
+        wait_copied(daemon, name, 180)
     body = vpd_c0(daemon, "pv")
     assert mu_roles(body) == [("P-VOL", "PAIR")] * 3
     assert [s.partner_volume_id for s in body.slots[1:]] == [0x201, 0x202, 0x203]
@@ -318,7 +332,7 @@ def test_udev_rule_links_follow_the_role(daemon: Daemon) -> None:
         run("udevadm", "settle", "--timeout=120")
         assert (links / "410002-0202-S-VOL").resolve() == Path(daemon.sd("sv1"))
         assert (links / "410002-0200-P-VOL").resolve() == Path(daemon.sd("pv"))
-        vscsi(daemon, "pair", "delete", "si1")
+        op(daemon, "pair_delete", name="si1")
         run("sg_turs", daemon.sg("sv1"), check=False)  # meets the unit attention
         wait_for(lambda: (links / "410002-0202-SMPL").exists(), 120, "the SMPL link")
         assert not (links / "410002-0202-S-VOL").exists()
@@ -328,7 +342,7 @@ def test_udev_rule_links_follow_the_role(daemon: Daemon) -> None:
 
 
 def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, workdir: Path) -> None:
-    vscsi(daemon, "pair", "create", "pv2", "sbad", "--mu", "0", "--name", "bad")
+    op(daemon, "pair_create", name="bad", pvol="pv2", svol="sbad", mu=0)
     wait_for(lambda: pair(daemon, "bad")["status"] != "COPY", what="copy into the bad S-VOL")
     assert pair(daemon, "bad")["status"] == "PSUE"
     assert mu_roles(vpd_c0(daemon, "sbad"))[0] == ("S-VOL", "PSUE")
@@ -337,12 +351,12 @@ def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, work
     assert rc != 0 and re.search(r"not ready", out, re.I), out
     write_dev(daemon, "pv2", 0, b"x" * 4096, workdir)  # the P-VOL runs on
     assert pair(daemon, "bad")["pvol"]["changed_bytes"] > 0
-    vscsi(daemon, "pair", "delete", "bad")
+    op(daemon, "pair_delete", name="bad")
 
 
 def test_sigkill_after_delete_keeps_it_deleted(daemon: Daemon) -> None:
-    vscsi(daemon, "pair", "delete", "si0")
+    op(daemon, "pair_delete", name="si0")
     daemon.kill()
     daemon.start()
-    assert "si0" not in vscsi(daemon, "pairdisplay")
+    assert "si0" not in [p["pair"] for p in op(daemon, "pair_display")["pairs"]]
     assert mu_roles(vpd_c0(daemon, "sv0")) == [("SMPL", "SMPL")] * 3

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import VSCSI, Daemon, run, run_rc
-from tests.integration.hostio import Writer, fio, rescan
+from tests.integration.conftest import VSCSI, Daemon, run, run_rc, start_all
+from tests.integration.hostio import Writer, fio, rescan, wait_writes
 from tests.integration.sites import (
     ADDR,
     NS,
@@ -51,8 +51,7 @@ def sites(workdir: Path) -> Iterator[tuple[Daemon, Daemon]]:
     b = site_array(workdir, "siteB", "siteA", "rb")
     with network():
         try:
-            b.start()
-            a.start()
+            start_all(b, a)
             yield a, b
         finally:
             for d in (a, b):
@@ -102,28 +101,49 @@ def status(d: Daemon) -> dict[str, object]:
     return dict(p)
 
 
-def create(a: Daemon, fence: str) -> None:
-    rc, out = cli(a, "pair", "create", "ra", "siteB:rb", "--fence", fence, "--name", "tc",
-                  "--wait", "120")  # fmt: skip
-    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+def copied(d: Daemon, timeout: float = 120) -> str:
+    """What `vscsi pair ... --wait` waits for: the pair's status once its copy has ended."""
+    deadline = time.monotonic() + timeout
+    while (now := status(d))["status"] in ("COPY", "RCPY"):
+        assert time.monotonic() < deadline, now
+        time.sleep(0.2)
+    return str(now["status"])
 
 
-def resync(a: Daemon, workdir: Path, *extra: str, peer: Daemon | None = None) -> None:
+def create(a: Daemon, fence: str, *, through_cli: bool = False) -> None:
+    """Pair ra with siteB:rb and wait for PAIR: on the control socket unless `through_cli` (a
+    CLI process costs seconds in the emulated VM)."""
+    if through_cli:
+        rc, out = cli(a, "pair", "create", "ra", "siteB:rb", "--fence", fence, "--name", "tc",
+                      "--wait", "120")  # fmt: skip
+        assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    else:
+        request(a.socket, "pair_create", name="tc", pvol="ra", svol="siteB:rb", fence=fence)
+        assert copied(a) == "PAIR", status(a)
+
+
+def resync(a: Daemon, workdir: Path, peer: Daemon | None = None, *,
+           through_cli: bool = False) -> None:  # fmt: skip
     """Resync to PAIR; only what changed was copied; the copies are identical."""
     before = [status(d) for d in (a, peer) if d is not None]
-    rc, out = cli(a, "pair", "resync", "tc", *extra, "--wait", "120")
-    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    if through_cli:
+        rc, out = cli(a, "pair", "resync", "tc", "--wait", "120")
+        assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    else:
+        request(a.socket, "pair_resync", name="tc")
+        assert copied(a) == "PAIR", (before, status(a))
     assert 0 < int(status(a)["copy_total"]) <= SPAN, (before, status(a))
     same(workdir)
 
 
 def fio_cut(d: Daemon, vol: str, how: str) -> tuple[int, str]:
     """fio writing 4 MiB of random blocks (rate-limited so that it surely runs ~16 s) with
-    verification; the link is cut a few seconds in and mended once fio ends."""
+    verification; the link is cut a second in and mended once fio ends."""
     settle(d, vol)
     rescan(d.sd(vol))  # read-only to the kernel since it was last write protected
-    job = fio(d.sd(vol), size="4M", rate_iops=64)
-    time.sleep(4)
+    sd = d.sd(vol)
+    job = fio(sd, size="4M", rate_iops=64)
+    wait_writes(sd, 64)  # a second of fio's writes
     if job.poll() is not None:
         raise AssertionError(f"fio ended before the link was cut:\n{job.communicate()[0]}")
     cut(how)
@@ -143,7 +163,7 @@ def test_mirror_then_fence_never_under_fio_with_the_link_down(
     a, b = sites
     linked(a)
     linked(b)
-    create(a, "never")
+    create(a, "never", through_cli=True)
     assert host_write(a, "ra", MIB, os.urandom(4 * MIB), workdir)[0] == 0
     same(workdir)
     settle(b, "rb")
@@ -153,7 +173,7 @@ def test_mirror_then_fence_never_under_fio_with_the_link_down(
     assert rc == 0 and "err= 0" in out, out  # fence never: every write succeeds, verified
     assert status(a)["status"] == "PSUE" and not status(a)["fenced"]
     linked(a)
-    resync(a, workdir, peer=b)
+    resync(a, workdir, peer=b, through_cli=True)
 
 
 def test_sigkill_of_the_p_daemon_under_writes_resends_only_logged_regions(
@@ -229,7 +249,7 @@ def test_fence_status_fails_the_write_it_could_not_report_then_tracks(
     sites: tuple[Daemon, Daemon], workdir: Path
 ) -> None:
     a, b = sites
-    assert cli(a, "pair", "delete", "tc")[0] == 0
+    request(a.socket, "pair_delete", name="tc")
     create(a, "status")
     rc, out = fio_cut(a, "ra", "netem")
     assert rc != 0 and "Remote I/O error" in out, out  # the S side could not be marked
@@ -268,12 +288,15 @@ def test_an_impostor_and_a_malformed_hello_are_refused_and_change_nothing(
                    serial=SERIAL["siteC"])  # fmt: skip
     c.start()
     try:
-        time.sleep(3)
+        refused = r"link: refused 10\.77\.0\.1:\d+: TLS"
+        deadline = time.monotonic() + 60
+        while not re.search(refused, b.output()):
+            assert time.monotonic() < deadline, b.output()[-2000:]
+            time.sleep(0.2)
         (link,) = links(c)
         assert not link["up"], link
     finally:
         c.stop()
-    assert re.search(r"link: refused 10\.77\.0\.1:\d+: TLS", b.output()), b.output()[-2000:]
     # the real siteA's key, then a frame that is not a HELLO: dropped before it is applied
     keys = workdir / "linkkeys"
     rc, out = run_rc("ip", "netns", "exec", NS["siteA"], str(Path(VSCSI).with_name("python")),

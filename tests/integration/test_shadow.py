@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run
-from tests.integration.hostio import Writer, fio, fio_ok
+from tests.integration.hostio import Writer, fio, fio_ok, wait_writes
 from vscsi.control import request
 from vscsi.shadow import AREA
 
@@ -77,12 +77,16 @@ def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
 
 def show(d: Daemon, name: str) -> dict[str, Any]:
     (s,) = request(d.socket, "shadow_show", name=name)
-    return s
+    return dict(s)
 
 
 def wait_steady(d: Daemon, name: str, timeout: float = 300) -> None:
-    run(VSCSI, "shadow", "wait", name, "--timeout", str(timeout), "--socket", d.socket,
-        timeout=timeout + 30)  # fmt: skip
+    """What `vscsi shadow wait` waits for (no copy or merge pending), asked on the control
+    socket: a CLI process costs seconds in the emulated VM (one test runs the CLI)."""
+    deadline = time.monotonic() + timeout
+    while (s := show(d, name))["operations"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.2)
 
 
 def cmp_members(*members: str) -> None:
@@ -118,7 +122,9 @@ def test_member_added_while_fio_runs_gets_a_copy(
     out = run(VSCSI, "shadow", "add", "dsa1", member, "--socket", daemon.socket)
     assert "Copy" in out, out
     fio_ok(job, daemon)
-    wait_steady(daemon, "dsa1")
+    out = run(VSCSI, "shadow", "wait", "dsa1", "--timeout", "300", "--socket", daemon.socket,
+              timeout=330)  # fmt: skip
+    assert out.splitlines()[-1] == "dsa1: Steady State", out
     assert show(daemon, "dsa1")["stats"]["copied"] > before
     cmp_members(devices["loopA"], devices["loopB"], member)
 
@@ -179,8 +185,9 @@ def test_sigkill_during_a_copy_leaves_the_original_members(
 def test_member_that_starts_failing_is_removed_and_the_host_sees_no_error(
     daemon: Daemon, devices: dict[str, str], workdir: Path
 ) -> None:
-    job = fio(daemon.sd("dsa3"))
-    run("sleep", "4")
+    sd = daemon.sd("dsa3")
+    job = fio(sd)
+    wait_writes(sd, 200)  # the member fails under writes in flight
     sectors = MEMBER // 512
     run("dmsetup", "suspend", "--noflush", "vscsi-flaky")
     run("dmsetup", "load", "vscsi-flaky", input=f"0 {sectors} error\n")

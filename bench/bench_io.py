@@ -5,7 +5,8 @@ and runs the same fio jobs; the table gives each result as a ratio to LIO's in-k
 (no userspace hop: the ceiling). A second table runs the write jobs on a vscsi P-VOL in PAIR
 (every write mirrored before it is acknowledged) next to simplex vscsi: with a local S-VOL
 (ShadowImage-style), and with an S-VOL on a second daemon (a remote array) whose link runs over
-a veth pair between two network namespaces (TrueCopy-style).
+a veth pair between two network namespaces (TrueCopy-style). A third sets vscsi's own ring
+against the same volume served through libtcmu.so.2 (`transport = "libtcmu"`).
 Absolute numbers mean nothing across machines.
 """
 
@@ -126,6 +127,22 @@ def vscsi_backend(work: Path) -> Iterator[str]:
 
 
 @contextmanager
+def vscsi_python_backend(work: Path) -> Iterator[str]:
+    """vscsi with every command served by the Python core: what the compiled path buys."""
+    vol = 'name = "bench"\npath = "vscsi.img"'
+    with vscsi_daemon(work, vol, daemon="fast_path = false\n") as (_, dev):
+        yield dev
+
+
+@contextmanager
+def vscsi_libtcmu_backend(work: Path) -> Iterator[str]:
+    """The same volume served through libtcmu.so.2 instead of vscsi's own ring."""
+    vol = 'name = "bench"\npath = "vscsi.img"'
+    with vscsi_daemon(work, vol, daemon='transport = "libtcmu"\n') as (_, dev):
+        yield dev
+
+
+@contextmanager
 def vscsi_pair_backend(work: Path) -> Iterator[str]:
     """A P-VOL in PAIR with an unexported S-VOL on the same tmpfs (ShadowImage-style)."""
     vols = 'name = "pv"\npath = "pv.img"\n[[volume]]\nname = "sv"\npath = "sv.img"\n'
@@ -242,6 +259,22 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def fast_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| job | vscsi | vscsi without the compiled path | ratio |", "|---|---|---|---|"]
+    for job, *_ in JOBS:
+        fast, slow = results["vscsi"][job], results["vscsi-python"][job]
+        lines.append(f"| {job} | {fast:,.0f} | {slow:,.0f} | {fast / slow:.2f}x |")
+    return "\n".join(lines)
+
+
+def transport_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| job | native ring | libtcmu | libtcmu/native |", "|---|---|---|---|"]
+    for job, *_ in JOBS:
+        native, lib = results["vscsi"][job], results["vscsi-libtcmu"][job]
+        lines.append(f"| {job} | {native:,.0f} | {lib:,.0f} | {lib / native:.2f}x |")
+    return "\n".join(lines)
+
+
 def cpu_table(results: dict[str, dict[str, float]], cpu: dict[str, dict[str, CpuUse]]) -> str:
     """µs of VM CPU per I/O, and in brackets how busy both vCPUs were, per backend and job."""
     names = list(cpu)
@@ -278,6 +311,8 @@ def main() -> None:
         "fileio": fileio_backend,
         "tcmu-runner": tcmu_runner_backend,
         "vscsi": vscsi_backend,
+        "vscsi-python": vscsi_python_backend,
+        "vscsi-libtcmu": vscsi_libtcmu_backend,
         "vscsi-pair": vscsi_pair_backend,
         "vscsi-remote": vscsi_remote_backend,
     }
@@ -301,6 +336,12 @@ def main() -> None:
     if {"fileio", "tcmu-runner", "vscsi"} <= results.keys():
         tables.append(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)\n"
                       + table(results))  # fmt: skip
+    if {"vscsi", "vscsi-python"} <= results.keys():
+        tables.append("the compiled READ/WRITE path: vscsi with it and without it (fast_path = "
+                      "false), IOPS\n" + fast_table(results))  # fmt: skip
+    if {"vscsi", "vscsi-libtcmu"} <= results.keys():
+        tables.append("vscsi through its own ring and through libtcmu.so.2 (transport = "
+                      '"libtcmu"), IOPS (1M jobs: MiB/s)\n' + transport_table(results))  # fmt: skip
     if "vscsi" in results and PAIRED.keys() & results.keys():
         tables.append("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) "
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip

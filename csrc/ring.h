@@ -1,14 +1,23 @@
 /*
- * Ordered access to the TCMU mailbox, which the kernel and the daemon share through the uio map.
+ * The TCMU ring's C half: ordered mailbox accesses and the compiled READ/WRITE path.
  *
- * The kernel publishes a command entry with smp_store_release on cmd_head (UPDATE_HEAD in
- * target_core_user.c) and reads cmd_tail with READ_ONCE before it reads the completed entries.
- * On a weakly ordered CPU (arm64, POWER) plain loads and stores on our side may be reordered
- * around those, so we read cmd_head with acquire and store cmd_tail with release, as libtcmu
- * does for cmd_head (tcmu-runner issue 688, an aarch64 crash). On x86 both compile to a plain
- * mov: the cost is the call.
+ * Ordering. The kernel publishes a command entry with smp_store_release on cmd_head
+ * (UPDATE_HEAD in target_core_user.c) and reads cmd_tail with READ_ONCE before it reads the
+ * completed entries. On a weakly ordered CPU (arm64, POWER) plain loads and stores on our side
+ * may be reordered around those, so we read cmd_head with acquire and store cmd_tail with
+ * release, as libtcmu does for cmd_head (tcmu-runner issue 688, an aarch64 crash). On x86 both
+ * compile to a plain mov: the cost is the call. `base` is the start of the map, `off` a
+ * 4-aligned byte offset in it.
  *
- * `base` is the start of the map, `off` a 4-aligned byte offset in it.
+ * The fast path (fastpath.c) serves, in ring order, the leading READ(10/16) and WRITE(10/16)
+ * entries whose outcome is plain data movement on one file descriptor, and stops at the first
+ * entry it does not own — any other command, a TMR, a CDB with a field the SCSI core would
+ * refuse, a range or length the core would answer with sense, an I/O error or a short
+ * transfer. The Python SCSI core then serves that entry, so it stays the single source of SCSI
+ * semantics: the fast path only ever answers GOOD. Nor does it make anything durable: a FUA
+ * write, or any write while the write cache is off, is the core's. It runs only while no command
+ * is out with a worker, so each completion goes into the command's own slot.
+ *
  * These declarations are also parsed by cffi (vscsi/_build.py): keep them plain.
  */
 #ifndef VSCSI_RING_H
@@ -19,5 +28,36 @@
 
 uint32_t ring_load_acquire_u32(const char *base, size_t off);
 void ring_store_release_u32(char *base, size_t off, uint32_t value);
+
+/* The ring's geometry and our position in it; `pos` is both the next entry to read and
+ * cmd_tail (nothing is outstanding while the fast path runs). */
+struct fast_ring {
+    char *base;
+    uint64_t map_len;
+    uint32_t cmdr_off;
+    uint32_t cmdr_size;
+    uint32_t data_off;
+    uint32_t pos;
+    int64_t replay_end;   /* entries before it were queued before we attached; -1: none */
+    uint64_t entries;     /* entries consumed (CMD and PAD) */
+    uint64_t commands;    /* commands answered */
+};
+
+/* What the LUN allows now; `masks` are the CDB bits the core refuses (reserved or
+ * unsupported), per opcode in the order READ(10), WRITE(10), READ(16), WRITE(16). */
+struct fast_lun {
+    int fd;               /* buffered descriptor */
+    int direct_fd;        /* O_DIRECT descriptor for block-aligned buffers, or -1 */
+    uint32_t block_size;
+    uint32_t max_blocks;  /* MAXIMUM TRANSFER LENGTH */
+    uint64_t blocks;
+    int reads;
+    int writes;           /* but never one that must be durable before it completes: FUA */
+    uint8_t masks[4][16];
+};
+
+/* Serve what the fast path owns; returns 1 when it stopped at an entry for the Python core,
+ * 0 when the ring is empty. */
+int ring_serve_fast(struct fast_ring *ring, const struct fast_lun *lun);
 
 #endif

@@ -1,9 +1,9 @@
 """cffi builders for the C extensions (API mode, out of line): the dirty-block tracker and the
-TCMU ring's ordered mailbox accesses.
+TCMU ring's ordered mailbox accesses and compiled READ/WRITE path.
 
 setuptools runs ``tracker`` and ``ring`` through ``cffi_modules`` so ``pip install .`` compiles
 the extensions; running this file directly builds both in place for a source checkout. Each
-extension is ``csrc/NAME.c`` behind ``csrc/NAME.h``, whose declarations are its cdef.
+extension is its ``SOURCES`` in ``csrc/`` behind ``csrc/NAME.h``, whose declarations are its cdef.
 """
 
 import os
@@ -14,6 +14,7 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {"tracker": "vscsi.tracker._tracker_c", "ring": "vscsi.tcmu._ring_c"}
+SOURCES = {"tracker": ["tracker.c"], "ring": ["ring.c", "fastpath.c"]}
 
 
 def _cdef(header: Path) -> str:
@@ -28,7 +29,7 @@ def _ffi(name: str) -> FFI:
     ffi.set_source(
         MODULES[name],
         f'#include "{name}.h"',
-        sources=[f"csrc/{name}.c"],
+        sources=[f"csrc/{src}" for src in SOURCES[name]],
         include_dirs=["csrc"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )
@@ -47,5 +48,6 @@ if __name__ == "__main__":
     os.chdir(ROOT)
     for name, module in MODULES.items():
         _ffi(name).compile(tmpdir=".", verbose=False)
-        for obj in (module.replace(".", "/") + ".o", f"csrc/{name}.o"):  # keep the tree clean
+        objects = [module.replace(".", "/") + ".o"] + [f"csrc/{s[:-2]}.o" for s in SOURCES[name]]
+        for obj in objects:  # keep the tree clean
             Path(obj).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once, out of order
 MAX_IO_WORKERS = 64
 EXPORTS = ("loop", "iscsi", "none")
 READ_POLICIES = ("balanced", "master")
+TRANSPORTS = ("native", "libtcmu")  # how the daemon talks to the ring (docs/config.md)
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")  # volumes, sets, arrays
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -182,6 +183,8 @@ class Config:
     copy_rate: int = 0  # bytes/s for pair and shadow-set copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
     io_workers: int = DEFAULT_IO_WORKERS  # threads per LUN running commands; 0 = in ring order
+    fast_path: bool = True  # READ/WRITE the compiled ring path may serve go through it
+    transport: str = "native"  # the ring: our own (vscsi.tcmu.uio) or libtcmu.so.2
     socket_group: str | None = None  # may run read-only commands over the socket
     shadow_add_paths: list[str] = field(default_factory=list)  # where `shadow add` may look
     link: LinkConfig | None = None  # set when the config has [[remote]] tables or link_listen
@@ -256,8 +259,9 @@ _SHADOW_KEYS = {
     "export", "identity", "follow_symlinks",
 }  # fmt: skip
 _DAEMON_KEYS = {
-    "socket", "state_dir", "copy_rate", "command_timeout", "io_workers", "socket_group",
-    "shadow_add_paths", "link_listen", "link_cert", "link_key", "link_timeout", "link_netns",
+    "socket", "state_dir", "copy_rate", "command_timeout", "io_workers", "fast_path",
+    "socket_group", "transport", "shadow_add_paths", "link_listen", "link_cert", "link_key",
+    "link_timeout", "link_netns",
 }  # fmt: skip
 _REMOTE_KEYS = {"name", "address", "serial", "peer_cert"}
 _TOP = ("daemon", "volume", "shadow_set", "remote", "port", "host_group")
@@ -401,6 +405,7 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
     workers = _get(daemon, "io_workers", int, "daemon")
     if workers is not None and not 0 <= workers <= MAX_IO_WORKERS:
         raise ConfigError(f"daemon.io_workers: {workers} must be 0 (in order) to {MAX_IO_WORKERS}")
+    fast = _get(daemon, "fast_path", bool, "daemon")
     tables = data.get("volume", [])
     sets = data.get("shadow_set", [])
     if not isinstance(tables, list) or not isinstance(sets, list) or not (tables or sets):
@@ -423,6 +428,8 @@ def parse(data: dict[str, Any], source: str = "", base: Path | None = None) -> C
         copy_rate=parse_size(rate, "daemon.copy_rate") if rate is not None else 0,
         command_timeout=timeout,
         io_workers=DEFAULT_IO_WORKERS if workers is None else workers,
+        fast_path=True if fast is None else fast,
+        transport=_choice(daemon, "transport", TRANSPORTS, "daemon"),
         socket_group=_socket_group(daemon),
         shadow_add_paths=_shadow_add_paths(daemon),
         link=link,

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,11 +55,12 @@ from vscsi.shadow.states import ShadowError
 from vscsi.store.base import Volume
 from vscsi.store.claim import store_key
 from vscsi.store.file import StoreConfigError
-from vscsi.tcmu import configfs
-from vscsi.tcmu.netlink import NetlinkListener
+from vscsi.tcmu import configfs, libtcmu
+from vscsi.tcmu.netlink import NetlinkError, NetlinkListener, resolve_family
 from vscsi.tcmu.uio import UioDevice, UioError
 
 log = logging.getLogger("vscsi")
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # -- pair operations as the control socket runs them: local or remote by the pair's kind -------
@@ -130,7 +132,7 @@ class Served:
     lun: Lun
     backstore: configfs.Backstore | None = None
     export: configfs.LoopExport | None = None
-    device: UioDevice | None = None
+    device: UioDevice | libtcmu.LibtcmuDevice | None = None
     thread: threading.Thread | None = None
     sd: str | None = None
     sg: str | None = None
@@ -180,6 +182,7 @@ class Daemon:
         self._stop = threading.Event()
         self._rings_stop = threading.Event()  # set only once the exports are gone
         self._netlink: NetlinkListener | None = None
+        self._libtcmu: libtcmu.Context | None = None  # transport = "libtcmu"
         self._control: ControlServer | None = None
         self.pairs: PairManager | None = None
         self._sessions: list[LinkSession] = []  # to each peer array (remote pairs)
@@ -210,12 +213,18 @@ class Daemon:
         self._stop.set()
 
     def _setup_logging(self) -> None:
+        """Rich on a terminal; one plain line per record elsewhere (a journal, a file, CI),
+        where rich would wrap every line at 80 columns."""
         level = logging.WARNING - 10 * min(self.verbose + 1, 2)
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
         logging.getLogger("asyncio").setLevel(logging.WARNING)
-        logging.basicConfig(
-            level=level, format="%(message)s", handlers=[RichHandler(show_path=False)]
-        )
+        if sys.stderr.isatty():
+            handler: logging.Handler = RichHandler(show_path=False)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
+        logging.basicConfig(level=level, handlers=[handler])
 
     def open(self) -> None:
         """Backing stores, shadow sets, pair state and LUNs: everything below the kernel."""
@@ -320,6 +329,12 @@ class Daemon:
             ) from None
 
     def start(self) -> None:
+        lib = None
+        if self.config.transport == "libtcmu":
+            try:
+                lib = libtcmu.load()  # before anything is opened: nothing to undo
+            except libtcmu.LibtcmuError as e:
+                raise DaemonError(str(e)) from None
         self.open()
         self._control = ControlServer(
             self.config.socket, self.handlers(), group=self.config.socket_group
@@ -335,8 +350,11 @@ class Daemon:
             raise DaemonError(str(e)) from None
         self._netlink = NetlinkListener(self._on_added, self._on_removed, self._on_reconfig)
         self._netlink.start()
-        for s in self.served.values():
-            self._serve(s)
+        if lib is None:
+            for s in self.served.values():
+                self._serve(s)
+        else:
+            self._serve_libtcmu(lib)
         self._start_iscsi()
 
     # -- iSCSI ports and host groups ------------------------------------------------------------
@@ -357,32 +375,71 @@ class Daemon:
         lio.apply(plan(wanted(self.config.ports, groups), lio.observe(owner)), owner)
 
     def _serve(self, s: Served) -> None:
-        name = s.cfg.name
+        """The native transport: backstore, our own ring on its uio device, export."""
         try:
-            existing = configfs.find_backstore(name)
-            if existing is not None:
-                configfs.check_backstore(existing, s.volume.size, s.volume.block_size)
-                s.backstore, s.reattached = existing, True
-                s.replies = not configfs.opt_out_of_replies(existing)
-            else:
-                s.backstore = configfs.create_backstore(
-                    name, s.volume.size, s.volume.block_size, self.config.command_timeout
-                )
+            self._backstore(s)
+            assert s.backstore is not None
             s.device = UioDevice.open(s.backstore.uio_name)
-            s.thread = threading.Thread(
-                target=s.device.serve,
-                args=(s.lun, self._rings_stop, self.config.io_workers),
-                name=f"ring-{name}",
-                daemon=True,
-            )
-            s.thread.start()
-            if "loop" in s.cfg.export:
-                s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
-                s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
-            s.state = "serving"
+            self._run_ring(s)
         except (configfs.ConfigfsError, UioError) as e:
             s.state = "failed"
-            raise DaemonError(f"volume {name}: {e}") from None
+            raise DaemonError(f"volume {s.cfg.name}: {e}") from None
+
+    def _serve_libtcmu(self, lib: Any) -> None:
+        """The libtcmu transport: every backstore first, then one tcmulib context finds them
+        all (see vscsi.tcmu.libtcmu for why discovery is its start-up scan and netlink ours),
+        then each ring is served and exported."""
+        uios = {}
+        for s in self.served.values():
+            try:
+                self._backstore(s)
+                assert s.backstore is not None
+                uios[s.cfg.name] = s.backstore.uio_name
+            except (configfs.ConfigfsError, UioError) as e:
+                s.state = "failed"
+                raise DaemonError(f"volume {s.cfg.name}: {e}") from None
+        try:
+            self._libtcmu = libtcmu.Context(lib, resolve_family()[1])
+            devices = self._libtcmu.attach(uios)
+        except (libtcmu.LibtcmuError, NetlinkError, UioError) as e:
+            self._libtcmu = None
+            raise DaemonError(str(e)) from None
+        for s in self.served.values():
+            s.device = devices[s.cfg.name]
+            try:
+                self._run_ring(s)
+            except configfs.ConfigfsError as e:
+                s.state = "failed"
+                raise DaemonError(f"volume {s.cfg.name}: {e}") from None
+
+    def _backstore(self, s: Served) -> None:
+        """Re-attach the backstore an earlier daemon left, or make it."""
+        existing = configfs.find_backstore(s.cfg.name)
+        if existing is not None:
+            configfs.check_backstore(existing, s.volume.size, s.volume.block_size)
+            s.backstore, s.reattached = existing, True
+            s.replies = not configfs.opt_out_of_replies(existing)
+        else:
+            s.backstore = configfs.create_backstore(
+                s.cfg.name, s.volume.size, s.volume.block_size, self.config.command_timeout
+            )
+
+    def _run_ring(self, s: Served) -> None:
+        """Serve the attached device in a thread, then export the backstore."""
+        assert s.device is not None and s.backstore is not None
+        native = {"fast": self.config.fast_path} if self.config.transport == "native" else {}
+        s.thread = threading.Thread(
+            target=s.device.serve,
+            args=(s.lun, self._rings_stop, self.config.io_workers),
+            kwargs=native,
+            name=f"ring-{s.cfg.name}",
+            daemon=True,
+        )
+        s.thread.start()
+        if "loop" in s.cfg.export:
+            s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
+            s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
+        s.state = "serving"
 
     def _announce(self) -> None:
         for s in self.served.values():
@@ -428,6 +485,11 @@ class Daemon:
                     configfs.remove_export(s.export)
         self._rings_stop.set()
         for s in served:
+            self._stop_ring(s)
+        running = any(s.thread is not None and s.thread.is_alive() for s in served)
+        if self._libtcmu is not None and not self._keep_kernel_objects and not running:
+            self._libtcmu.close()  # it unmaps the rings: only once no thread can touch them
+        for s in served:
             self._unserve(s)
         if self._netlink is not None:
             self._netlink.stop()
@@ -439,11 +501,13 @@ class Daemon:
         if self._state_lock is not None:
             self._state_lock.close()
 
-    def _unserve(self, s: Served) -> None:
+    def _stop_ring(self, s: Served) -> None:
         if s.device is not None:
             s.device.wake()
         if s.thread is not None:
             s.thread.join(10)
+
+    def _unserve(self, s: Served) -> None:
         if s.device is not None:
             s.device.close()
         with contextlib.suppress(configfs.ConfigfsError):

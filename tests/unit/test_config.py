@@ -82,6 +82,7 @@ write_cache = false
          "daemon.command_timeout"),
         ('[daemon]\nio_workers = 65\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
         ('[daemon]\nio_workers = "8"\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
+        ('[daemon]\nfast_path = 1\n[[volume]]\nname = "a"\npath = "x"', "daemon.fast_path"),
         ("", "volume"),
     ],
 )
@@ -162,6 +163,12 @@ def test_shadow_add_paths_are_directories(tmp_path: Path) -> None:
     cfg = parse({"daemon": daemon, "volume": [{"name": "a", "path": "/x"}]})
     assert cfg.shadow_add_paths == ["/dev/disk/by-id/", "/srv/vscsi/"]
     assert cfg.socket_group == "root"
+
+
+def test_fast_path_is_on_unless_switched_off(tmp_path: Path) -> None:
+    assert load(write(tmp_path, '[[volume]]\nname = "a"\npath = "x"')).fast_path is True
+    body = '[daemon]\nfast_path = false\n[[volume]]\nname = "a"\npath = "x"'
+    assert load(write(tmp_path, body)).fast_path is False
 
 
 def test_io_workers_default_and_in_order(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ class Ring:
     name = "uio-fake"
     error = None
 
-    def serve(self, _lun: Lun, stop: threading.Event, _workers: int = 0) -> None:
+    def serve(self, _lun: Lun, stop: threading.Event, *_args: object, **_kw: object) -> None:
         stop.wait()
 
     def wake(self) -> None: ...

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from vscsi.pair.replica import Replica
 from vscsi.pair.states import Access, Status
 from vscsi.resync.engine import deallocate
-from vscsi.store.base import Extent, NotReadyError, Volume, WriteProtectedError
+from vscsi.store.base import DirectIo, Extent, NotReadyError, Volume, WriteProtectedError
 from vscsi.store.locks import Guarded, Guards, RegionLocks, WriteGate
 from vscsi.tracker import WriteIntentLog
 
@@ -106,6 +106,29 @@ class PairVolume:
         """TEST UNIT READY: only an S-VOL of a suspended pair (no access) is not ready."""
         if self.access() is Access.NO_ACCESS:
             raise NotReadyError(f"{self.name}: S-VOL of a suspended pair", *SUSPENDED_BY_ERROR)
+
+    @contextmanager
+    def direct(self) -> Iterator[DirectIo | None]:
+        """The base's descriptors, for reads `readinto` would pass straight to the base and
+        writes `write` would (simplex only). The gate is held shared meanwhile: a pair created
+        or a role changed waits, so no write made through the descriptors escapes a pair's
+        tracking, and none is made after a transition that forbids it."""
+        base = getattr(self.base, "direct", None)
+        if base is None:
+            yield None
+            return
+        with self.gate.shared(), base() as io:
+            if io is None:
+                yield None
+                return
+            primaries, secondary = self.manager.roles(self.name)
+            access = self.access()
+            reads = access is not Access.NO_ACCESS and all(
+                p.status is not Status.RCPY for p in primaries
+            )
+            simplex = not primaries and secondary is None and not self.guarded
+            writes = simplex and access is Access.READ_WRITE
+            yield io._replace(reads=io.reads and reads, writes=io.writes and writes)
 
     def read_held(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """A read by a caller holding the range's region lock (a copy, a read during RCPY)."""

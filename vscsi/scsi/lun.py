@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import NamedTuple
 
 from vscsi.scsi import cdb as C
@@ -22,7 +23,7 @@ from vscsi.scsi.inquiry import VpdPages, standard
 from vscsi.scsi.modes import ModePages, ModeState
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.scsi.sense import SenseError
-from vscsi.store.base import MediumError, NotReadyError, Volume, WriteProtectedError
+from vscsi.store.base import DirectIo, MediumError, NotReadyError, Volume, WriteProtectedError
 from vscsi.store.locks import RegionLocks
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,29 @@ _SERVICE_ACTIONS = {
 }
 
 
+# READ(10), WRITE(10), READ(16), WRITE(16): what a transport's compiled path may serve itself
+# (see `Lun.direct`), each with the CDB bits the core refuses, as 16 bytes.
+FAST_OPCODES = (0x28, 0x2A, 0x88, 0x8A)
+
+
+def _fast_mask(op: int) -> bytes:
+    entry = _DISPATCH[op]
+    assert entry is not None
+    return entry.mask.to_bytes(entry.size, "big").ljust(16, b"\0")
+
+
+FAST_MASKS = tuple(_fast_mask(op) for op in FAST_OPCODES)
+
+
+class FastPath(NamedTuple):
+    """READ/WRITE(10/16) as plain data movement (see `Lun.direct`)."""
+
+    io: DirectIo
+    block_size: int
+    blocks: int
+    max_blocks: int
+
+
 def _check_service_action(cdb: bytes) -> None:
     """An unknown service action is an invalid field (byte 1, bits 4-0), not an opcode."""
     spec = _SERVICE_ACTIONS.get((cdb[0], cdb[1] & 0x1F if len(cdb) > 1 else -1))
@@ -179,6 +203,22 @@ class Lun:
         """Whether this command may wait on a peer array: a change to a volume that mirrors
         to one (see `CommandHandler.waits`)."""
         return bool(cdb) and cdb[0] in CHANGES and getattr(self.volume, "waits_on_peer", False)
+
+    @contextmanager
+    def direct(self) -> Iterator[FastPath | None]:
+        """While held, a READ or WRITE(10/16) whose CDB passes `FAST_MASKS`, whose blocks lie
+        within `blocks` and `max_blocks` and whose data is exactly its blocks comes out GOOD
+        from plain data movement on the volume's descriptors — so a transport may move it
+        itself. Anything else (a field the core refuses, a range it answers with sense, an
+        error) the transport must `execute`. None while a unit attention is pending or the
+        volume does not hand out descriptors now."""
+        direct = getattr(self.volume, "direct", None)
+        if self._ua or direct is None:
+            yield None
+            return
+        with direct() as io:
+            bs = self.block_size
+            yield None if io is None else FastPath(io, bs, self.blocks, self.max_transfer_blocks)
 
     def supports(self, c: C.Cdb) -> bool:
         """Whether this LUN implements `c` (UNMAP only over a volume that deallocates)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
 class StoreConfigError(ValueError):
@@ -57,6 +57,17 @@ class Extent:
     offset: int
     length: int
     mapped: bool
+
+
+class DirectIo(NamedTuple):
+    """A volume's data as plain descriptors, for a transport that moves READ and WRITE data
+    itself (the ring's compiled path). A volume hands it out only for the moment in which a
+    plain `preadv`/`pwritev` on `fd` is exactly what its `readinto`/`write` would do."""
+
+    fd: int
+    direct_fd: int  # O_DIRECT, for block-aligned buffers; -1 if none
+    reads: bool
+    writes: bool  # never while the write cache is off: durable writes are the volume's own
 
 
 @runtime_checkable

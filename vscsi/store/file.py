@@ -14,9 +14,10 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from vscsi.store.base import Extent, MediumError, StoreConfigError
+from vscsi.store.base import DirectIo, Extent, MediumError, StoreConfigError
 from vscsi.store.claim import MissingStoreError, open_store
 
 __all__ = ["FileVolume", "StoreConfigError"]
@@ -188,6 +189,14 @@ class FileVolume:
 
     def check_ready(self) -> None:
         """A backing store is always ready; its failures surface per command."""
+
+    @contextmanager
+    def direct(self) -> Iterator[DirectIo | None]:
+        """The descriptors `readinto` and `write` use (see `DirectIo`)."""
+        if self._fd < 0:
+            yield None
+            return
+        yield DirectIo(self._fd, self._direct_fd, True, not self._read_only and self.write_cache)
 
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         fd = self._fd_for(bufs)

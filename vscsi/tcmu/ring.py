@@ -32,15 +32,23 @@ read data written before it are visible to whoever sees the new tail). Both are 
 (`vscsi.tcmu._ring_c`) because Python has no fences; on x86 (TSO) they compile to plain moves.
 Only the head loads in `fetch()` need acquire — `pending()` just peeks, and `fetch()` re-reads —
 and the tail store is the single publishing store of each completion.
+
+The compiled path. `serve_fast()` hands the ring to C (csrc/fastpath.c) for the leading
+READ/WRITE(10/16) entries the LUN says are plain data movement (`Lun.direct`); C answers those
+GOOD in their own slots and stops at the first entry it does not own, which `fetch()` then
+parses for the Python core. It runs only while nothing is outstanding, so its completions are
+in ring order whatever the pool does.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from vscsi.scsi.buffer import DataBuffer
+from vscsi.scsi.lun import FAST_MASKS, FastPath
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
 from vscsi.tcmu._ring_c import ffi, lib
@@ -63,6 +71,10 @@ class CommandHandler(Protocol):
     ) -> Result: ...
 
     def reset(self) -> None: ...
+
+    def direct(self) -> AbstractContextManager[FastPath | None]:
+        """What the compiled path may serve while held (`Lun.direct`)."""
+        ...
 
     def waits(self, cdb: bytes) -> bool:
         """Whether the command may wait on something slower than this host (a peer array):
@@ -136,6 +148,15 @@ class Ring:
         self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
         self._warned_op = False
+        self.fast_commands = 0  # of `commands`, those the compiled path answered
+        self._fast = ffi.new("struct fast_ring *")
+        self._fast.base = self._ptr
+        self._fast.map_len = len(self.mem)
+        self._fast.cmdr_off, self._fast.cmdr_size = cmdr_off, cmdr_size
+        self._fast.data_off = self.data_off
+        self._fast_lun = ffi.new("struct fast_lun *")
+        for i, mask in enumerate(FAST_MASKS):
+            self._fast_lun.masks[i] = list(mask)
 
     @property
     def tail(self) -> int:
@@ -163,6 +184,26 @@ class Ring:
         for cmd in self.fetch():
             self.complete(cmd, self.run(cmd))
         return self.entries - before
+
+    def serve_fast(self, path: FastPath) -> int:
+        """Serve in C the leading entries `path` allows (module doc); returns how many entries
+        were consumed. Nothing, while commands are out with workers."""
+        with self._lock:
+            if self._tail != self._next:
+                return 0
+        r, lun, io = self._fast, self._fast_lun, path.io
+        r.pos, r.replay_end = self._next, self._replay_end
+        lun.fd, lun.direct_fd, lun.reads, lun.writes = io
+        lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
+        entries, commands = r.entries, r.commands
+        lib.ring_serve_fast(r, lun)
+        with self._lock:
+            self._next = self._tail = r.pos
+            self._replay_end = r.replay_end
+            self.commands += r.commands - commands
+            self.fast_commands += r.commands - commands
+            self.entries += r.entries - entries
+        return r.entries - entries
 
     def fetch(self) -> list[Command]:
         """Parse every entry between the last one read and cmd_head.

@@ -11,11 +11,14 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pyudev
 
+from vscsi.scsi.lun import FastPath
 from vscsi.tcmu.ring import Command, CommandHandler, Ring, RingError
 
 log = logging.getLogger(__name__)
@@ -81,12 +84,18 @@ class RingDevice:
         self._owed = False  # a completion is published that no doorbell has announced yet
         self._ringing = False  # a worker is ringing: others leave their completions to it
         self._working = 0  # commands handed to workers and not completed (guarded by _bell)
+        self._direct: Callable[[], AbstractContextManager[FastPath | None]] | None = None
 
     def notify(self) -> None:
         os.write(self.fd, _FOUR)
 
-    def serve(self, handler: CommandHandler, stop: threading.Event, workers: int = 0) -> None:
+    def serve(
+        self, handler: CommandHandler, stop: threading.Event, workers: int = 0, fast: bool = True
+    ) -> None:
         """Serve the ring until `stop` is set (wake us with `wake()`) or the ring breaks.
+
+        With `fast`, the READ/WRITE commands the handler's `direct()` allows are served by
+        the compiled path (`Ring.serve_fast`) before anything else is parsed.
 
         With `workers` and a kernel that takes out-of-order completions, the commands the
         handler says may wait (`waits`) run on a thread pool of that size, completed as they
@@ -97,6 +106,7 @@ class RingDevice:
         only time out from then on, so the owner stops and a restart re-attaches.
         """
         pool = None
+        self._direct = getattr(handler, "direct", None) if fast else None
         try:
             ring = self.ring = Ring(self.mem, handler)
             if workers and ring.ooo:
@@ -136,12 +146,13 @@ class RingDevice:
 
     def _batch(self, ring: Ring, pool: ThreadPoolExecutor | None) -> bool:
         """Serve what is queued; True if anything was."""
+        fast = self._serve_fast(ring)
         if pool is None:
-            if ring.process():
+            if ring.process() or fast:
                 self.notify()
                 return True
             return False
-        before = ring.entries
+        before = ring.entries - fast
         inline = pooled = 0
         for cmd in ring.fetch():
             if not cmd.bad and ring.handler.waits(cmd.cdb):
@@ -152,9 +163,16 @@ class RingDevice:
             else:
                 ring.complete(cmd, ring.run(cmd))
                 inline += 1
-        if inline or (not pooled and ring.entries != before):
+        if inline or fast or (not pooled and ring.entries != before):
             self._ring_doorbell()  # PAD/TMR entries alone: their ring space is free once reaped
         return ring.entries != before
+
+    def _serve_fast(self, ring: Ring) -> int:
+        """The compiled path's share of the queue (`Ring.serve_fast`): entries consumed."""
+        if self._direct is None or not ring.pending():
+            return 0
+        with self._direct() as path:
+            return 0 if path is None else ring.serve_fast(path)
 
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:

@@ -1,0 +1,163 @@
+/* The compiled READ/WRITE path of the TCMU ring: see ring.h for what it owns and what it
+ * leaves to the Python SCSI core. Layouts are target_core_user.h's (vscsi/tcmu/abi.py). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+
+#include "ring.h"
+
+#define MAILBOX_HEAD 12
+#define MAILBOX_TAIL 64
+#define OP_MASK 0x7u
+#define OP_PAD 0
+#define OP_CMD 1
+#define ENTRY_ALIGN 8
+#define CMD_IOV_OFFSET 48
+#define CMD_ENTRY_MIN 112 /* header + response with its 96-byte sense buffer */
+#define FAST_MAX_IOV 1024 /* IOV_MAX: more than that goes to Python */
+#define FUA 0x08
+
+static uint32_t ld32(const char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint64_t ld64(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint64_t be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* A decoded READ/WRITE CDB this path may serve. */
+struct rw {
+    int write;
+    uint64_t lba;
+    uint64_t blocks;
+};
+
+/* Decode the CDB at `cdb` (at least 16 readable bytes); 0 when the core must see it. */
+static int decode(const uint8_t *cdb, const struct fast_lun *l, struct rw *rw)
+{
+    int kind, size;
+    switch (cdb[0]) {
+    case 0x28: kind = 0; size = 10; break;
+    case 0x2A: kind = 1; size = 10; break;
+    case 0x88: kind = 2; size = 16; break;
+    case 0x8A: kind = 3; size = 16; break;
+    default: return 0;
+    }
+    rw->write = kind & 1;
+    if (rw->write ? !l->writes : !l->reads)
+        return 0;
+    for (int i = 0; i < size; i++)
+        if (cdb[i] & l->masks[kind][i])
+            return 0;
+    if (size == 10) {
+        rw->lba = be(cdb + 2, 4);
+        rw->blocks = be(cdb + 7, 2);
+    } else {
+        rw->lba = be(cdb + 2, 8);
+        rw->blocks = be(cdb + 10, 4);
+    }
+    if (rw->write && (cdb[1] & FUA))
+        return 0;
+    return rw->blocks && rw->blocks <= l->max_blocks && rw->lba <= l->blocks &&
+           rw->blocks <= l->blocks - rw->lba;
+}
+
+/* Gather the entry's data iovecs into `iov`; returns their count, or -1 when the core must
+ * see the entry (bad addresses, too many, a total other than `bytes`). `*aligned` says
+ * whether every buffer suits O_DIRECT. */
+static int gather(const struct fast_ring *r, const char *ent, uint32_t cnt, uint64_t bytes,
+                  uint32_t bs, struct iovec *iov, int *aligned)
+{
+    uint64_t total = 0;
+    *aligned = 1;
+    for (uint32_t i = 0; i < cnt; i++) {
+        uint64_t off = ld64(ent + CMD_IOV_OFFSET + 16 * i);
+        uint64_t len = ld64(ent + CMD_IOV_OFFSET + 16 * i + 8);
+        if (off < r->data_off || off > r->map_len || len > r->map_len - off)
+            return -1;
+        iov[i].iov_base = r->base + off;
+        iov[i].iov_len = len;
+        total += len;
+        if (len % bs || (uintptr_t)(r->base + off) % bs)
+            *aligned = 0;
+    }
+    return total == bytes ? (int)cnt : -1;
+}
+
+/* Serve one CMD entry; 1 when it is answered GOOD in its slot, 0 to leave it to the core. */
+static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent, uint32_t len)
+{
+    uint32_t cnt = ld32(ent + 8);
+    uint64_t cdb_off = ld64(ent + 24);
+    struct rw rw;
+    struct iovec iov[FAST_MAX_IOV];
+    int aligned;
+
+    if (len < CMD_ENTRY_MIN || ld32(ent + 12) || ld32(ent + 16) || cnt > FAST_MAX_IOV ||
+        CMD_IOV_OFFSET + 16 * (uint64_t)cnt > len)
+        return 0;
+    if (cdb_off < r->cmdr_off || cdb_off + 16 > r->data_off)
+        return 0;
+    if (!decode((const uint8_t *)r->base + cdb_off, l, &rw))
+        return 0;
+    uint64_t bytes = rw.blocks * l->block_size;
+    int n = gather(r, ent, cnt, bytes, l->block_size, iov, &aligned);
+    if (n < 0)
+        return 0;
+    int fd = aligned && l->direct_fd >= 0 ? l->direct_fd : l->fd;
+    off_t at = (off_t)(rw.lba * l->block_size);
+    ssize_t done;
+    if (rw.write)
+        done = pwritev(fd, iov, n, at);
+    else
+        done = preadv(fd, iov, n, at);
+    if (done < 0 || (uint64_t)done != bytes)
+        return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
+    memset(ent + 7, 0, 1 + 8);    /* uflags; scsi_status GOOD, padding, read_len 0 */
+    return 1;
+}
+
+int ring_serve_fast(struct fast_ring *r, const struct fast_lun *l)
+{
+    uint32_t head = ring_load_acquire_u32(r->base, MAILBOX_HEAD);
+    while (r->pos != head) {
+        if (head >= r->cmdr_size)
+            return 1;
+        char *ent = r->base + r->cmdr_off + r->pos;
+        uint32_t len_op = ld32(ent);
+        uint32_t len = len_op & ~OP_MASK;
+        if (!len || len % ENTRY_ALIGN || r->pos + len > r->cmdr_size)
+            return 1;
+        uint32_t op = len_op & OP_MASK;
+        if (op == OP_CMD) {
+            if (!serve(r, l, ent, len))
+                return 1;
+            r->commands++;
+        } else if (op != OP_PAD) {
+            return 1;
+        }
+        r->pos = (r->pos + len) % r->cmdr_size;
+        r->entries++;
+        if ((int64_t)r->pos == r->replay_end)
+            r->replay_end = -1;
+        ring_store_release_u32(r->base, MAILBOX_TAIL, r->pos);
+        if (r->pos == head)
+            head = ring_load_acquire_u32(r->base, MAILBOX_HEAD);
+    }
+    return 0;
+}

@@ -1,0 +1,275 @@
+"""The ring's compiled READ/WRITE path against the Python SCSI core.
+
+The compiled path may only answer what the core would answer, byte for byte; everything else it
+must leave to the core. So every test runs the same commands through a ring served with it and
+through one served without it, and compares what the initiator gets and what lands on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vscsi.pair.manager import PairManager
+from vscsi.scsi import sense
+from vscsi.scsi.identity import Identity
+from vscsi.scsi.lun import Lun
+from vscsi.scsi.result import CHECK_CONDITION, GOOD
+from vscsi.store.base import Volume
+from vscsi.store.file import FileVolume
+from vscsi.tcmu.loopback import Completion, LoopbackDevice, LoopbackKernel
+
+BS = 512
+SIZE = 256 << 10  # 512 blocks
+MAX_BLOCKS = 24
+
+
+def rw16(op: int, lba: int, blocks: int, flags: int = 0, control: int = 0) -> bytes:
+    head = bytes([op, flags]) + lba.to_bytes(8, "big")
+    return head + blocks.to_bytes(4, "big") + bytes([0, control])
+
+
+def rw10(op: int, lba: int, blocks: int, flags: int = 0, group: int = 0, control: int = 0) -> bytes:
+    return (
+        bytes([op, flags]) + lba.to_bytes(4, "big") + bytes([group])
+        + blocks.to_bytes(2, "big") + bytes([control])
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def served(lun: Lun, fast: bool, workers: int = 0) -> Iterator[LoopbackDevice]:
+    dev = LoopbackDevice(LoopbackKernel(cmdr_size=64 << 10, data_size=1 << 20))
+    stop = threading.Event()
+    t = threading.Thread(target=dev.serve, args=(lun, stop, workers, fast))
+    t.start()
+    try:
+        yield dev
+    finally:
+        stop.set()
+        dev.wake()
+        t.join(5)
+        dev.close()
+    assert not t.is_alive()
+
+
+def file_lun(path: Path, **kw: object) -> Lun:
+    vol = FileVolume("v", str(path), size=SIZE, block_size=BS, create=True)
+    return Lun(vol, Identity(volume_id=1), max_transfer_blocks=MAX_BLOCKS, **kw)  # type: ignore[arg-type]
+
+
+def random_command(r: random.Random) -> tuple[bytes, bytes, int]:
+    """(CDB, data-out, data-in length): mostly READ/WRITE(10/16) the compiled path may take,
+    with the edges it must leave to the core — reserved bits, FUA and DPO, ranges past the
+    end, zero and over-long transfers, data-out that is short or long — and other commands."""
+    blocks = SIZE // BS
+    op = r.choice([0x28, 0x2A, 0x88, 0x8A] * 6 + [0x08, 0x0A, 0xA8, 0, 0x12, 0x35, 0x2F, 0xE7])
+    if op not in (0x28, 0x2A, 0x88, 0x8A):
+        cdb = {
+            0x08: bytes([0x08, 0, 1, r.randrange(256), 4, 0]),
+            0x0A: bytes([0x0A, 0, 1, r.randrange(256), 4, 0]),
+            0xA8: bytes([0xA8, 0]) + r.randrange(blocks).to_bytes(4, "big") + b"\0\0\0\2\0\0",
+            0x00: bytes(6),
+            0x12: bytes([0x12, 0, 0, 0, 96, 0]),
+            0x35: bytes([0x35]) + bytes(9),
+            0x2F: bytes([0x2F, 0]) + r.randrange(blocks).to_bytes(4, "big") + b"\0\0\1\0",
+            0xE7: bytes([0xE7]) + bytes(9),
+        }[op]  # fmt: skip
+        out = r.randbytes(4 * BS) if op == 0x0A else b""
+        return cdb, out, {0x08: 4 * BS, 0xA8: 2 * BS, 0x12: 96}.get(op, 0)
+    edges = [blocks - r.randrange(1, 4), blocks + r.randrange(3)]
+    lba = r.choice([r.randrange(blocks)] * 4 + edges)
+    n = r.choice([r.randrange(1, 9)] * 6 + [0, MAX_BLOCKS, MAX_BLOCKS + 1, r.randrange(1, 4)])
+    flags = r.choice([0, 0, 0, 0x08, 0x10, 0x18, 0x20, 0x01, r.randrange(256)])
+    control = r.choice([0] * 12 + [0x04])
+    cdb = (
+        rw10(op, lba, n, flags, r.choice([0] * 8 + [0x05, 0x40]), control)
+        if op in (0x28, 0x2A)
+        else rw16(op, lba, n, flags, control)
+    )
+    want = n * BS
+    length = r.choice([want] * 10 + [max(want - BS, 0), want + BS])
+    if op in (0x2A, 0x8A):
+        return cdb, r.randbytes(length), 0
+    return cdb, b"", length
+
+
+def outcome(c: Completion) -> tuple[int, bytes, bytes, int | None]:
+    return c.status, c.sense, c.data, c.read_len
+
+
+def run_both(
+    tmp_path: Path, commands: list[tuple[bytes, bytes, int]], prepare: object = None
+) -> tuple[list[tuple[int, bytes, bytes, int | None]], list[LoopbackDevice]]:
+    """The commands through the core alone, then through the compiled path; both outcomes
+    lists must match and both disks end identical."""
+    results = []
+    devs = []
+    images = []
+    for fast in (False, True):
+        path = tmp_path / f"{'fast' if fast else 'core'}.img"
+        lun = file_lun(path)
+        if callable(prepare):
+            prepare(lun, path)
+        with served(lun, fast) as dev:
+            got = [outcome(dev.execute(cdb, out, n)) for cdb, out, n in commands]
+        lun.volume.close()  # type: ignore[attr-defined]
+        results.append(got)
+        devs.append(dev)
+        images.append(path.read_bytes())
+    for i, (core, fast_) in enumerate(zip(*results, strict=True)):
+        assert fast_ == core, f"command {i} {commands[i][0].hex()}: {fast_} != {core}"
+    assert images[0] == images[1]
+    return results[1], devs
+
+
+def test_random_commands_give_the_same_answers_and_data_through_both_paths(
+    tmp_path: Path,
+) -> None:
+    r = random.Random(1207)
+    commands = [random_command(r) for _ in range(600)]
+    results, (core, fast) = run_both(tmp_path, commands)
+    assert core.ring is not None and fast.ring is not None
+    assert core.ring.fast_commands == 0
+    assert fast.ring.fast_commands > 60  # the compiled path really served its share
+    assert fast.ring.commands == core.ring.commands == len(commands)
+    assert sum(s == CHECK_CONDITION for s, *_ in results) > 50  # and the edges were hit
+
+
+def test_a_pending_unit_attention_is_reported_by_the_core_first(tmp_path: Path) -> None:
+    def prepare(lun: Lun, _path: Path) -> None:
+        lun.add_unit_attention(*sense.BUS_DEVICE_RESET_FUNCTION_OCCURRED)
+
+    commands = [(rw10(0x28, 0, 1), b"", BS), (rw10(0x28, 0, 1), b"", BS)]
+    results, (_, fast) = run_both(tmp_path, commands, prepare)
+    assert results[0][0] == CHECK_CONDITION and results[0][1][2] & 0xF == 0x06
+    assert results[1][0] == GOOD
+    assert fast.ring is not None and fast.ring.fast_commands == 1
+
+
+def test_a_read_past_the_end_of_a_shrunken_file_falls_back_to_the_core(tmp_path: Path) -> None:
+    """A short transfer is the core's to answer (here: the sparse tail reads as zeroes)."""
+
+    def prepare(lun: Lun, path: Path) -> None:
+        lun.volume.write(0, [memoryview(b"\xab" * SIZE)])
+        os.truncate(path, 10 * BS + 100)
+
+    commands = [(rw16(0x88, 8, 4), b"", 4 * BS), (rw16(0x88, 0, 2), b"", 2 * BS)]
+    results, (_, fast) = run_both(tmp_path, commands, prepare)
+    assert results[0][2] == b"\xab" * (2 * BS + 100) + bytes(2 * BS - 100)
+    assert fast.ring is not None and fast.ring.fast_commands == 1
+
+
+def test_fast_writes_honour_a_read_only_volume(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    path.write_bytes(b"\x11" * SIZE)
+    vol = FileVolume("v", str(path), block_size=BS, read_only=True)
+    lun = Lun(vol, Identity(volume_id=1))
+    with served(lun, True) as dev:
+        c = dev.execute(rw10(0x2A, 0, 1), b"\x22" * BS)
+        assert (c.status, c.sense[2] & 0xF, c.sense[12]) == (CHECK_CONDITION, 0x07, 0x27)
+        assert dev.execute(rw10(0x28, 0, 1), b"", BS).data == b"\x11" * BS
+    assert dev.ring is not None and dev.ring.fast_commands == 1
+    assert path.read_bytes() == b"\x11" * SIZE
+    vol.close()
+
+
+def test_writes_that_must_be_durable_are_left_to_the_core(tmp_path: Path) -> None:
+    """The compiled path never makes a write durable: FUA, and every write while the write
+    cache is off, go through the volume (RWF_DSYNC) — switched at run time like MODE SELECT."""
+    lun = file_lun(tmp_path / "v.img")
+    with served(lun, True) as dev:
+        assert dev.execute(rw10(0x2A, 0, 1, flags=0x08), b"a" * BS).status == GOOD  # FUA
+        lun.volume.write_cache = False
+        assert dev.execute(rw16(0x8A, 1, 1), b"b" * BS).status == GOOD
+        assert dev.ring is not None and dev.ring.fast_commands == 0
+        lun.volume.write_cache = True
+        assert dev.execute(rw16(0x8A, 2, 1), b"c" * BS).status == GOOD
+        assert dev.ring.fast_commands == 1
+        assert dev.execute(rw10(0x28, 0, 3), b"", 3 * BS).data == b"a" * BS + b"b" * BS + b"c" * BS
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
+def pair_lun(tmp_path: Path) -> tuple[PairManager, Lun, Lun]:
+    vols: dict[str, Volume] = {
+        n: FileVolume(n, str(tmp_path / f"{n}.img"), size=SIZE, block_size=BS, create=True)
+        for n in ("p", "s")
+    }
+    ids = {n: Identity(volume_id=i + 1) for i, n in enumerate(vols)}
+    m = PairManager(str(tmp_path / "state"), vols, ids, wil_idle=0.05)
+    luns = [Lun(m.volume(n), ids[n], max_transfer_blocks=MAX_BLOCKS) for n in ("p", "s")]
+    return m, luns[0], luns[1]
+
+
+def test_a_pvol_in_pair_mirrors_every_write_while_its_reads_go_fast(tmp_path: Path) -> None:
+    m, p, s = pair_lun(tmp_path)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    data = os.urandom(8 * BS)
+    with served(p, True) as dev:
+        assert dev.execute(rw16(0x8A, 16, 8), data).status == GOOD
+        assert dev.execute(rw16(0x88, 16, 8), b"", 8 * BS).data == data
+    assert dev.ring is not None and dev.ring.fast_commands == 1  # the read only
+    with served(s, True) as sdev:
+        c = sdev.execute(rw16(0x8A, 0, 1), bytes(BS))  # an S-VOL in PAIR is read only
+        assert (c.status, c.sense[2] & 0xF) == (CHECK_CONDITION, 0x07)
+        assert sdev.execute(rw16(0x88, 16, 8), b"", 8 * BS).data == data
+    m.close()
+
+
+def test_a_pair_created_while_the_fast_path_holds_the_volume_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The compiled path writes past the pair's tracking only while no pair can start: a
+    create waits until the batch is done, so the copy sees every write made before it."""
+    m, p, _ = pair_lun(tmp_path)
+    created = threading.Event()
+    with p.direct() as path:
+        assert path is not None and path.io.writes
+        t = threading.Thread(target=lambda: (m.create("x", "p", "s", 0), created.set()))
+        t.start()
+        assert not created.wait(0.3)
+    assert created.wait(5)
+    t.join()
+    with p.direct() as path:
+        assert path is not None and path.io.reads and not path.io.writes
+    m.close()
+
+
+@pytest.mark.parametrize("workers", [0, 4])
+def test_many_initiators_against_both_paths_end_identical(tmp_path: Path, workers: int) -> None:
+    """Concurrent initiators (batches that mix fast and core commands, a pool) lose nothing."""
+    images = []
+    for fast in (False, True):
+        path = tmp_path / f"{fast}.img"
+        lun = file_lun(path)
+        with served(lun, fast, workers) as dev:
+
+            def initiator(k: int, dev: LoopbackDevice = dev) -> None:
+                r = random.Random(k)
+                for i in range(60):
+                    lba = k * 64 + r.randrange(56)
+                    op = r.choice([0x2A, 0x8A, 0x0A]) if i % 3 else 0x28
+                    if op == 0x0A:
+                        cdb, out = bytes([0x0A, 0, 0, lba, 2, 0]), bytes([k, i]) * BS
+                    elif op == 0x28:
+                        assert dev.execute(rw10(op, lba, 2), b"", 2 * BS).status == GOOD
+                        continue
+                    else:
+                        cdb = rw10(op, lba, 2) if op == 0x2A else rw16(op, lba, 2)
+                        out = bytes([k, i]) * BS
+                    assert dev.execute(cdb, out).status == GOOD
+
+            threads = [threading.Thread(target=initiator, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        lun.volume.close()  # type: ignore[attr-defined]
+        images.append(path.read_bytes())
+    assert images[0] == images[1]

@@ -53,7 +53,8 @@ class Daemon:
     proc: subprocess.Popen[bytes]
     socket: Path
     disks: list[str]
-    attach_s: float
+    startup_s: float  # until the control socket exists: interpreter, imports, config, stores
+    attach_s: float  # until every LUN serves with its disk
     stop_s: float = float("nan")
 
 
@@ -87,10 +88,10 @@ def daemon(work: Path) -> Iterator[Daemon]:
     try:
         if PROFILE:
             time.sleep(1)  # py-spy needs the interpreter up
-        with spying(proc.pid, "attach", idle=True):
-            attach_s = wait_serving(proc, log, start)
         sock = work / "scale.sock"
-        d = Daemon(proc, sock, served_disks(sock), attach_s)
+        with spying(proc.pid, "attach", idle=True):
+            startup_s, attach_s = wait_serving(proc, sock, log, start)
+        d = Daemon(proc, sock, served_disks(sock), startup_s, attach_s)
         yield d
     finally:
         stop = time.monotonic()
@@ -100,12 +101,18 @@ def daemon(work: Path) -> Iterator[Daemon]:
             d.stop_s = time.monotonic() - stop
 
 
-def wait_serving(proc: subprocess.Popen[bytes], log: Path, start: float) -> float:
-    """Seconds from the start of `vscsi up` to its "serving N volume(s)" line."""
+def wait_serving(
+    proc: subprocess.Popen[bytes], sock: Path, log: Path, start: float
+) -> tuple[float, float]:
+    """Seconds from the start of `vscsi up` until its control socket exists (it starts
+    listening before it touches configfs), and until its "serving N volume(s)" line."""
     deadline = start + 60 + 5 * LUNS
+    socket_s: float | None = None
     while time.monotonic() < deadline:
-        if b"vscsi: serving" in log.read_bytes():
-            return time.monotonic() - start
+        if socket_s is None and sock.exists():
+            socket_s = time.monotonic() - start
+        if socket_s is not None and b"vscsi: serving" in log.read_bytes():
+            return socket_s, time.monotonic() - start
         if proc.poll() is not None:
             raise SystemExit(f"vscsi up exited {proc.returncode}: {log.read_text()[-2000:]}")
         time.sleep(0.05)
@@ -196,9 +203,11 @@ def scale_table(d: Daemon, idle: tuple[float, CpuUse, str],
     idle_us, idle_vm, ran = idle
     head = [
         f"one vscsi daemon, {LUNS} LUNs of {VOLUME_SIZE >> 20} MiB through tcm_loop",
-        f"- `vscsi up` until all {LUNS} serve with their /dev/sdX: {d.attach_s:.1f} s "
-        f"({1000 * d.attach_s / LUNS:.0f} ms per LUN); SIGTERM until it has removed them "
-        f"and exited: {d.stop_s:.1f} s",
+        f"- `vscsi up` until all {LUNS} serve with their /dev/sdX: {d.attach_s:.1f} s; of "
+        f"which {d.startup_s:.1f} s until its control socket exists (interpreter, imports, "
+        f"config, stores) and {d.attach_s - d.startup_s:.1f} s attaching "
+        f"({1000 * (d.attach_s - d.startup_s) / LUNS:.0f} ms per LUN)",
+        f"- SIGTERM until it has removed all {LUNS} and exited: {d.stop_s:.1f} s",
         f"- all {LUNS} idle for {IDLE_SECONDS} s: daemon CPU {idle_us / 1000:.1f} ms/s "
         f"({idle_us / 1e4:.2f}% of one vCPU; {ran}); whole VM {idle_vm.share:.1%} of both "
         "vCPUs (/proc/stat samples at each tick and misses short wake-ups)",

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import rtslib_fb
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
+
+from bench.cpu import CpuUse, measured
 from vscsi.control import ControlError, request
 from vscsi.tcmu import configfs
 
@@ -61,8 +64,15 @@ def fio(dev: str, rw: str, bs: str, qd: int) -> float:
     return float(side["iops"])
 
 
-def run_jobs(dev: str, jobs: list[tuple[str, str, str, int]]) -> dict[str, float]:
-    return {name: fio(dev, rw, bs, qd) for name, rw, bs, qd in jobs}
+def run_jobs(
+    dev: str, jobs: list[tuple[str, str, str, int]]
+) -> tuple[dict[str, float], dict[str, CpuUse]]:
+    """IOPS of each job, and the VM's CPU use over each fio run."""
+    iops, cpu = {}, {}
+    for name, rw, bs, qd in jobs:
+        with measured() as cpu[name]:
+            iops[name] = fio(dev, rw, bs, qd)
+    return iops, cpu
 
 
 @contextmanager
@@ -265,6 +275,20 @@ def transport_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(results: dict[str, dict[str, float]], cpu: dict[str, dict[str, CpuUse]]) -> str:
+    """µs of VM CPU per I/O, and in brackets how busy both vCPUs were, per backend and job."""
+    names = list(cpu)
+    lines = [f"| job | {' | '.join(names)} |", "|" + "---|" * (len(names) + 1)]
+    for job, *_ in JOBS:
+        cells = []
+        for n in names:
+            use = cpu[n].get(job)
+            ios = results[n].get(job, 0.0) * RUNTIME
+            cells.append("—" if use is None else f"{use.per_io(ios):,.0f} ({use.share:.0%})")
+        lines.append(f"| {job} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 PAIRED = {"vscsi-pair": "local PAIR", "vscsi-remote": "remote PAIR"}
 
 
@@ -296,6 +320,7 @@ def main() -> None:
     if only:
         backends = {name: backends[name] for name in only.split(",")}
     results: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, CpuUse]] = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         # a tmpfs of its own: the VM's /tmp sits on a small /run and would fill up
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G", "tmpfs", tmp], check=True)
@@ -303,7 +328,7 @@ def main() -> None:
             for name, backend in backends.items():
                 print(f"== {name}", file=sys.stderr, flush=True)
                 with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                    results[name] = run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS)
+                    results[name], cpu[name] = run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS)
                 print(json.dumps(results[name]), file=sys.stderr, flush=True)
         finally:
             subprocess.run(["umount", tmp], check=False)
@@ -320,6 +345,10 @@ def main() -> None:
     if "vscsi" in results and PAIRED.keys() & results.keys():
         tables.append("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) "
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip
+    if cpu:
+        tables.append("VM CPU per I/O, µs (1M jobs: per MiB), from /proc/stat over each fio run "
+                      "(user+nice+system+irq+softirq of both vCPUs); in brackets the share of "
+                      "both vCPUs busy\n" + cpu_table(results, cpu))  # fmt: skip
     print("\n" + "\n\n".join(tables))
     out = os.environ.get("VSCSI_VM_OUT")
     if out and tables:

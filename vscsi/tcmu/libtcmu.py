@@ -277,7 +277,7 @@ class LibtcmuDevice:
             poller.register(self._wake_r, select.POLLIN)
             while not stop.is_set() and self.error is None:
                 self._batch(handler, pool)
-                for fd, _ev in poller.poll(1000):
+                for fd, _ev in poller.poll():  # stop() and close() write the wake pipe
                     if fd == self._wake_r:
                         os.read(self._wake_r, 64)
         except Exception as e:

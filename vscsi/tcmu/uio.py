@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -32,10 +33,17 @@ class UioError(Exception):
     """The uio device is missing, unusable or already served by someone else."""
 
 
+@functools.cache
+def _udev() -> pyudev.Context:
+    """One udev context for the process: each new one looks libudev up again (ldconfig -p, a
+    fork), which made attaching 64 LUNs cost a second each."""
+    return pyudev.Context()
+
+
 def _uio_names() -> list[tuple[str, str]]:
     """(uioN, name) of every uio device: from udev, or straight from sysfs without it."""
     try:
-        devices = list(pyudev.Context().list_devices(subsystem="uio"))
+        devices = list(_udev().list_devices(subsystem="uio"))
         return [(d.sys_name, _udev_name(d)) for d in devices]
     except (ImportError, OSError):
         out = []
@@ -128,7 +136,7 @@ class RingDevice:
             served = self._batch(ring, pool)
             if served and not self._working and not self._watched and self._spin(ring):
                 continue  # (not while workers run: they need the GIL more than a spinner)
-            for fd, _ev in poller.poll(1000):
+            for fd, _ev in poller.poll():  # stop() and close() write the wake pipe
                 if fd == self.fd:
                     os.read(self.fd, 4)  # acknowledge the doorbell
                 else:

@@ -287,7 +287,7 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     with lun.direct() as path:
         assert path is not None
         dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
-        t = threading.Thread(target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 3)))
+        t = threading.Thread(target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 10)))
         t.start()
         for i in range(1, 20):  # each waits for the answer to the one before, as QD1 does
             c = dev.execute(rw10(0x2A, i, 1), bytes([i + 1]) * BS)

@@ -68,6 +68,7 @@ from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.result import BUSY, CHECK_CONDITION, GOOD, TASK_SET_FULL, Result
 from vscsi.tcmu import abi
 from vscsi.tcmu.configfs import SUBTYPE
+from vscsi.tcmu.doorbell import Doorbell
 from vscsi.tcmu.ring import BAD_ENTRY_SENSE, CommandHandler
 from vscsi.tcmu.uio import SYSFS_UIO, UioError
 
@@ -262,9 +263,7 @@ class LibtcmuDevice:
         self.error: str | None = None  # why serve() gave up: the daemon must not carry on
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._done = threading.Lock()  # tcmulib_command_complete is not thread-safe
-        self._bell = threading.Lock()  # guards the two flags below
-        self._owed = False  # a completion is published that no doorbell has announced yet
-        self._ringing = False  # a worker is ringing: others leave their completions to it
+        self._doorbell = Doorbell(lambda: self.lib.tcmulib_processing_complete(self.dev))
 
     def serve(self, handler: CommandHandler, stop: threading.Event, workers: int = 0) -> None:
         """Serve until `stop` is set (wake us with `wake()`) or something fails (`error`)."""
@@ -398,27 +397,6 @@ class LibtcmuDevice:
         ent = cmdr_off + tail
         mem[ent + 7] |= abi.UFLAG_READ_LEN
         abi.U32.pack_into(mem, ent + 12, n)
-
-    def _doorbell(self) -> None:
-        """One tcmulib_processing_complete for every completion published while another
-        thread was ringing (the kernel reaps all published completions on each)."""
-        with self._bell:
-            self._owed = True
-            if self._ringing:
-                return
-            self._ringing = True
-        while True:
-            with self._bell:
-                if not self._owed:
-                    self._ringing = False  # in the same hold: no completion is left unrung
-                    return
-                self._owed = False
-            try:
-                self.lib.tcmulib_processing_complete(self.dev)
-            except BaseException:
-                with self._bell:
-                    self._ringing = False
-                raise
 
     def _failed(self, e: Exception) -> None:
         """Record the first failure (one line) and wake the serving loop to stop."""

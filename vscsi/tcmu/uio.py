@@ -20,6 +20,7 @@ from pathlib import Path
 import pyudev
 
 from vscsi.scsi.lun import FastPath
+from vscsi.tcmu.doorbell import Doorbell
 from vscsi.tcmu.ring import Command, CommandHandler, Ring, RingError
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,9 @@ class RingDevice:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ring: Ring | None = None
         self.error: str | None = None  # why serve() gave up: the daemon must not carry on
-        self._bell = threading.Lock()  # guards the two flags below
-        self._owed = False  # a completion is published that no doorbell has announced yet
-        self._ringing = False  # a worker is ringing: others leave their completions to it
-        self._working = 0  # commands handed to workers and not completed (guarded by _bell)
+        self._ring_doorbell = Doorbell(lambda: self.notify())
+        self._bell = threading.Lock()  # guards _working
+        self._working = 0  # commands handed to workers and not completed
         self._direct: Callable[[], AbstractContextManager[FastPath | None]] | None = None
         self._watched = False  # the compiled path watched the ring after its last batch
         self.doorbell_fd = fd  # where the compiled path rings (uio: the device itself)
@@ -196,27 +196,6 @@ class RingDevice:
             self._ring_doorbell()
         except Exception as e:
             self._failed(e)
-
-    def _ring_doorbell(self) -> None:
-        """Announce the completions published so far: one doorbell for all that finished while
-        another worker was ringing (the kernel reaps every published completion on each)."""
-        with self._bell:
-            self._owed = True
-            if self._ringing:
-                return
-            self._ringing = True
-        while True:
-            with self._bell:
-                if not self._owed:
-                    self._ringing = False
-                    return
-                self._owed = False
-            try:
-                self.notify()
-            except BaseException:
-                with self._bell:
-                    self._ringing = False
-                raise
 
     def _spin(self, ring: Ring) -> bool:
         """After a batch, watch the ring briefly before sleeping: at queue depth the next

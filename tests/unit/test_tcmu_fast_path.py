@@ -166,6 +166,24 @@ def test_a_read_past_the_end_of_a_shrunken_file_falls_back_to_the_core(tmp_path:
     assert fast.ring is not None and fast.ring.fast_commands == 1
 
 
+def test_a_device_that_fails_writes_gets_the_cores_medium_error(tmp_path: Path) -> None:
+    """An I/O error in C is the core's to report: it runs the command again and answers
+    MEDIUM ERROR with the LBA, exactly as without the compiled path."""
+
+    def prepare(lun: Lun, path: Path) -> None:
+        vol = lun.volume
+        failing = os.open(path, os.O_RDONLY)  # every write on it fails (EBADF), reads work
+        os.dup2(failing, vol.fileno())  # type: ignore[attr-defined]
+        os.close(failing)
+
+    commands = [(rw10(0x2A, 5, 2), b"w" * 2 * BS, 0), (rw10(0x28, 5, 2), b"", 2 * BS)]
+    results, (_, fast) = run_both(tmp_path, commands, prepare)
+    status, sense_data, *_ = results[0]
+    assert (status, sense_data[2] & 0xF, sense_data[12]) == (CHECK_CONDITION, 0x03, 0x0C)
+    assert results[1][0] == GOOD
+    assert fast.ring is not None and fast.ring.fast_commands == 1  # the read
+
+
 def test_fast_writes_honour_a_read_only_volume(tmp_path: Path) -> None:
     path = tmp_path / "ro.img"
     path.write_bytes(b"\x11" * SIZE)

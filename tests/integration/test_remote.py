@@ -189,7 +189,8 @@ def test_sigkill_of_the_p_daemon_under_writes_resends_only_logged_regions(
         writer.wait_for(30)
     finally:
         writer.stop_and_verify()
-    assert cli(a, "pair", "wait", "tc", "--status", "PAIR", "--timeout", "120")[0] == 0
+    rc, out = cli(a, "pair", "wait", "tc", "--status", "PAIR", "--timeout", "120")
+    assert rc == 0, (out, status(a), a.output()[-4000:])
     assert 0 < int(status(a)["copy_total"]) <= SPAN, status(a)  # the write-intent log's regions
     same(workdir)
 

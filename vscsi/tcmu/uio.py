@@ -182,8 +182,8 @@ class RingDevice:
         """The compiled path's share of the queue (`Ring.serve_fast`), and its watch for more:
         `_watched` says it watched the ring for the spin window (no need to spin again)."""
         self._watched = False
-        if self._direct is None or not ring.pending():
-            return
+        if self._direct is None or not ring.pending() or ring.outstanding():
+            return  # (with commands out it would serve nothing: leave the pair gate alone)
         with self._direct() as path:
             if path is not None:
                 _, self._watched = ring.serve_fast(path, self.doorbell_fd, SPIN_SECONDS)

@@ -8,7 +8,10 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from vscsi.config import LinkConfig, RemoteConfig
+from vscsi.link.keys import KeyMaterialError, identity
 
 
 class Refused(Exception):
@@ -29,11 +32,6 @@ def context(link: LinkConfig, remotes: Sequence[RemoteConfig], server: bool) -> 
 
 def authenticate(tls: ssl.SSLObject, remotes: Sequence[RemoteConfig]) -> RemoteConfig:
     """The remote whose pinned certificate the peer presented, with the serial configured."""
-    # cryptography costs more to import than the rest of the daemon's link code: only here
-    from cryptography import x509
-
-    from vscsi.link.keys import KeyMaterialError, identity
-
     der = tls.getpeercert(binary_form=True)
     if der is None:
         raise Refused("presented no certificate")

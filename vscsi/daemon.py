@@ -278,6 +278,8 @@ class Daemon:
             session = LinkSession(link, r)
             session.start()
             self._sessions.append(session)
+        for session in self._sessions:  # before pair recovery starts copies over them
+            session.wait_connected(min(link.timeout, 5.0))
         return {s.remote.name: LinkPeer(s, s.remote) for s in self._sessions}
 
     def _serve_link(self, pairs: PairManager) -> None:

@@ -259,19 +259,15 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def fast_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| job | vscsi | vscsi without the compiled path | ratio |", "|---|---|---|---|"]
+def side_by_side(
+    results: dict[str, dict[str, float]], left: str, right: str, head: str, right_over_left: bool
+) -> str:
+    """Two backends per job and the ratio of one to the other; `head` names the columns."""
+    lines = [head, "|---|---|---|---|"]
     for job, *_ in JOBS:
-        fast, slow = results["vscsi"][job], results["vscsi-python"][job]
-        lines.append(f"| {job} | {fast:,.0f} | {slow:,.0f} | {fast / slow:.2f}x |")
-    return "\n".join(lines)
-
-
-def transport_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| job | native ring | libtcmu | libtcmu/native |", "|---|---|---|---|"]
-    for job, *_ in JOBS:
-        native, lib = results["vscsi"][job], results["vscsi-libtcmu"][job]
-        lines.append(f"| {job} | {native:,.0f} | {lib:,.0f} | {lib / native:.2f}x |")
+        a, b = results[left][job], results[right][job]
+        ratio = b / a if right_over_left else a / b
+        lines.append(f"| {job} | {a:,.0f} | {b:,.0f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -338,10 +334,15 @@ def main() -> None:
                       + table(results))  # fmt: skip
     if {"vscsi", "vscsi-python"} <= results.keys():
         tables.append("the compiled READ/WRITE path: vscsi with it and without it (fast_path = "
-                      "false), IOPS\n" + fast_table(results))  # fmt: skip
+                      "false), IOPS\n" + side_by_side(
+                      results, "vscsi", "vscsi-python",
+                      "| job | vscsi | vscsi without the compiled path | ratio |",
+                      False))  # fmt: skip
     if {"vscsi", "vscsi-libtcmu"} <= results.keys():
         tables.append("vscsi through its own ring and through libtcmu.so.2 (transport = "
-                      '"libtcmu"), IOPS (1M jobs: MiB/s)\n' + transport_table(results))  # fmt: skip
+                      '"libtcmu"), IOPS (1M jobs: MiB/s)\n' + side_by_side(
+                      results, "vscsi", "vscsi-libtcmu",
+                      "| job | native ring | libtcmu | libtcmu/native |", True))  # fmt: skip
     if "vscsi" in results and PAIRED.keys() & results.keys():
         tables.append("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) "
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip

@@ -139,6 +139,61 @@ def test_write_begun_and_ended_during_checkpoint_keeps_region(tmp_path: Path) ->
     log.close()
 
 
+def test_a_borrower_writing_during_a_checkpoint_keeps_its_region_until_given_back(
+    tmp_path: Path,
+) -> None:
+    """A borrower (the ring's compiled path) writes only where `ready` says the mark is
+    durable and flags the region touched. A write it makes after the checkpoint's flush may
+    not be durable: the clear waits for the log to come back and then keeps that region,
+    while another idle region is cleared. No borrower is let in while the clear is waited on."""
+    path = str(tmp_path / "wil")
+    log: WriteIntentLog | None = None
+    checkpointed = threading.Event()
+    calls: list[int] = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        checkpointed.set()
+
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, before_clear=checkpoint)
+    assert log.lend() == (bytearray(64), bytearray(64))  # nothing is ready before a begin
+    log.give_back()
+    for off in (0, MiB):
+        log.begin(off, 512)
+        log.end(off, 512)
+    lent = log.lend()
+    assert lent is not None
+    ready, touched = lent
+    assert ready[:3] == b"\x01\x01\x00"
+    cleared: list[int] = []
+    t = threading.Thread(target=lambda: cleared.append(log.flush_idle(time.monotonic() + 7200)))
+    t.start()
+    assert checkpointed.wait(5)
+    touched[1] = 1  # the borrower writes region 1 after the checkpoint's flush
+    t.join(0.3)
+    assert t.is_alive() and log.lend() is None  # the clear waits for the borrower
+    log.give_back()
+    t.join(5)
+    assert cleared == [1] and ready[:2] == b"\x00\x01"
+    assert _recovered(path, 64 * MiB, MiB) == [(MiB, MiB)]
+    assert log.flush_idle(time.monotonic() + 7200) == 1  # the next checkpoint covers it
+    assert log.dirty_regions() == 0 and ready[:2] == b"\x00\x00" and len(calls) == 2
+    log.close()
+
+
+def test_a_log_reopened_with_marks_is_ready_there(tmp_path: Path) -> None:
+    """Marks a crash left are durable: a borrower may write there at once."""
+    path = str(tmp_path / "wil")
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, background=False)
+    log.begin(3 * MiB, 512)  # never ended: as if the daemon died
+    log._io.close()
+    log = WriteIntentLog(path, 64 * MiB, region=MiB, idle_delay=3600, background=False)
+    lent = log.lend()
+    assert lent is not None and lent[0][:4] == b"\x00\x00\x00\x01"
+    log.give_back()
+    log.close()
+
+
 def test_failed_checkpoint_keeps_regions_and_the_cleaner_retries(tmp_path: Path) -> None:
     path = str(tmp_path / "wil")
     failures = [OSError(5, "pair record save failed")] * 3

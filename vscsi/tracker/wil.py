@@ -24,6 +24,12 @@ stamped after the pick), then clears only the regions with no `begin` since the 
 on a marked region does no I/O, so a per-region begin epoch, not the I/O, tells that a write
 raced the checkpoint. A `before_clear` that raises keeps every region.
 
+A writer that checks marks itself (the ring's compiled path, in C) borrows the log (`lend`):
+`ready` says per region whether its mark is durable, and the writer writes only there, flagging
+each region it writes in `touched`. While the log is lent nothing is cleared; when the last
+borrower gives it back (`give_back`), each touched region counts as a write begun and ended
+then, so a clear that picked it before keeps it.
+
 Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
 are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
 differently shaped log is formatted afresh with `valid` False; `recover()` then raises
@@ -140,6 +146,10 @@ class WriteIntentLog:
         self.nregions = max(-(-size // region), 1)
         self.npages = -(-self.nregions // _BITS_PER_PAGE)
         self._bits = bytearray(self.npages * (PAGE - _PAGE_HEAD.size))
+        self._ready = bytearray(self.nregions)  # 1 where the region's mark is durable
+        self._touched = bytearray(self.nregions)  # flagged by borrowers (`lend`)
+        self._lent = 0
+        self._clearing = False
         self._page_gen = [0] * self.npages
         self._inflight: dict[int, int] = {}
         self._idle_since: dict[int, float] = {}
@@ -147,6 +157,7 @@ class WriteIntentLog:
         self._begun: dict[int, int] = {}  # region -> epoch of its latest begin (until cleared)
         self._dirty_pages: set[int] = set()
         self._lock = threading.Lock()
+        self._returned = threading.Condition(self._lock)  # the last borrower gave the log back
         self._io_lock = threading.Lock()
         self._stop = threading.Event()
         self._next_gen = 1
@@ -214,6 +225,8 @@ class WriteIntentLog:
             else:
                 self._bits[p * span : (p + 1) * span] = body
         self._io.fdatasync()
+        for r in self._marked_unlocked():
+            self._ready[r] = 1
 
     def _format(self) -> None:
         self.generation = 1
@@ -289,6 +302,7 @@ class WriteIntentLog:
             if self._cleaner is None and self.background:
                 self._start_cleaner()
             if need <= self._durable_gen:
+                self._set_ready(offset, length)
                 return
         try:
             fault_point("wil.begin.flush")
@@ -296,6 +310,12 @@ class WriteIntentLog:
         except BaseException:
             self.end(offset, length)  # the caller will not issue the write, nor call end
             raise
+        with self._lock:  # in flight, so not cleared since: the mark is durable
+            self._set_ready(offset, length)
+
+    def _set_ready(self, offset: int, length: int) -> None:
+        for r in self._regions(offset, length):
+            self._ready[r] = 1
 
     def end(self, offset: int, length: int) -> None:
         """The write completed (or failed) on every member; its regions may be cleared once
@@ -309,6 +329,34 @@ class WriteIntentLog:
                     self._idle_since[r] = now
                 else:
                     self._inflight[r] = n
+
+    # -- borrowers that write where the marks are durable --------------------------------------
+
+    def lend(self) -> tuple[bytearray, bytearray] | None:
+        """(`ready`, `touched`) for a borrower (module doc) until `give_back`; None while a
+        clear is under way: the writer then begins its intents as usual."""
+        with self._lock:
+            if self._clearing or self._closed:
+                return None
+            self._lent += 1
+            return self._ready, self._touched
+
+    def give_back(self) -> None:
+        """A borrower is done; the last one turns the touched regions into ended writes."""
+        now = time.monotonic()
+        with self._lock:
+            self._lent -= 1
+            if self._lent:
+                return
+            r = self._touched.find(1)
+            while r >= 0:
+                self._touched[r] = 0
+                self._epoch += 1
+                self._begun[r] = self._epoch
+                if r not in self._inflight:
+                    self._idle_since[r] = now
+                r = self._touched.find(1, r + 1)
+            self._returned.notify_all()
 
     # -- clearing -------------------------------------------------------------------------------
 
@@ -363,22 +411,32 @@ class WriteIntentLog:
         with self._lock:
             if self._held:
                 return 0
-            # a write that began since the pick (in flight or not) raced the checkpoint: keep it
-            cleared = [
-                r
-                for r, e in picked.items()
-                if self._begun.get(r, 0) == e and r not in self._inflight
-            ]
-            for r in cleared:
-                self._idle_since.pop(r, None)
-                self._begun.pop(r, None)
-                byte, bit = divmod(r, 8)
-                self._bits[byte] &= ~(1 << bit) & 0xFF
-                self._changed(r // _BITS_PER_PAGE)
+            self._clearing = True  # no new borrower; the ones out finish their writes
+            try:
+                while self._lent:
+                    self._returned.wait()
+                cleared = self._clear_unraced(picked)
+            finally:
+                self._clearing = False
             need = self._next_gen
         fault_point("wil.clear.flush")
         self._flush(need)
         return len(cleared)
+
+    def _clear_unraced(self, picked: dict[int, int]) -> list[int]:
+        """Under the lock: clear the picked regions no write began in since the pick (one that
+        did, in flight or not, raced the checkpoint: keep it)."""
+        cleared = [
+            r for r, e in picked.items() if self._begun.get(r, 0) == e and r not in self._inflight
+        ]
+        for r in cleared:
+            self._idle_since.pop(r, None)
+            self._begun.pop(r, None)
+            self._ready[r] = 0
+            byte, bit = divmod(r, 8)
+            self._bits[byte] &= ~(1 << bit) & 0xFF
+            self._changed(r // _BITS_PER_PAGE)
+        return cleared
 
     def mark_clean(self) -> bool:
         """Clear everything (clean dismount, or a finished merge) unless a write is in flight.
@@ -386,9 +444,10 @@ class WriteIntentLog:
         The caller must already have made every member durable and equal.
         """
         with self._lock:
-            if self._inflight or self._held:
+            if self._inflight or self._held or self._lent:
                 return False
             self._bits[:] = bytes(len(self._bits))
+            self._ready[:] = bytes(len(self._ready))
             self._idle_since.clear()
             self._begun.clear()
             for page in range(self.npages):
@@ -415,7 +474,10 @@ class WriteIntentLog:
     def _marked(self) -> list[int]:
         """Marked region numbers (a torn last page may set bits past the volume: dropped)."""
         with self._lock:
-            bits = bytes(self._bits)
+            return self._marked_unlocked()
+
+    def _marked_unlocked(self) -> list[int]:
+        bits = bytes(self._bits)
         found = [
             i * 8 + bit
             for i, byte in enumerate(bits)

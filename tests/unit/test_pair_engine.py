@@ -76,7 +76,7 @@ def test_split_is_a_single_instant(env) -> None:
 
     t = threading.Thread(target=writer)
     t.start()
-    while len(acked) < 50:
+    while len(acked) < 128:  # every one of the 64 slots written before the split
         pass
     m.split("p")
     at_split = len(acked)

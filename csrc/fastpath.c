@@ -102,6 +102,30 @@ static int gather(const struct fast_ring *r, const char *ent, uint32_t cnt, uint
     return total == bytes ? (int)cnt : -1;
 }
 
+/* Whether every region of [at, at+bytes) has its write intent durable; flags them touched. */
+static int intent_ready(const struct fast_lun *l, uint64_t at, uint64_t bytes)
+{
+    uint64_t first = at / l->region, last = (at + bytes - 1) / l->region;
+    if (last >= l->nregions)
+        return 0;
+    for (uint64_t r = first; r <= last; r++)
+        if (!l->ready[r])
+            return 0;
+    for (uint64_t r = first; r <= last; r++)
+        l->touched[r] = 1;
+    return 1;
+}
+
+/* One whole transfer on `fd` (`direct_fd` when the buffers suit O_DIRECT); 0 when short or
+ * failed. */
+static int move(int write, int fd, int direct_fd, int aligned, const struct iovec *iov, int n,
+                off_t at, uint64_t bytes)
+{
+    int use = aligned && direct_fd >= 0 ? direct_fd : fd;
+    ssize_t done = write ? pwritev(use, iov, n, at) : preadv(use, iov, n, at);
+    return done >= 0 && (uint64_t)done == bytes;
+}
+
 /* Serve one CMD entry; 1 when it is answered GOOD in its slot, 0 to leave it to the core. */
 static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent, uint32_t len)
 {
@@ -122,15 +146,14 @@ static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent,
     int n = gather(r, ent, cnt, bytes, l->block_size, iov, &aligned);
     if (n < 0)
         return 0;
-    int fd = aligned && l->direct_fd >= 0 ? l->direct_fd : l->fd;
     off_t at = (off_t)(rw.lba * l->block_size);
-    ssize_t done;
-    if (rw.write)
-        done = pwritev(fd, iov, n, at);
-    else
-        done = preadv(fd, iov, n, at);
-    if (done < 0 || (uint64_t)done != bytes)
+    if (rw.write && l->mirrors && !intent_ready(l, (uint64_t)at, bytes))
+        return 0;
+    if (!move(rw.write, l->fd, l->direct_fd, aligned, iov, n, at, bytes))
         return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
+    for (int m = 0; rw.write && m < l->mirrors; m++)
+        if (!move(1, l->mirror_fd[m], l->mirror_direct_fd[m], aligned, iov, n, at, bytes))
+            return 0; /* the core writes both again; a failing S-VOL suspends its pair there */
     memset(ent + 7, 0, 1 + 8);    /* uflags; scsi_status GOOD, padding, read_len 0 */
     return 1;
 }

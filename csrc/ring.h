@@ -10,7 +10,9 @@
  * 4-aligned byte offset in it.
  *
  * The fast path (fastpath.c) serves, in ring order, the leading READ(10/16) and WRITE(10/16)
- * entries whose outcome is plain data movement on one file descriptor, and stops at the first
+ * entries whose outcome is plain data movement on one file descriptor (for a P-VOL in PAIR: the
+ * same write on the P-VOL's, then on each S-VOL's, into regions the write-intent log already
+ * holds durably marked), and stops at the first
  * entry it does not own — any other command, a TMR, a CDB with a field the SCSI core would
  * refuse, a range or length the core would answer with sense, an I/O error or a short
  * transfer. The Python SCSI core then serves that entry, so it stays the single source of SCSI
@@ -54,6 +56,16 @@ struct fast_lun {
     int reads;
     int writes;           /* but never one that must be durable before it completes: FUA */
     uint8_t masks[4][16];
+    /* The S-VOLs of a P-VOL in PAIR: a write goes to the P-VOL (fd), then to each of them,
+     * and only into regions of `region` bytes whose write intent is already durable
+     * (ready[r]); each region written is flagged in touched[r] for the log's owner. */
+    int mirrors;
+    int mirror_fd[4];
+    int mirror_direct_fd[4];
+    uint64_t region;
+    uint64_t nregions;
+    const uint8_t *ready;
+    uint8_t *touched;
 };
 
 /* Serve what the fast path owns of the entries queued when it is called — never more, so a

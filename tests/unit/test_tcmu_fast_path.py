@@ -11,6 +11,7 @@ import contextlib
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,31 +214,91 @@ def test_writes_that_must_be_durable_are_left_to_the_core(tmp_path: Path) -> Non
     lun.volume.close()  # type: ignore[attr-defined]
 
 
-def pair_lun(tmp_path: Path) -> tuple[PairManager, Lun, Lun]:
+def pair_lun(tmp_path: Path, wil_idle: float = 0.05) -> tuple[PairManager, Lun, Lun]:
     vols: dict[str, Volume] = {
         n: FileVolume(n, str(tmp_path / f"{n}.img"), size=SIZE, block_size=BS, create=True)
         for n in ("p", "s")
     }
     ids = {n: Identity(volume_id=i + 1) for i, n in enumerate(vols)}
-    m = PairManager(str(tmp_path / "state"), vols, ids, wil_idle=0.05)
+    m = PairManager(str(tmp_path / "state"), vols, ids, wil_idle=wil_idle)
     luns = [Lun(m.volume(n), ids[n], max_transfer_blocks=MAX_BLOCKS) for n in ("p", "s")]
     return m, luns[0], luns[1]
 
 
-def test_a_pvol_in_pair_mirrors_every_write_while_its_reads_go_fast(tmp_path: Path) -> None:
-    m, p, s = pair_lun(tmp_path)
+def test_a_pvol_in_pair_writes_both_volumes_where_its_write_intent_is_durable(
+    tmp_path: Path,
+) -> None:
+    """A write into a region without a durable write-intent mark is the core's (it makes the
+    mark); once marked, C writes the P-VOL and the S-VOL itself, and the region stays marked
+    for as long as C keeps writing there."""
+    m, p, s = pair_lun(tmp_path, wil_idle=0.5)
     m.create("x", "p", "s", 0)
     assert m.wait("x", 10)
-    data = os.urandom(8 * BS)
+    wil = m.volume("p").wil
+    data = [os.urandom(8 * BS) for _ in range(20)]
     with served(p, True) as dev:
-        assert dev.execute(rw16(0x8A, 16, 8), data).status == GOOD
-        assert dev.execute(rw16(0x88, 16, 8), b"", 8 * BS).data == data
-    assert dev.ring is not None and dev.ring.fast_commands == 1  # the read only
+        assert dev.execute(rw16(0x8A, 16, 8), data[0]).status == GOOD  # the core: marks
+        assert dev.execute(rw16(0x88, 16, 8), b"", 8 * BS).data == data[0]
+        for d in data[1:]:  # C, both volumes; for longer than the idle delay, never idle
+            assert dev.execute(rw10(0x2A, 16, 8), d).status == GOOD
+            time.sleep(0.05)
+        assert wil.dirty_regions() == 1 and dev.ring is not None
+        assert dev.ring.fast_commands == 20
+        deadline = time.monotonic() + 10
+        while wil.dirty_regions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert wil.dirty_regions() == 0  # idle since C's last write: cleared
+        assert dev.execute(rw16(0x8A, 24, 8), data[0]).status == GOOD  # the core again
+        assert dev.ring.fast_commands == 20 and wil.dirty_regions() == 1
     with served(s, True) as sdev:
         c = sdev.execute(rw16(0x8A, 0, 1), bytes(BS))  # an S-VOL in PAIR is read only
         assert (c.status, c.sense[2] & 0xF) == (CHECK_CONDITION, 0x07)
-        assert sdev.execute(rw16(0x88, 16, 8), b"", 8 * BS).data == data
+        assert sdev.execute(rw16(0x88, 16, 16), b"", 16 * BS).data == data[-1] + data[0]
     m.close()
+    assert (tmp_path / "p.img").read_bytes() == (tmp_path / "s.img").read_bytes()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_random_commands_on_a_pvol_in_pair_end_with_both_volumes_identical(
+    tmp_path: Path, fast: bool
+) -> None:
+    r = random.Random(77)
+    commands = [random_command(r) for _ in range(300)]
+    m, p, _ = pair_lun(tmp_path)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    with served(p, fast) as dev:
+        got = [outcome(dev.execute(cdb, out, n)) for cdb, out, n in commands]
+    assert m.display("x")[0]["status"] == "PAIR"
+    m.close()
+    assert (tmp_path / "p.img").read_bytes() == (tmp_path / "s.img").read_bytes()
+    assert sum(status == GOOD for status, *_ in got) > 100
+    assert dev.ring is not None and (dev.ring.fast_commands > 25) == fast
+
+
+def test_a_split_waits_for_the_compiled_path_then_its_writes_stay_on_the_pvol(
+    tmp_path: Path,
+) -> None:
+    """The S-VOL of a split is the P-VOL as of the split: C's mirrored writes end first (the
+    split waits for the gate), and after it C writes no S-VOL."""
+    m, p, _ = pair_lun(tmp_path)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    split = threading.Event()
+    with p.direct() as path:
+        assert path is not None and path.io.writes and len(path.io.mirrors) == 1
+        t = threading.Thread(target=lambda: (m.split("x"), split.set()))
+        t.start()
+        assert not split.wait(0.3)
+    assert split.wait(5)
+    t.join()
+    with p.direct() as path:
+        assert path is not None and not path.io.writes and not path.io.mirrors
+    with served(p, True) as dev:
+        assert dev.execute(rw16(0x8A, 0, 1), b"p" * BS).status == GOOD
+    assert m.display("x")[0]["status"] == "PSUS"
+    m.close()
+    assert (tmp_path / "s.img").read_bytes()[:BS] == bytes(BS)
 
 
 def test_a_pair_created_while_the_fast_path_holds_the_volume_waits_for_it(

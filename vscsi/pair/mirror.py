@@ -80,6 +80,13 @@ class Mirror:
         """Under the lock: whether a host write on the P-VOL is copied to the S-VOL now."""
         raise NotImplementedError
 
+    def mirrors_plainly(self) -> bool:
+        """Whether a host write on the P-VOL is now nothing but the same write on the P-VOL
+        and on the S-VOL (PAIR, no copy running): the ring's compiled path may then make
+        both itself. A status change away from that takes the P-VOL's gate, which the
+        compiled path holds; a failed write is served again by the Python core."""
+        return False
+
     def track(self, offset: int, length: int) -> None:
         """Under the lock: a host write the S-VOL does not take is a P-VOL change."""
         raise NotImplementedError

@@ -69,6 +69,10 @@ class Pair(Mirror):
     def takes_updates(self) -> bool:
         return self.rec.status in (Status.COPY, Status.PAIR)
 
+    def mirrors_plainly(self) -> bool:
+        t = self._thread
+        return self.rec.status is Status.PAIR and (t is None or not t.is_alive())
+
     def track(self, offset: int, length: int) -> None:
         assert self.rec.pdiff is not None
         self.rec.pdiff.mark(offset, length)

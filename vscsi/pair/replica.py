@@ -5,10 +5,11 @@ never knows which one it drives."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 from vscsi.resync.engine import deallocate
-from vscsi.store.base import Extent, Volume
+from vscsi.store.base import DirectIo, Extent, Volume
 
 
 class Replica(Protocol):
@@ -58,3 +59,8 @@ class LocalReplica:
 
     def extent_at(self, offset: int) -> Extent:
         return self.volume.extent_at(offset)
+
+    def direct(self) -> AbstractContextManager[DirectIo | None]:
+        """The S-VOL's descriptors, for the P-VOL's compiled write path (`PairVolume.direct`)."""
+        direct = getattr(self.volume, "direct", None)
+        return nullcontext() if direct is None else direct()

@@ -4,10 +4,10 @@ wrapped, so a pair can be created or deleted under a LUN that keeps serving."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
-from vscsi.pair.replica import Replica
+from vscsi.pair.replica import LocalReplica, Replica
 from vscsi.pair.states import Access, Status
 from vscsi.resync.engine import deallocate
 from vscsi.store.base import DirectIo, Extent, NotReadyError, Volume, WriteProtectedError
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 GRAIN = 65536
 WIL_REGION = 1 << 20  # fixed, so a restart with another copy chunk still reads the log
+MAX_MIRRORS = 4  # S-VOLs the compiled path writes beside a P-VOL (csrc/ring.h, fast_lun)
 # NOT READY causes (SPC-4 additional sense codes), see docs/pairs.md:
 RESTORE_IN_PROGRESS = (0x04, 0x07)  # LOGICAL UNIT NOT READY, OPERATION IN PROGRESS
 SUSPENDED_BY_ERROR = (0x04, 0x03)  # LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED
@@ -112,9 +113,12 @@ class PairVolume:
     @contextmanager
     def direct(self) -> Iterator[DirectIo | None]:
         """The base's descriptors, for reads `readinto` would pass straight to the base and
-        writes `write` would (simplex only). The gate is held shared meanwhile: a pair created
-        or a role changed waits, so no write made through the descriptors escapes a pair's
-        tracking, and none is made after a transition that forbids it."""
+        writes `write` would: on a simplex volume, and on a P-VOL whose pairs all mirror
+        plainly (`Mirror.mirrors_plainly`) to S-VOLs that hand out their own descriptors,
+        with the write-intent log lent (`WriteIntentLog.lend`). The gate is held shared
+        meanwhile: a pair created or a role changed waits, so no write made through the
+        descriptors escapes a pair's tracking, and none is made after a transition that
+        forbids it."""
         base = getattr(self.base, "direct", None)
         if base is None:
             yield None
@@ -125,12 +129,46 @@ class PairVolume:
                 return
             primaries, secondary = self.manager.roles(self.name)
             access = self.access()
-            reads = access is not Access.NO_ACCESS and all(
+            reads = io.reads and access is not Access.NO_ACCESS and all(
                 p.status is not Status.RCPY for p in primaries
             )
-            simplex = not primaries and secondary is None and not self.guarded
-            writes = simplex and access is Access.READ_WRITE
-            yield io._replace(reads=io.reads and reads, writes=io.writes and writes)
+            if not (io.writes and access is Access.READ_WRITE):
+                yield io._replace(reads=reads, writes=False)
+            elif not primaries and secondary is None and not self.guarded:
+                yield io._replace(reads=reads)
+            else:
+                with self._mirrored(primaries, secondary) as mirrored:
+                    yield io._replace(reads=reads, writes=mirrored is not None, **mirrored or {})
+
+    @contextmanager
+    def _mirrored(
+        self, primaries: list[Mirror], secondary: Mirror | None
+    ) -> Iterator[dict[str, Any] | None]:
+        """The S-VOLs' descriptors and the lent log, when every write here is plainly the
+        same write on each of them (see `direct`); None otherwise."""
+        plain = (
+            secondary is None and not self.guarded and len(primaries) <= MAX_MIRRORS
+            and all(p.mirrors_plainly() and isinstance(p.replica, LocalReplica) for p in primaries)
+        )  # fmt: skip
+        if not plain:
+            yield None
+            return
+        with ExitStack() as stack:
+            ios = [stack.enter_context(p.replica.direct()) for p in primaries]  # type: ignore[union-attr]
+            if not all(io is not None and io.writes for io in ios):
+                yield None
+                return
+            lent = self.wil.lend()
+            if lent is None:
+                yield None
+                return
+            try:
+                yield {
+                    "mirrors": tuple((io.fd, io.direct_fd) for io in ios if io is not None),
+                    "intent": (self.wil.region, *lent),
+                }
+            finally:
+                self.wil.give_back()
 
     def read_held(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """A read by a caller holding the range's region lock (a copy, a read during RCPY)."""

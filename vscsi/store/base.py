@@ -68,6 +68,11 @@ class DirectIo(NamedTuple):
     direct_fd: int  # O_DIRECT, for block-aligned buffers; -1 if none
     reads: bool
     writes: bool  # never while the write cache is off: durable writes are the volume's own
+    # A P-VOL in PAIR: each write also goes, after `fd`, to these S-VOLs ((fd, direct_fd)
+    # each), and only into regions whose write intent is durable: (region bytes, ready,
+    # touched) as `WriteIntentLog.lend` hands them out.
+    mirrors: tuple[tuple[int, int], ...] = ()
+    intent: tuple[int, bytearray, bytearray] | None = None
 
 
 @runtime_checkable

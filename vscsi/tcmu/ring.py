@@ -47,11 +47,12 @@ import logging
 import os
 import threading
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.lun import FAST_MASKS, FastPath
 from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
+from vscsi.store.base import DirectIo
 from vscsi.tcmu import abi
 from vscsi.tcmu._ring_c import ffi, lib
 
@@ -113,6 +114,24 @@ def cdb_length(opcode: int, mem: memoryview, cdb_off: int) -> int:
     if opcode == 0x7F:
         return 8 + mem[cdb_off + 7]
     return _CDB_SIZE[opcode >> 5]
+
+
+def _set_mirrors(lun: Any, io: DirectIo) -> tuple[Any, ...]:
+    """Fill `lun`'s S-VOL fields from `io` (a P-VOL in PAIR, see `DirectIo`); returns the
+    cffi buffers the struct points into, to be kept alive while C runs."""
+    if not io.mirrors or io.intent is None:
+        lun.writes = io.writes and not io.mirrors  # a mirrored write needs the lent log
+        lun.mirrors, lun.region, lun.nregions = 0, 1, 0
+        lun.ready = lun.touched = ffi.NULL
+        return ()
+    lun.mirrors = len(io.mirrors)
+    for i, (fd, direct_fd) in enumerate(io.mirrors):
+        lun.mirror_fd[i], lun.mirror_direct_fd[i] = fd, direct_fd
+    region, ready, touched = io.intent
+    keep = ffi.from_buffer(ready), ffi.from_buffer(touched, require_writable=True)
+    lun.region, lun.nregions = region, len(ready)
+    lun.ready, lun.touched = keep
+    return keep
 
 
 class Ring:
@@ -198,10 +217,12 @@ class Ring:
                 return 0, False
         r, lun, io = self._fast, self._fast_lun, path.io
         r.pos, r.replay_end = self._next, self._replay_end
-        lun.fd, lun.direct_fd, lun.reads, lun.writes = io
+        lun.fd, lun.direct_fd, lun.reads, lun.writes = io.fd, io.direct_fd, io.reads, io.writes
+        keep = _set_mirrors(lun, io)
         lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
         entries, commands = r.entries, r.commands
         rc = lib.ring_serve_fast_for(r, lun, doorbell, int(window * 1e9))
+        del keep
         with self._lock:
             self._next = self._tail = r.pos
             self._replay_end = r.replay_end

@@ -2,6 +2,7 @@
  * leaves to the Python SCSI core. Layouts are target_core_user.h's (vscsi/tcmu/abi.py). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -20,6 +21,7 @@
 #define CMD_ENTRY_MIN 112 /* header + response with its 96-byte sense buffer */
 #define FAST_MAX_IOV 1024 /* IOV_MAX: more than that goes to Python */
 #define FUA 0x08
+#define SIDE_BY_SIDE (256u << 10) /* a mirrored write this large writes its S-VOLs on a thread */
 
 static uint32_t ld32(const char *p)
 {
@@ -126,6 +128,44 @@ static int move(int write, int fd, int direct_fd, int aligned, const struct iove
     return done >= 0 && (uint64_t)done == bytes;
 }
 
+/* The S-VOL writes of one host write, each a whole transfer on its own descriptor. */
+struct side {
+    const struct fast_lun *l;
+    int aligned;
+    const struct iovec *iov;
+    int n;
+    off_t at;
+    uint64_t bytes;
+    int ok;
+};
+
+static void *write_side(void *arg)
+{
+    struct side *s = arg;
+    s->ok = 1;
+    for (int m = 0; m < s->l->mirrors; m++)
+        s->ok &= move(1, s->l->mirror_fd[m], s->l->mirror_direct_fd[m], s->aligned, s->iov, s->n,
+                      s->at, s->bytes);
+    return NULL;
+}
+
+/* Write the P-VOL (`l->fd`) and its S-VOLs; 1 when every side took the whole transfer. A
+ * large write's S side runs on a thread of its own beside the P side's: each is a copy of
+ * the data, and the VM has a second CPU; a small one's costs less than the thread would. */
+static int mirror_write(const struct fast_lun *l, int aligned, const struct iovec *iov, int n,
+                        off_t at, uint64_t bytes)
+{
+    struct side side = {l, aligned, iov, n, at, bytes, 0};
+    pthread_t t;
+    int beside = bytes >= SIDE_BY_SIDE && pthread_create(&t, NULL, write_side, &side) == 0;
+    int ok = move(1, l->fd, l->direct_fd, aligned, iov, n, at, bytes);
+    if (beside)
+        pthread_join(t, NULL);
+    else if (ok)
+        write_side(&side);
+    return ok && side.ok;
+}
+
 /* Serve one CMD entry; 1 when it is answered GOOD in its slot, 0 to leave it to the core. */
 static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent, uint32_t len)
 {
@@ -149,11 +189,12 @@ static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent,
     off_t at = (off_t)(rw.lba * l->block_size);
     if (rw.write && l->mirrors && !intent_ready(l, (uint64_t)at, bytes))
         return 0;
-    if (!move(rw.write, l->fd, l->direct_fd, aligned, iov, n, at, bytes))
+    if (rw.write && l->mirrors) {
+        if (!mirror_write(l, aligned, iov, n, at, bytes))
+            return 0; /* the core writes all again; a failing S-VOL suspends its pair there */
+    } else if (!move(rw.write, l->fd, l->direct_fd, aligned, iov, n, at, bytes)) {
         return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
-    for (int m = 0; rw.write && m < l->mirrors; m++)
-        if (!move(1, l->mirror_fd[m], l->mirror_direct_fd[m], aligned, iov, n, at, bytes))
-            return 0; /* the core writes both again; a failing S-VOL suspends its pair there */
+    }
     memset(ent + 7, 0, 1 + 8);    /* uflags; scsi_status GOOD, padding, read_len 0 */
     return 1;
 }

@@ -214,14 +214,16 @@ def test_writes_that_must_be_durable_are_left_to_the_core(tmp_path: Path) -> Non
     lun.volume.close()  # type: ignore[attr-defined]
 
 
-def pair_lun(tmp_path: Path, wil_idle: float = 0.05) -> tuple[PairManager, Lun, Lun]:
+def pair_lun(
+    tmp_path: Path, wil_idle: float = 0.05, size: int = SIZE, max_blocks: int = MAX_BLOCKS
+) -> tuple[PairManager, Lun, Lun]:
     vols: dict[str, Volume] = {
-        n: FileVolume(n, str(tmp_path / f"{n}.img"), size=SIZE, block_size=BS, create=True)
+        n: FileVolume(n, str(tmp_path / f"{n}.img"), size=size, block_size=BS, create=True)
         for n in ("p", "s")
     }
     ids = {n: Identity(volume_id=i + 1) for i, n in enumerate(vols)}
     m = PairManager(str(tmp_path / "state"), vols, ids, wil_idle=wil_idle)
-    luns = [Lun(m.volume(n), ids[n], max_transfer_blocks=MAX_BLOCKS) for n in ("p", "s")]
+    luns = [Lun(m.volume(n), ids[n], max_transfer_blocks=max_blocks) for n in ("p", "s")]
     return m, luns[0], luns[1]
 
 
@@ -256,6 +258,21 @@ def test_a_pvol_in_pair_writes_both_volumes_where_its_write_intent_is_durable(
         assert sdev.execute(rw16(0x88, 16, 16), b"", 16 * BS).data == data[-1] + data[0]
     m.close()
     assert (tmp_path / "p.img").read_bytes() == (tmp_path / "s.img").read_bytes()
+
+
+def test_a_large_mirrored_write_reaches_both_volumes_from_c(tmp_path: Path) -> None:
+    """From 256 KiB up the S-VOL is written on a thread of its own beside the P-VOL."""
+    m, p, _ = pair_lun(tmp_path, wil_idle=30, size=4 << 20, max_blocks=2048)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    data = [os.urandom(512 << 10) for _ in range(3)]
+    with served(p, True) as dev:
+        for lba, d in zip((0, 0, 1024), data, strict=True):  # the first marks its region
+            assert dev.execute(rw16(0x8A, lba, len(d) // BS), d).status == GOOD
+    assert dev.ring is not None and dev.ring.fast_commands == 2
+    m.close()
+    image = (tmp_path / "p.img").read_bytes()
+    assert image[: 1 << 20] == data[1] + data[2] and image == (tmp_path / "s.img").read_bytes()
 
 
 @pytest.mark.parametrize("fast", [False, True])

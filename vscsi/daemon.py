@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from rich.logging import RichHandler
-
 from vscsi.config import (
     Config,
     ConfigError,
@@ -219,6 +217,8 @@ class Daemon:
         logging.getLogger("pyroute2").setLevel(logging.WARNING)
         logging.getLogger("asyncio").setLevel(logging.WARNING)
         if sys.stderr.isatty():
+            from rich.logging import RichHandler  # only on a terminal: importing rich is slow
+
             handler: logging.Handler = RichHandler(show_path=False)
             handler.setFormatter(logging.Formatter("%(message)s"))
         else:

@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from vscsi.config import (
     Config,
@@ -40,10 +40,9 @@ from vscsi.durable.committer import Committer
 from vscsi.hostgroup import lio
 from vscsi.hostgroup import manager as hostgroup
 from vscsi.hostgroup.plan import PlanError, plan, wanted
-from vscsi.link.session import LinkServer, LinkSession
 from vscsi.pair.manager import PairManager
 from vscsi.pair.states import NoSuchPair, PairError
-from vscsi.remote.peer import LinkDown, LinkPeer
+from vscsi.remote.peer import LinkDown
 from vscsi.remote.states import Fence
 from vscsi.scsi import sense
 from vscsi.scsi.lun import Lun
@@ -56,6 +55,10 @@ from vscsi.store.file import StoreConfigError
 from vscsi.tcmu import configfs, libtcmu
 from vscsi.tcmu.netlink import NetlinkError, NetlinkListener, resolve_family
 from vscsi.tcmu.uio import UioDevice, UioError
+
+if TYPE_CHECKING:
+    from vscsi.link.peer import LinkPeer
+    from vscsi.link.session import LinkServer, LinkSession
 
 log = logging.getLogger("vscsi")
 PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -274,6 +277,9 @@ class Daemon:
         link = self.config.link
         if link is None:
             return {}
+        from vscsi.link.peer import LinkPeer  # the sessions: only with peers, before they start
+        from vscsi.link.session import LinkSession
+
         for r in self.config.remotes:
             session = LinkSession(link, r)
             session.start()
@@ -290,6 +296,8 @@ class Daemon:
         if link is None:
             return
         if link.listen is not None:
+            from vscsi.link.session import LinkServer
+
             server = LinkServer(
                 link,
                 self.config.remotes,

@@ -24,6 +24,7 @@ from construct import Container
 from vscsi.config import LinkConfig, RemoteConfig
 from vscsi.link import netns as link_netns
 from vscsi.link import tls
+from vscsi.link.errors import LinkDown, LinkError, RemoteError
 from vscsi.link.frames import (
     MAX_DATA,
     MAX_PAYLOAD,
@@ -54,23 +55,6 @@ REQUESTS = frozenset({
 })  # fmt: skip
 MAX_ERROR = 1024  # characters of an error text sent back
 BACKOFF = (0.1, 5.0)  # seconds between connection attempts: first, then doubling up to this
-
-
-class LinkError(VolumeError):
-    """A request to a peer array that did not complete: the pair layer applies its fence."""
-
-
-class LinkDown(LinkError):
-    """No working connection to the peer: not yet up, refused, lost, or the peer went silent.
-    A request in flight when the link went down may or may not have been applied."""
-
-
-class RemoteError(LinkError):
-    """The peer answered, and the request failed there (`status` says how)."""
-
-    def __init__(self, status: Status, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 # -- both sides -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
-from vscsi.link.session import LinkError
+from vscsi.link.errors import LinkError
 from vscsi.pair.mirror import Mirror
 from vscsi.pair.persist import PairRecord
 from vscsi.pair.states import Access, PairError, Role, Status

@@ -11,7 +11,6 @@ from __future__ import annotations
 import grp
 import os
 import re
-import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -669,6 +668,15 @@ def _cert_identity(path: str, where: str) -> tuple[str, int]:
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _check_key_pair(cert: str, key: str) -> None:
+    import ssl  # only for links: a config without one does not pay for it
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError):
+        raise ConfigError(f"daemon.link_key: {key} is not the key of {cert}") from None
+
+
 def _remote(table: object, index: int, base: Path) -> RemoteConfig:
     where = f"remote[{index}]"
     table = _table(table, where, _REMOTE_KEYS)
@@ -708,10 +716,7 @@ def _link(daemon: dict[str, Any], base: Path, remotes: list[RemoteConfig]) -> Li
     if mode & 0o077:
         raise ConfigError(f"daemon.link_key: {key} is open to group or others (chmod 600 it)")
     name, serial = _cert_identity(cert, "daemon.link_cert")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError):
-        raise ConfigError(f"daemon.link_key: {key} is not the key of {cert}") from None
+    _check_key_pair(cert, key)
     if timeout is not None and not 0.1 <= timeout <= 600:
         raise ConfigError(f"daemon.link_timeout: {timeout} must be 0.1 to 600 seconds")
     _check_remotes(remotes, serial)

@@ -122,10 +122,16 @@ def _root() -> rtslib_fb.RTSRoot:
 
 
 def find_backstore(volume: str) -> Backstore | None:
-    """The backstore an earlier daemon made for `volume`, if it is still there."""
-    for so in _root().storage_objects:
-        if so.plugin == "user" and so.name == PREFIX + volume:
-            return Backstore(volume, so)
+    """The backstore an earlier daemon made for `volume`, if it is still there. Found by its
+    own directory (core/user_N/NAME): building every storage object of the system, as
+    RTSRoot.storage_objects does, made attaching N volumes cost N² configfs reads."""
+    name = PREFIX + volume
+    for path in sorted((CONFIGFS / "target" / "core").glob(f"user_*/{name}")):
+        try:
+            index = int(path.parent.name.rsplit("_", 1)[1])
+            return Backstore(volume, rtslib_fb.UserBackedStorageObject(name, index=index))
+        except (RTSLibError, ValueError):
+            continue  # gone meanwhile, or not an HBA of ours to read
     return None
 
 
@@ -237,11 +243,14 @@ def loop_nexus(volume: str) -> str:
 
 
 def find_export(bs: Backstore) -> LoopExport | None:
+    """The tcm_loop export an earlier daemon made for the backstore, by its own directory."""
     wwn = loop_wwn(bs.volume)
-    for target in _root().targets:
-        if target.fabric_module.name == "loopback" and target.wwn == wwn:
-            return LoopExport(wwn, target)
-    return None
+    if not (CONFIGFS / "target" / "loopback" / wwn).is_dir():
+        return None
+    try:
+        return LoopExport(wwn, rtslib_fb.Target(rtslib_fb.FabricModule("loopback"), wwn, "lookup"))
+    except RTSLibError:
+        return None  # removed meanwhile
 
 
 def export_loop(bs: Backstore) -> LoopExport:

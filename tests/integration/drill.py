@@ -177,10 +177,11 @@ class Drill:
         say(f"{FILES} files, checksums kept; si split (PSUS): the point-in-time copy")
 
     def agent_decides(self, cfg: Path) -> dict[str, Any]:
-        """What `vscsi agent check` decides for pair tc over enough rounds to act."""
+        """What `vscsi agent check` decides for pair tc over enough rounds to act, where a
+        site or the link is down but no takeover is due (exit status 1: degraded)."""
         rc, out = run_rc(VSCSI, "agent", "check", "-c", str(cfg), "--rounds", "4", "--json",
                          timeout=120)  # fmt: skip
-        assert rc == 0, out
+        assert rc == 1, out
         (decision,) = json.loads(out)["pairs"]
         return dict(decision)
 
@@ -216,7 +217,7 @@ class Drill:
         cfg = self.agent_config()
         rc, out = run_rc(VSCSI, "agent", "check", "-c", str(cfg), "--rounds", "3", "--json",
                          timeout=120)  # fmt: skip
-        (decision,) = json.loads(out)["pairs"] if rc == 0 else [{}]
+        (decision,) = json.loads(out)["pairs"] if rc == 3 else [{}]  # 3: would take over
         assert (decision.get("action"), decision.get("site")) == ("takeover", "siteB"), out
         rc, out = self.vscsi(self.b, "pair", "display", "tc", "--json")
         assert json.loads(out)["pairs"][0]["svol"]["status"] == "PAIR", out  # dry: unchanged

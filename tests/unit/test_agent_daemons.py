@@ -70,9 +70,12 @@ def test_agent_check_through_the_cli(paired: tuple[Array, Array], tmp_path: Path
     (tc,) = out["pairs"]
     assert (tc["action"], tc["reason"]) == ("none", "P-VOL at siteA healthy: no action")
     assert tc["views"]["siteB"]["local_role"] == "S-VOL"
-    a.stop()  # the P site goes away: three rounds show what the agent would do, nothing done
+    a.stop()  # the P site goes away: one round shows it down, not yet for long enough
+    r = CliRunner().invoke(main, ["agent", "check", "-c", str(cfg)])
+    assert r.exit_code == 1, r.output  # degraded
+    assert "pair tc: " in r.output and "takeover" not in r.output
     r = CliRunner().invoke(main, ["agent", "check", "-c", str(cfg), "--rounds", "3"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 3, r.output  # three rounds: what the agent would do, nothing done
     lines = r.output.splitlines()
     assert lines[0].startswith("site siteA: DOWN (control socket: no vscsi daemon at ")
     assert lines[1].startswith("site siteB: up")

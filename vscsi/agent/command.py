@@ -12,6 +12,7 @@ from types import FrameType
 import click
 
 from vscsi.agent.config import AgentConfig, load
+from vscsi.agent.policy import Decision, Observation
 from vscsi.agent.run import Agent, report
 from vscsi.config import ConfigError
 
@@ -53,6 +54,21 @@ def agent(ctx: click.Context, config_path: str | None, dry_run: bool, verbose: b
     Agent(cfg, dry_run=dry_run, sleep=stopping.wait).run(stopping.is_set)
 
 
+# `vscsi agent check`'s exit status, for monitoring scripts (2: a usage or config error)
+HEALTHY, DEGRADED, WOULD_TAKE_OVER = 0, 1, 3
+
+
+def check_status(result: list[tuple[Observation, Decision]]) -> int:
+    """WOULD_TAKE_OVER when a pair's decision is a takeover; DEGRADED when a site is down or
+    unreachable, a link is down or a site could not show a pair; HEALTHY otherwise."""
+    if any(d.action == "takeover" for _, d in result):
+        return WOULD_TAKE_OVER
+    for obs, _ in result:
+        if obs.unknown or any(not s.healthy or s.links_up is False for s in obs.sites):
+            return DEGRADED
+    return HEALTHY
+
+
 @agent.command("check")
 @config_option
 @click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
@@ -60,7 +76,8 @@ def agent(ctx: click.Context, config_path: str | None, dry_run: bool, verbose: b
                    "agent would take over now).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def agent_check(config_path: str | None, rounds: int, as_json: bool) -> None:
-    """One round of checks and the decision for each pair; nothing is done."""
+    """One round of checks and the decision for each pair; nothing is done. Exit status: 0
+    healthy, 1 degraded (a site, link or pair view missing), 3 a takeover would run now."""
     cfg = _load(config_path)
     a = Agent(cfg, dry_run=True)
     result = a.check()
@@ -69,11 +86,12 @@ def agent_check(config_path: str | None, rounds: int, as_json: bool) -> None:
         result = a.check()
     if as_json:
         click.echo(json.dumps(report(result), indent=2))
-        return
-    for s in result[0][0].sites:
-        state = "up" if s.healthy else "DOWN"
-        links = {True: ", links up", False: ", link DOWN", None: ""}[s.links_up]
-        why = f" ({s.reason})" if s.reason else ""
-        click.echo(f"site {s.name}: {state}{links}{why}")
-    for _, d in result:
-        click.echo(d.describe(dry_run=True))
+    else:
+        for s in result[0][0].sites:
+            state = "up" if s.healthy else "DOWN"
+            links = {True: ", links up", False: ", link DOWN", None: ""}[s.links_up]
+            why = f" ({s.reason})" if s.reason else ""
+            click.echo(f"site {s.name}: {state}{links}{why}")
+        for _, d in result:
+            click.echo(d.describe(dry_run=True))
+    sys.exit(check_status(result))

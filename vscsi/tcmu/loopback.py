@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from vscsi.tcmu import abi
+from vscsi.tcmu._ring_c import ffi, lib
 from vscsi.tcmu.uio import RingDevice
 
 CMDR_OFF = 128
@@ -102,7 +103,10 @@ class LoopbackKernel:
 
     def _advance(self, n: int) -> None:
         self.head = (self.head + n) % self.cmdr_size
-        abi.U32.pack_into(self.mem, 12, self.head)
+        # one 4-byte release store, as the kernel's: struct writes byte by byte, and the
+        # compiled path, which reads cmd_head while this runs, saw torn values
+        with ffi.from_buffer(self.mem, require_writable=True) as mem:  # released: the map
+            lib.ring_store_release_u32(mem, 12, self.head)  # may be closed at any time
 
     def _write_cmd(
         self, cmd_id: int, cdb: bytes, data: bytes, length: int, blocks: list[int], size: int

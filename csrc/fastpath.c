@@ -259,10 +259,10 @@ static int watch(const struct fast_ring *r, uint64_t deadline)
 }
 
 int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
-                        uint64_t window_ns)
+                        uint64_t idle_ns, uint64_t limit_ns)
 {
     static const uint32_t one = 1;
-    uint64_t deadline = now_ns() + window_ns;
+    uint64_t end = now_ns() + limit_ns;
     for (;;) {
         uint64_t before = r->entries;
         int stopped = ring_serve_fast(r, l);
@@ -270,7 +270,9 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
             return -(errno ? errno : EIO);
         if (stopped)
             return 1;
-        if (!watch(r, deadline))
-            return 0;
+        uint64_t now = now_ns();
+        uint64_t deadline = now + idle_ns < end ? now + idle_ns : end;
+        if (now >= end || !watch(r, deadline))
+            return now >= end || deadline == end ? 2 : 0;
     }
 }

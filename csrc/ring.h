@@ -75,12 +75,14 @@ struct fast_lun {
 int ring_serve_fast(struct fast_ring *ring, const struct fast_lun *lun);
 
 /* ring_serve_fast, then the doorbell (a 4-byte write to `doorbell_fd`) for what it answered,
- * then a watch on cmd_head for more, for up to `window_ns` in all: under load the next command
- * usually comes within microseconds, and serving it here costs no wake-up and no GIL. At most
- * one ring of the process watches at a time (the others return at once), so busy LUNs do not
- * spin on every CPU. Returns 1 when stopped at an entry for the core, 0 when the window ended
- * with the ring empty, -errno when the doorbell failed. */
+ * then a watch on cmd_head for more, as long as a command comes within `idle_ns` of the last
+ * batch, for up to `limit_ns` in all: under load the next command usually comes within
+ * microseconds, and serving it here costs no wake-up, no GIL and no trip through the Python
+ * loop. At most one ring of the process watches at a time (the others return at once), so busy
+ * LUNs do not spin on every CPU. Returns 1 when stopped at an entry for the core, 0 when the
+ * ring stayed empty for `idle_ns`, 2 when `limit_ns` ran out (the caller then looks at the LUN
+ * again: a pair waiting for its gate, a unit attention), -errno when the doorbell failed. */
 int ring_serve_fast_for(struct fast_ring *ring, const struct fast_lun *lun, int doorbell_fd,
-                        uint64_t window_ns);
+                        uint64_t idle_ns, uint64_t limit_ns);
 
 #endif

@@ -266,10 +266,20 @@ def test_a_large_mirrored_write_reaches_both_volumes_from_c(tmp_path: Path) -> N
     m.create("x", "p", "s", 0)
     assert m.wait("x", 10)
     data = [os.urandom(512 << 10) for _ in range(3)]
-    with served(p, True) as dev:
-        for lba, d in zip((0, 0, 1024), data, strict=True):  # the first marks its region
-            assert dev.execute(rw16(0x8A, lba, len(d) // BS), d).status == GOOD
-    assert dev.ring is not None and dev.ring.fast_commands == 2
+    k = LoopbackKernel(data_size=2 << 20)
+    ring = Ring(k.mem, p)
+    bell_r, bell_w = os.pipe()
+    for lba, d in zip((0, 0, 1024), data, strict=True):  # the first marks its region
+        k.submit(rw16(0x8A, lba, len(d) // BS), d)
+        with p.direct() as path:
+            assert path is not None
+            ring.serve_fast(path, bell_w, 0, 0)
+        for cmd in ring.fetch():
+            ring.complete(cmd, ring.run(cmd))
+        assert [c.status for c in k.reap()] == [GOOD]
+    assert ring.fast_commands == 2
+    os.close(bell_r)
+    os.close(bell_w)
     m.close()
     image = (tmp_path / "p.img").read_bytes()
     assert image[: 1 << 20] == data[1] + data[2] and image == (tmp_path / "s.img").read_bytes()
@@ -383,7 +393,9 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     with lun.direct() as path:
         assert path is not None
         dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
-        t = threading.Thread(target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 10)))
+        t = threading.Thread(
+            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 10, 30))
+        )
         t.start()
         for i in range(1, 20):  # each waits for the answer to the one before, as QD1 does
             c = dev.execute(rw10(0x2A, i, 1), bytes([i + 1]) * BS)
@@ -397,6 +409,35 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     lun.volume.close()  # type: ignore[attr-defined]
 
 
+def test_a_ring_kept_busy_goes_back_to_the_loop_at_the_limit(tmp_path: Path) -> None:
+    """However busy, the compiled path returns within its limit, so the loop looks at the LUN
+    again (a pair waiting for the gate, a unit attention) while commands keep coming."""
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, bool]] = []
+    with lun.direct() as path:
+        assert path is not None
+        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
+        t = threading.Thread(
+            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 5, 0.3))
+        )
+        began = time.monotonic()
+        t.start()
+        i = 1
+        with contextlib.suppress(TimeoutError):  # the one queued after it returned
+            while not done:  # QD1 traffic, each command within microseconds of the last
+                c = dev.execute(rw10(0x2A, i % 64, 1), bytes([i % 256]) * BS, timeout=1)
+                assert c.status == GOOD
+                i += 1
+        t.join()
+        took = time.monotonic() - began
+    (served, idle), = done
+    assert not idle and served > 10 and 0.3 <= took < 3
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
 def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: Path) -> None:
     lun = file_lun(tmp_path / "v.img")
     k = LoopbackKernel()
@@ -404,6 +445,6 @@ def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: P
     k.submit(rw10(0x28, 0, 1), b"", BS)
     with lun.direct() as path, pytest.raises(OSError, match="doorbell"):
         assert path is not None
-        ring.serve_fast(path, -1, 0)
+        ring.serve_fast(path, -1, 0, 0)
     assert [c.status for c in k.reap()] == [GOOD]
     lun.volume.close()  # type: ignore[attr-defined]

@@ -36,8 +36,9 @@ and the tail store is the single publishing store of each completion.
 The compiled path. `serve_fast()` hands the ring to C (csrc/fastpath.c) for the leading
 READ/WRITE(10/16) entries the LUN says are plain data movement (`Lun.direct`); C answers those
 GOOD in their own slots, rings the doorbell, and stops at the first entry it does not own,
-which `fetch()` then parses for the Python core — or, with the ring empty, watches it for a
-short window and serves what comes meanwhile. It runs only while nothing is outstanding, so its
+which `fetch()` then parses for the Python core — or, with the ring empty, watches it and
+serves what comes, for as long as commands keep coming within a short idle window, up to a
+limit after which the loop looks at the LUN again. It runs only while nothing is outstanding, so its
 completions are in ring order whatever the pool does.
 """
 
@@ -206,12 +207,14 @@ class Ring:
             self.complete(cmd, self.run(cmd))
         return self.entries - before
 
-    def serve_fast(self, path: FastPath, doorbell: int, window: float) -> tuple[int, bool]:
+    def serve_fast(
+        self, path: FastPath, doorbell: int, idle: float, limit: float
+    ) -> tuple[int, bool]:
         """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
-        descriptor) for them and watch the ring for more up to `window` seconds (see
-        ring_serve_fast_for). Returns how many entries were consumed and whether the window
-        ran out with the ring empty. Nothing while commands are out with workers. OSError
-        when the doorbell fails."""
+        descriptor) for them and watch the ring for more while commands come within `idle`
+        seconds of each other, for up to `limit` seconds (see ring_serve_fast_for). Returns
+        how many entries were consumed and whether it ended on a ring empty for `idle`.
+        Nothing while commands are out with workers. OSError when the doorbell fails."""
         with self._lock:
             if self._tail != self._next:
                 return 0, False
@@ -221,7 +224,7 @@ class Ring:
         keep = _set_mirrors(lun, io)
         lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
         entries, commands = r.entries, r.commands
-        rc = lib.ring_serve_fast_for(r, lun, doorbell, int(window * 1e9))
+        rc = lib.ring_serve_fast_for(r, lun, doorbell, int(idle * 1e9), int(limit * 1e9))
         del keep
         with self._lock:
             self._next = self._tail = r.pos

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 SYSFS_UIO = Path("/sys/class/uio")
 _FOUR = b"\0\0\0\0"
 SPIN_SECONDS = 1e-3
+# The longest the compiled path keeps a busy ring before the loop looks at the LUN again (a pair
+# waiting for the gate, a unit attention): each return costs a trip through Python, several
+# hundred microseconds under the VM's emulation, which at queue depth was most of the CPU.
+FAST_LIMIT_SECONDS = 10e-3
 
 
 class UioError(Exception):
@@ -186,7 +190,9 @@ class RingDevice:
             return  # (with commands out it would serve nothing: leave the pair gate alone)
         with self._direct() as path:
             if path is not None:
-                _, self._watched = ring.serve_fast(path, self.doorbell_fd, SPIN_SECONDS)
+                _, self._watched = ring.serve_fast(
+                    path, self.doorbell_fd, SPIN_SECONDS, FAST_LIMIT_SECONDS
+                )
 
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:

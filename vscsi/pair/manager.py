@@ -69,7 +69,8 @@ class PairManager:
         replica_factory: Callable[[Volume], Replica] = LocalReplica,
         chunk: int = 1 << 20,
         checkpoint_bytes: int = 64 << 20,
-        wil_idle: float = 1.0,
+        wil_idle: float = 5.0,  # md's bitmap delay: a region written every few seconds stays
+        # marked, so its writes take the compiled path, not a mark and a flush each time
         copy_rate: int = 0,
         checkpoint_interval: float = 1.0,
         committer: Committer | None = None,

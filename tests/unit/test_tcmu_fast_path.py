@@ -381,61 +381,58 @@ def test_many_initiators_against_both_paths_end_identical(tmp_path: Path, worker
     assert images[0] == images[1]
 
 
+@contextlib.contextmanager
+def watched(
+    tmp_path: Path, idle: float, limit: float
+) -> Iterator[tuple[LoopbackDevice, Ring, list[tuple[int, bool]]]]:
+    """A ring whose compiled path runs on a thread (watching up to `idle`, `limit`) from one
+    queued write on, the LUN held for it; `done` gets its return once the block ends."""
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, bool]] = []
+    with lun.direct() as path:
+        assert path is not None
+        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
+        t = threading.Thread(
+            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, idle, limit))
+        )
+        t.start()
+        yield dev, ring, done
+        t.join()
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
 def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_window(
     tmp_path: Path,
 ) -> None:
     """Under load the next command comes right after the last answer: C serves it, rings
     for it and keeps watching, with no wake-up of the Python loop in between."""
-    lun = file_lun(tmp_path / "v.img")
-    dev = LoopbackDevice(LoopbackKernel())
-    ring = Ring(dev.mem, lun)
-    done: list[tuple[int, bool]] = []
-    with lun.direct() as path:
-        assert path is not None
-        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
-        t = threading.Thread(
-            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 10, 30))
-        )
-        t.start()
+    with watched(tmp_path, 10, 30) as (dev, ring, done):
         for i in range(1, 20):  # each waits for the answer to the one before, as QD1 does
             c = dev.execute(rw10(0x2A, i, 1), bytes([i + 1]) * BS)
             assert c.status == GOOD
         dev.kernel.submit(bytes(6), b"", 0)  # TEST UNIT READY: the core's, so C returns
-        t.join()
     assert done == [(20, False)] and ring.fast_commands == 20
     want = b"".join(bytes([i + 1]) * BS for i in range(20))
     assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
-    dev.close()
-    lun.volume.close()  # type: ignore[attr-defined]
 
 
 def test_a_ring_kept_busy_goes_back_to_the_loop_at_the_limit(tmp_path: Path) -> None:
     """However busy, the compiled path returns within its limit, so the loop looks at the LUN
     again (a pair waiting for the gate, a unit attention) while commands keep coming."""
-    lun = file_lun(tmp_path / "v.img")
-    dev = LoopbackDevice(LoopbackKernel())
-    ring = Ring(dev.mem, lun)
-    done: list[tuple[int, bool]] = []
-    with lun.direct() as path:
-        assert path is not None
-        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
-        t = threading.Thread(
-            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, 5, 0.3))
-        )
-        began = time.monotonic()
-        t.start()
+    began = time.monotonic()
+    with watched(tmp_path, 5, 0.3) as (dev, _, done):
         i = 1
         with contextlib.suppress(TimeoutError):  # the one queued after it returned
             while not done:  # QD1 traffic, each command within microseconds of the last
                 c = dev.execute(rw10(0x2A, i % 64, 1), bytes([i % 256]) * BS, timeout=1)
                 assert c.status == GOOD
                 i += 1
-        t.join()
-        took = time.monotonic() - began
-    (served, idle), = done
+    took = time.monotonic() - began
+    ((served, idle),) = done
     assert not idle and served > 10 and 0.3 <= took < 3
-    dev.close()
-    lun.volume.close()  # type: ignore[attr-defined]
 
 
 def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: Path) -> None:

@@ -134,14 +134,21 @@ def test_sigkill_under_writes_minimerge_with_log_full_merge_without(
 ) -> None:
     # writers within the first 4 MiB that are writing when the daemon dies, and after
     writers = [Writer(daemon.sd(name), 4 * MIB) for name in ("dsa1", "dsa2")]
+    killed = time.monotonic()
     try:
         for w in writers:
             w.start()
             w.wait_for(50)
         daemon.kill()
+        killed = time.monotonic()
         daemon.start()  # the queued I/O is served; the writers go on
         for w in writers:
             w.wait_for(50)
+    except AssertionError as e:  # a host I/O error: the daemon's and the kernel's side of it
+        raise AssertionError(
+            f"{e}\n{time.monotonic() - killed:.1f}s since the kill\n--- daemon ---\n"
+            f"{daemon.output()[-4000:]}\n--- kernel ---\n{run('dmesg')[-4000:]}"
+        ) from e
     finally:  # never leave a writer running into the next test
         for w in writers:
             w.stop_and_verify()

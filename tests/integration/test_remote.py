@@ -270,6 +270,7 @@ def test_svol_takeover_with_the_p_site_down_old_primary_refused_then_swapped(
     assert host_write(b, "rb", 2 * MIB, os.urandom(64 * 1024), workdir)[0] == 0
     a.start()  # the old primary: its peer took over, it must not take writes
     linked(a)
+    linked(b)  # the resync below runs at b: b's session to a may still be in its back-off
     rc, out = host_write(a, "ra", 0, os.urandom(4096), workdir)
     assert rc != 0, out
     rc, out = cli(b, "pair", "resync", "tc", "--swaps", "--wait", "120")

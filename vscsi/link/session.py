@@ -134,14 +134,23 @@ def _handshake(stream: TlsStream, timeout: float) -> None:
 
 
 class _Connection:
-    """One live connection of a session: the requests in flight on it, by sequence number."""
+    """One live connection of a session: the requests in flight on it, by sequence number.
+
+    Requests are sent by combining: a caller numbers its frame and queues it (in sequence
+    order, under one lock), then waits its turn to send and sends everything queued by then;
+    the callers queued behind it find theirs sent. Under load many frames leave in one TLS
+    record and one `sendall` (one trip through the network stack, one wake-up of the S side's
+    reader), without a sender thread, whose hand-off would cost more than the send itself."""
 
     def __init__(self, stream: TlsStream) -> None:
         self.stream = stream
         self.seq = 0
+        self.taken = 0  # the last sequence number a sender has taken from `queued`
         self.pending: dict[int, concurrent.futures.Future[Container]] = {}
+        self.queued: list[bytes | memoryview] = []  # frames numbered, not yet taken, in order
         self.dead: LinkError | None = None  # set once: no request is added after it
-        self.lock = threading.Lock()  # guards pending and dead
+        self.lock = threading.Lock()  # guards seq, taken, pending, queued and dead
+        self.sending = threading.Lock()  # held by the one caller sending what it took
         self.last_rx = time.monotonic()
 
     def request(
@@ -150,37 +159,44 @@ class _Connection:
         payload: Sequence[bytes | memoryview],
         fut: concurrent.futures.Future[Container],
     ) -> None:
-        """Number and send one request, in the caller's thread; its answer or the connection's
-        end completes `fut`."""
-        stream = self.stream
-        with stream.send_lock:  # sequence order is sending order
-            self._send_held(ftype, payload, fut)
-
-    def heartbeat(self) -> None:
-        """A HEARTBEAT, unless a frame is being sent (then bytes are flowing anyway): the
-        receiving thread that sends it must never wait on a sender (see `TlsStream.abort`)."""
-        stream = self.stream
-        if stream.send_lock.acquire(blocking=False):
-            try:
-                self._send_held(FrameType.HEARTBEAT, (), concurrent.futures.Future())
-            finally:
-                stream.send_lock.release()
-
-    def _send_held(
-        self,
-        ftype: FrameType,
-        payload: Sequence[bytes | memoryview],
-        fut: concurrent.futures.Future[Container],
-    ) -> None:
+        """Number and queue one request, and see it sent (by this caller or one before it);
+        its answer or the connection's end completes `fut`."""
+        length = sum(len(part) for part in payload)
         with self.lock:
             if self.dead is not None:
                 raise self.dead
             self.seq += 1
-            seq = self.seq
-            self.pending[seq] = fut
+            mine = self.seq
+            self.pending[mine] = fut
+            self.queued += (build_header(ftype, mine, length), *payload)
+        with self.sending:
+            with self.lock:
+                if self.taken >= mine:
+                    return  # a caller before this one sent it
+                frames, self.queued, self.taken = self.queued, [], self.seq
+            self._send(frames)
+
+    def heartbeat(self) -> None:
+        """A HEARTBEAT, unless frames are being sent or queued (then bytes are flowing
+        anyway): the receiving thread that sends it must never wait on a sender (see
+        `TlsStream.abort`), nor send a caller's frames."""
+        if not self.sending.acquire(blocking=False):
+            return
         try:
-            length = sum(len(part) for part in payload)
-            self.stream.send_held(build_header(ftype, seq, length), *payload)
+            with self.lock:
+                if self.dead is not None or self.queued:
+                    return  # their callers wait for `sending`: they send them
+                self.seq += 1
+                self.taken = self.seq
+                self.pending[self.seq] = concurrent.futures.Future()
+                frame = build_header(FrameType.HEARTBEAT, self.seq, 0)
+            self._send([frame])
+        finally:
+            self.sending.release()
+
+    def _send(self, frames: list[bytes | memoryview]) -> None:
+        try:
+            self.stream.send(*frames)
         except (OSError, ssl.SSLError):
             self.stream.abort()  # a frame cut short: the receiver fails everything in flight
 
@@ -197,6 +213,7 @@ class _Connection:
         with self.lock:
             self.dead = error
             pending, self.pending = self.pending, {}
+            self.queued = []
         for fut in pending.values():
             fut.set_exception(error)
 

@@ -21,6 +21,7 @@ import time
 from vscsi.link.frames import HEADER_SIZE, Frame, parse_header, parse_payload
 
 RECV_SIZE = 1 << 18
+RECORD = 16384  # the most plaintext one TLS record carries
 
 
 class TlsStream:
@@ -70,9 +71,10 @@ class TlsStream:
             self.send_held(*parts)
 
     def send_held(self, *parts: bytes | bytearray | memoryview) -> None:
-        """`send`, by a caller holding `send_lock`."""
+        """`send`, by a caller holding `send_lock`. Small parts are joined first: each
+        `write` ends a TLS record, and every record costs its own encryption and header."""
         with self._tls:
-            for part in parts:
+            for part in _records(parts):
                 self.tls.write(part)
             data = self._out.read()  # with whatever TLS itself wrote before: in order
         self.sock.sendall(data)
@@ -149,3 +151,28 @@ class TlsStream:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # not connected (any more): nothing to end
+
+
+Part = bytes | bytearray | memoryview
+
+
+def _records(parts: tuple[Part, ...]) -> list[Part]:
+    """`parts` with every run of small ones joined (up to RECORD bytes), large ones as they
+    are (a MiB of data is not copied once more)."""
+    out: list[Part] = []
+    run: list[Part] = []
+    size = 0
+    for part in parts:
+        n = len(part)
+        if n >= RECORD or size + n > RECORD:
+            if run:
+                out.append(b"".join(run) if len(run) > 1 else run[0])
+                run, size = [], 0
+            if n >= RECORD:
+                out.append(part)
+                continue
+        run.append(part)
+        size += n
+    if run:
+        out.append(b"".join(run) if len(run) > 1 else run[0])
+    return out

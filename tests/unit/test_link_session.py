@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -29,9 +30,17 @@ from vscsi.link.frames import (
     encode,
     parse_header,
     parse_payload,
+    write_head,
 )
 from vscsi.link.replica import RemoteReplica
-from vscsi.link.session import LinkDown, LinkError, LinkServer, LinkSession, RemoteError
+from vscsi.link.session import (
+    LinkDown,
+    LinkError,
+    LinkServer,
+    LinkSession,
+    RemoteError,
+    _Connection,
+)
 from vscsi.store.base import VolumeError
 
 A, B = ("siteA", 1001), ("siteB", 2002)  # the P side's array, the S side's
@@ -626,3 +635,53 @@ def test_both_ends_send_each_frame_at_once(session: LinkSession, site: Site) -> 
     assert conn is not None
     for sock in (peer.sock, conn.stream.sock):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+class _HeldStream:
+    """A stream whose first send waits for `release`; records the sequence numbers of each
+    send's frames."""
+
+    def __init__(self) -> None:
+        self.sends: list[list[int]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def send(self, *parts: bytes | memoryview) -> None:
+        self.entered.set()
+        if not self.sends:
+            assert self.release.wait(10)
+        self.sends.append([
+            parse_header(bytes(p)).seq for p in parts
+            if len(p) == HEADER_SIZE and bytes(p[:4]) == b"VSLK"
+        ])  # fmt: skip
+
+    def abort(self) -> None:
+        raise AssertionError("no send failed")
+
+
+def test_requests_queued_during_a_send_leave_together_in_order() -> None:
+    """Callers that queue while another sends are sent by the next caller in one send, in
+    sequence order, each once; a heartbeat meanwhile neither waits nor sends."""
+    stream = _HeldStream()
+    conn = _Connection(stream)  # type: ignore[arg-type]
+
+    def request() -> None:
+        conn.request(FrameType.WRITE, [write_head("s0", 0, False), bytes(512)],
+                     concurrent.futures.Future())  # fmt: skip
+
+    first = threading.Thread(target=request)
+    first.start()
+    assert stream.entered.wait(10)
+    others = [threading.Thread(target=request) for _ in range(7)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while conn.seq < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    conn.heartbeat()  # returns at once: a send is under way
+    stream.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert stream.sends == [[1], [2, 3, 4, 5, 6, 7, 8]]
+    assert sorted(conn.pending) == list(range(1, 9)) and conn.queued == []
+    conn.heartbeat()  # nothing queued, nobody sending: it goes out alone
+    assert stream.sends[-1] == [9]

@@ -174,7 +174,8 @@ class _Connection:
                 if self.taken >= mine:
                     return  # a caller before this one sent it
                 frames, self.queued, self.taken = self.queued, [], self.seq
-            self._send(frames)
+            if frames:  # none when the connection failed them meanwhile
+                self._send(frames)
 
     def heartbeat(self) -> None:
         """A HEARTBEAT, unless frames are being sent or queued (then bytes are flowing

@@ -1,7 +1,7 @@
 """Persistent reservations on a vscsi LUN, as cluster software uses them (sg_persist), answered
 by LIO's core for the TCMU backstore (docs/reservations.md): a registration and a reservation
 survive a clean restart of the daemon (forced APTPL, a stable tcm_loop initiator port) and a
-SIGKILL (the kernel device is re-attached)."""
+SIGKILL (the kernel device is re-attached); on both transports."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import pytest
 from tests.integration.conftest import Daemon, run
 
 
-@pytest.fixture(scope="module")
-def daemon(workdir: Path) -> Iterator[Daemon]:
+@pytest.fixture(scope="module", params=["native", "libtcmu"])
+def daemon(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Daemon]:
+    """On each transport its own volume (another volume ID: LIO keeps APTPL state per
+    device identity)."""
+    t = request.param
     d = Daemon(workdir, (
-        f'state_dir = "{workdir}/prstate"\n'
-        f'\n[[volume]]\nname = "pr0"\npath = "{workdir}/pr0.img"\nsize = "8MiB"\n'
-        f'create = true\n[volume.identity]\nserial = 410005\nvolume_id = 0x500\n'
-    ), "reservations")  # fmt: skip
+        f'transport = "{t}"\nstate_dir = "{workdir}/prstate-{t}"\n'
+        f'\n[[volume]]\nname = "pr0"\npath = "{workdir}/pr0-{t}.img"\nsize = "8MiB"\n'
+        f'create = true\n[volume.identity]\nserial = 410005\n'
+        f'volume_id = {0x500 if t == "native" else 0x510}\n'
+    ), f"reservations-{t}")  # fmt: skip
     d.start()
     yield d
     if d.proc is not None:

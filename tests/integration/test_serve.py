@@ -1,7 +1,8 @@
 """A served LUN seen from the host: sg3_utils, dd, a file system and fio through tcm_loop.
 
-One daemon serves several volumes for the whole module: a 512-byte-block file, a
-4096-byte-block file without write cache, and a loop block device.
+One daemon serves several volumes: a 512-byte-block file, a 4096-byte-block file without
+write cache, a loop block device and a failing one. Every test that uses it runs on both
+transports, vscsi's own ring and Debian's libtcmu (`[daemon] transport`), one daemon each.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from tests.integration.conftest import VSCSI, Daemon, our_configfs_objects, run,
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def daemon(workdir: Path, loopdev: str, baddev: str) -> Iterator[Daemon]:
+@pytest.fixture(scope="module", params=["native", "libtcmu"])
+def daemon(request: pytest.FixtureRequest, workdir: Path, loopdev: str, baddev: str
+           ) -> Iterator[Daemon]:  # fmt: skip
     d = Daemon(
         workdir,
-        f"""
+        f"""transport = "{request.param}"
+
 [[volume]]
 name = "v512"
 path = "{workdir}/v512.img"
@@ -63,6 +66,10 @@ volume_id = 0x103
 """,
     )
     d.start()
+    if request.param == "libtcmu":
+        assert d.proc is not None
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+        assert "libtcmu.so.2" in maps, "the daemon did not load libtcmu"
     yield d
     if d.proc is not None:
         assert d.stop() == 0, d.output()

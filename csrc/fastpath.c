@@ -2,6 +2,7 @@
  * leaves to the Python SCSI core. Layouts are target_core_user.h's (vscsi/tcmu/abi.py). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <string.h>
@@ -244,12 +245,13 @@ static int ring_doorbell(int fd, const uint32_t *one)
     return n == sizeof *one ? 0 : -1;
 }
 
-/* Wait for cmd_head to move past `pos` until `deadline`; 1 if it did. */
+/* Wait for cmd_head to move past `pos` until `deadline`: 1 if it did, 0 if not, -1 at once
+ * when another ring of the process is watching. */
 static int watch(const struct fast_ring *r, uint64_t deadline)
 {
     int idle = 0;
     if (!__atomic_compare_exchange_n(&watching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
-        return 0;
+        return -1;
     int moved = 0;
     while (!(moved = ring_load_acquire_u32(r->base, MAILBOX_HEAD) != r->pos) &&
            now_ns() < deadline)
@@ -258,8 +260,29 @@ static int watch(const struct fast_ring *r, uint64_t deadline)
     return moved;
 }
 
+/* Sleep on the ring's own event descriptor (uio: the kernel's interrupt for new commands)
+ * until `deadline`; 1 when an event came (read, so acknowledged), 0 otherwise. */
+static int await_event(int event_fd, uint64_t deadline)
+{
+    uint64_t now = now_ns();
+    if (event_fd < 0 || now >= deadline)
+        return 0;
+    struct pollfd p = {.fd = event_fd, .events = POLLIN};
+    int ms = (int)((deadline - now + 999999) / 1000000);
+    int n;
+    while ((n = poll(&p, 1, ms)) < 0 && errno == EINTR)
+        ;
+    if (n <= 0 || !(p.revents & POLLIN))
+        return 0;
+    uint32_t count;
+    ssize_t got;
+    while ((got = read(event_fd, &count, sizeof count)) < 0 && errno == EINTR)
+        ;
+    return got == sizeof count;
+}
+
 int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
-                        uint64_t idle_ns, uint64_t limit_ns)
+                        int event_fd, uint64_t idle_ns, uint64_t limit_ns)
 {
     static const uint32_t one = 1;
     uint64_t end = now_ns() + limit_ns;
@@ -272,7 +295,12 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
             return 1;
         uint64_t now = now_ns();
         uint64_t deadline = now + idle_ns < end ? now + idle_ns : end;
-        if (now >= end || !watch(r, deadline))
-            return now >= end || deadline == end ? 2 : 0;
+        if (now >= end)
+            return 2;
+        int moved = watch(r, deadline);
+        if (moved < 0) /* another ring spins: sleep on this one's event, GIL still released */
+            moved = await_event(event_fd, deadline);
+        if (!moved)
+            return deadline == end ? 2 : 0;
     }
 }

@@ -78,11 +78,13 @@ int ring_serve_fast(struct fast_ring *ring, const struct fast_lun *lun);
  * then a watch on cmd_head for more, as long as a command comes within `idle_ns` of the last
  * batch, for up to `limit_ns` in all: under load the next command usually comes within
  * microseconds, and serving it here costs no wake-up, no GIL and no trip through the Python
- * loop. At most one ring of the process watches at a time (the others return at once), so busy
- * LUNs do not spin on every CPU. Returns 1 when stopped at an entry for the core, 0 when the
- * ring stayed empty for `idle_ns`, 2 when `limit_ns` ran out (the caller then looks at the LUN
- * again: a pair waiting for its gate, a unit attention), -errno when the doorbell failed. */
+ * loop. At most one ring of the process spins on its cmd_head at a time, so busy LUNs do not
+ * spin on every CPU; the others sleep in poll() on their `event_fd` (uio: the kernel's
+ * interrupt; read to acknowledge it; -1: none, return instead) and serve what it announces.
+ * Returns 1 when stopped at an entry for the core, 0 when the ring stayed empty for
+ * `idle_ns`, 2 when `limit_ns` ran out (the caller then looks at the LUN again: a pair
+ * waiting for its gate, a unit attention), -errno when the doorbell failed. */
 int ring_serve_fast_for(struct fast_ring *ring, const struct fast_lun *lun, int doorbell_fd,
-                        uint64_t idle_ns, uint64_t limit_ns);
+                        int event_fd, uint64_t idle_ns, uint64_t limit_ns);
 
 #endif

@@ -419,6 +419,32 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
 
 
+def test_a_ring_that_cannot_watch_sleeps_on_its_own_event_in_c(tmp_path: Path) -> None:
+    """One ring of a process spins on its head at a time. A second busy ring does not go back
+    to the Python loop for every batch: it sleeps in poll() on its uio event (here the
+    loopback's interrupt pipe) and serves what each event announces in C."""
+    with watched(tmp_path / "a", 5, 1.5) as (_, _, first_done):  # holds the watch meanwhile
+        time.sleep(0.05)
+        lun = file_lun(tmp_path / "b.img")
+        dev = LoopbackDevice(LoopbackKernel())
+        ring = Ring(dev.mem, lun)
+        done: list[tuple[int, bool]] = []
+        with lun.direct() as path:
+            assert path is not None
+            t = threading.Thread(target=lambda: done.append(
+                ring.serve_fast(path, dev.doorbell_fd, 0.5, 1.0, dev.fd)))  # fmt: skip
+            t.start()
+            for i in range(20):  # QD1: each announced by an event, after the one before
+                c = dev.execute(rw10(0x2A, i, 1), bytes([i + 1]) * BS)
+                assert c.status == GOOD
+            t.join(10)
+        dev.close()
+        lun.volume.close()  # type: ignore[attr-defined]
+    assert first_done and done == [(20, True)] and ring.fast_commands == 20
+    want = b"".join(bytes([i + 1]) * BS for i in range(20))
+    assert (tmp_path / "b.img").read_bytes()[: 20 * BS] == want
+
+
 def test_a_ring_kept_busy_goes_back_to_the_loop_at_the_limit(tmp_path: Path) -> None:
     """However busy, the compiled path returns within its limit, so the loop looks at the LUN
     again (a pair waiting for the gate, a unit attention) while commands keep coming."""

@@ -208,13 +208,15 @@ class Ring:
         return self.entries - before
 
     def serve_fast(
-        self, path: FastPath, doorbell: int, idle: float, limit: float
+        self, path: FastPath, doorbell: int, idle: float, limit: float, event: int = -1
     ) -> tuple[int, bool]:
         """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
         descriptor) for them and watch the ring for more while commands come within `idle`
-        seconds of each other, for up to `limit` seconds (see ring_serve_fast_for). Returns
-        how many entries were consumed and whether it ended on a ring empty for `idle`.
-        Nothing while commands are out with workers. OSError when the doorbell fails."""
+        seconds of each other, for up to `limit` seconds (see ring_serve_fast_for; while
+        another ring watches, this one sleeps on its `event` descriptor instead, if it has
+        one). Returns how many entries were consumed and whether it ended on a ring empty for
+        `idle`. Nothing while commands are out with workers. OSError when the doorbell
+        fails."""
         with self._lock:
             if self._tail != self._next:
                 return 0, False
@@ -224,7 +226,7 @@ class Ring:
         keep = _set_mirrors(lun, io)
         lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
         entries, commands = r.entries, r.commands
-        rc = lib.ring_serve_fast_for(r, lun, doorbell, int(idle * 1e9), int(limit * 1e9))
+        rc = lib.ring_serve_fast_for(r, lun, doorbell, event, int(idle * 1e9), int(limit * 1e9))
         del keep
         with self._lock:
             self._next = self._tail = r.pos

@@ -191,7 +191,7 @@ class RingDevice:
         with self._direct() as path:
             if path is not None:
                 _, self._watched = ring.serve_fast(
-                    path, self.doorbell_fd, SPIN_SECONDS, FAST_LIMIT_SECONDS
+                    path, self.doorbell_fd, SPIN_SECONDS, FAST_LIMIT_SECONDS, self.fd
                 )
 
     def _run(self, ring: Ring, cmd: Command) -> None:

@@ -30,12 +30,6 @@ each region it writes in `touched`. While the log is lent nothing is cleared; wh
 borrower gives it back (`give_back`), each touched region counts as a write begun and ended
 then, so a clear that picked it before keeps it.
 
-A sequential stream would mark a new region with nearly every large write, and each mark is a
-flush and a trip off the compiled path. So a write that marks a region after two marked ones
-also marks the AHEAD regions after it, in the same flush, as if written and ended then: its
-stream finds them durable, and unused they are idle-cleared like any other. Marking more than
-was written is always safe; a crash then costs those regions' copy at most.
-
 Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
 are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
 differently shaped log is formatted afresh with `valid` False; `recover()` then raises
@@ -74,7 +68,6 @@ _VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQQ")
 _PAGE_HEAD = struct.Struct("<II")
 _BITS_PER_PAGE = (PAGE - _PAGE_HEAD.size) * 8
-AHEAD = 16  # regions a sequential stream marks past its write (module doc)
 _RETRY_MAX = 30.0  # seconds between cleaner attempts while before_clear keeps failing
 
 
@@ -291,27 +284,21 @@ class WriteIntentLog:
 
     def begin(self, offset: int, length: int) -> None:
         """Mark the regions of a write about to be issued; returns once the mark is durable.
-        A write that marks a region after the two before it marks the AHEAD regions after
-        it too, in the same flush (module doc).
 
         If the mark cannot be made durable this raises and the write counts as never begun.
         """
         need = 0
         with self._lock:
             self._epoch += 1
-            epoch = self._epoch
-            regions = self._regions(offset, length)
-            fresh = False
-            for r in regions:
+            for r in self._regions(offset, length):
                 self._inflight[r] = self._inflight.get(r, 0) + 1
-                self._begun[r] = epoch
+                self._begun[r] = self._epoch
+                byte, bit = divmod(r, 8)
                 page = r // _BITS_PER_PAGE
-                if self._mark(r):
-                    fresh = True
+                if not self._bits[byte] >> bit & 1:
+                    self._bits[byte] |= 1 << bit
+                    self._changed(page)
                 need = max(need, self._page_gen[page])
-            ahead = self._mark_ahead(regions, epoch) if fresh else []
-            for r in ahead:
-                need = max(need, self._page_gen[r // _BITS_PER_PAGE])
             if self._cleaner is None and self.background:
                 self._start_cleaner()
             if need <= self._durable_gen:
@@ -325,39 +312,6 @@ class WriteIntentLog:
             raise
         with self._lock:  # in flight, so not cleared since: the mark is durable
             self._set_ready(offset, length)
-            for r in ahead:  # not in flight: durable only if nothing cleared it since
-                if self._begun.get(r) == epoch:
-                    self._ready[r] = 1
-
-    def _mark(self, r: int) -> bool:
-        """Under the lock: set region r's bit; whether it was clear (its page changed)."""
-        byte, bit = divmod(r, 8)
-        if self._bits[byte] >> bit & 1:
-            return False
-        self._bits[byte] |= 1 << bit
-        self._changed(r // _BITS_PER_PAGE)
-        return True
-
-    def _mark_ahead(self, regions: range, epoch: int) -> list[int]:
-        """Under the lock: when the two regions before `regions` are marked (a sequential
-        stream, most likely), mark the AHEAD after it as if written and ended now, so the
-        stream's next writes find their marks durable. Unused, they are idle-cleared."""
-        first = regions.start
-        if first < 2 or not (self._is_marked(first - 1) and self._is_marked(first - 2)):
-            return []
-        now = time.monotonic()
-        ahead = []
-        for r in range(regions.stop, min(regions.stop + AHEAD, self.nregions)):
-            if self._mark(r):
-                self._begun[r] = epoch
-                if r not in self._inflight:
-                    self._idle_since[r] = now
-                ahead.append(r)
-        return ahead
-
-    def _is_marked(self, r: int) -> bool:
-        byte, bit = divmod(r, 8)
-        return bool(self._bits[byte] >> bit & 1)
 
     def _set_ready(self, offset: int, length: int) -> None:
         for r in self._regions(offset, length):

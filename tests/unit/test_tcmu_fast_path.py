@@ -419,6 +419,31 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
 
 
+def test_one_command_for_the_core_leaves_the_queue_behind_it_to_c(tmp_path: Path) -> None:
+    """A queued write into a region whose intent is not durable yet is the core's; the
+    writes queued behind it are not: C serves them once the core answered that one."""
+    m, p, _ = pair_lun(tmp_path, wil_idle=30, size=4 << 20)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    cold = m.volume("p").wil.region // BS  # the first block of the second region
+    with served(p, True, workers=8) as dev:
+        assert dev.execute(rw10(0x2A, 0, 1), b"a" * BS).status == GOOD  # marks region 0
+        assert dev.ring is not None and dev.ring.fast_commands == 0
+        time.sleep(0.1)  # the loop sleeps on its event: the seven below come as one batch
+        lbas = [1, 2, 3, cold, 4, 5, 6]
+        ids = [dev.kernel.submit(rw10(0x2A, lba, 1), bytes([lba % 251]) * BS) for lba in lbas]
+        dev.ring_doorbell()
+        deadline = time.monotonic() + 10
+        while not all(i in dev.kernel.completions for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [dev.kernel.completions[i].status for i in ids] == [GOOD] * 7  # type: ignore[index]
+        assert dev.ring.fast_commands == 6
+    m.close()
+    image = (tmp_path / "p.img").read_bytes()
+    assert image == (tmp_path / "s.img").read_bytes()
+    assert all(image[lba * BS] == lba % 251 for lba in lbas)
+
+
 def test_a_ring_that_cannot_watch_sleeps_on_its_own_event_in_c(tmp_path: Path) -> None:
     """One ring of a process spins on its head at a time. A second busy ring does not go back
     to the Python loop for every batch: it sleeps in poll() on its uio event (here the

@@ -238,8 +238,9 @@ class Ring:
             raise OSError(-rc, f"doorbell: {os.strerror(-rc)}")
         return r.entries - entries, rc == 0
 
-    def fetch(self) -> list[Command]:
-        """Parse every entry between the last one read and cmd_head.
+    def fetch(self, limit: int = 0) -> list[Command]:
+        """Parse every entry between the last one read and cmd_head (with `limit`, up to and
+        including that many CMD entries).
 
         PAD entries are consumed, TMRs applied; CMD entries come back as `Command`s (malformed
         ones marked `bad`, to be answered with HARDWARE ERROR like any other).
@@ -274,6 +275,8 @@ class Ring:
             self.entries += 1
             if pos == replay_end:
                 replay_end = -1
+            if limit and len(out) == limit:
+                break
             if pos == head:
                 head = self.head  # more may have arrived while we worked: batch them
         with self._lock:

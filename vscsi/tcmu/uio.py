@@ -32,6 +32,7 @@ SPIN_SECONDS = 1e-3
 # waiting for the gate, a unit attention): each return costs a trip through Python, several
 # hundred microseconds under the VM's emulation, which at queue depth was most of the CPU.
 FAST_LIMIT_SECONDS = 10e-3
+MAX_RETURNS = 64  # times one batch gives the queue back to the compiled path, at most
 
 
 class UioError(Exception):
@@ -160,39 +161,50 @@ class RingDevice:
         self.wake()
 
     def _batch(self, ring: Ring, pool: ThreadPoolExecutor | None) -> bool:
-        """Serve what is queued; True if anything was. (The compiled path rings for its own.)"""
+        """Serve what is queued; True if anything was. (The compiled path rings for its own.)
+
+        When the compiled path served some commands and stopped at one for the core (a write
+        into a region whose intent is not yet durable, say), the core answers that one alone
+        and the compiled path gets the rest again, as long as it keeps serving some: one such
+        command does not send the whole queue behind it through Python."""
         before = ring.entries
-        self._serve_fast(ring)
+        fast = self._serve_fast(ring)
         after_fast = ring.entries
-        if pool is None:
-            if ring.process():
-                self.notify()
-            return ring.entries != before
-        inline = pooled = 0
-        for cmd in ring.fetch():
-            if not cmd.bad and ring.handler.waits(cmd.cdb):
-                with self._bell:
-                    self._working += 1
-                pool.submit(self._run, ring, cmd)
-                pooled += 1
-            else:
-                ring.complete(cmd, ring.run(cmd))
-                inline += 1
+        inline = pooled = returns = 0
+        while True:
+            limit = 1 if fast and returns < MAX_RETURNS else 0  # 0: everything queued
+            cmds = ring.fetch(limit)
+            for cmd in cmds:
+                if pool is not None and not cmd.bad and ring.handler.waits(cmd.cdb):
+                    with self._bell:
+                        self._working += 1
+                    pool.submit(self._run, ring, cmd)
+                    pooled += 1
+                else:
+                    ring.complete(cmd, ring.run(cmd))
+                    inline += 1
+            if not (limit and cmds):
+                break
+            fast = self._serve_fast(ring)  # none while that command is out with a worker
+            after_fast = ring.entries
+            returns += 1
         if inline or (not pooled and ring.entries != after_fast):
             self._ring_doorbell()  # PAD/TMR entries alone: their ring space is free once reaped
         return ring.entries != before
 
-    def _serve_fast(self, ring: Ring) -> None:
-        """The compiled path's share of the queue (`Ring.serve_fast`), and its watch for more:
+    def _serve_fast(self, ring: Ring) -> int:
+        """The compiled path's share of the queue (`Ring.serve_fast`): the entries it consumed.
         `_watched` says it watched the ring for the spin window (no need to spin again)."""
         self._watched = False
         if self._direct is None or not ring.pending() or ring.outstanding():
-            return  # (with commands out it would serve nothing: leave the pair gate alone)
+            return 0  # (with commands out it would serve nothing: leave the pair gate alone)
         with self._direct() as path:
-            if path is not None:
-                _, self._watched = ring.serve_fast(
-                    path, self.doorbell_fd, SPIN_SECONDS, FAST_LIMIT_SECONDS, self.fd
-                )
+            if path is None:
+                return 0
+            served, self._watched = ring.serve_fast(
+                path, self.doorbell_fd, SPIN_SECONDS, FAST_LIMIT_SECONDS, self.fd
+            )
+            return served
 
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vscsi.tracker import InvalidLogError, WriteIntentLog
-from vscsi.tracker.wil import _BITS_PER_PAGE, PAGE
+from vscsi.tracker.wil import _BITS_PER_PAGE, AHEAD, PAGE, STREAM
 
 MiB = 1 << 20
 
@@ -34,8 +34,8 @@ def test_concurrent_begins_share_flushes(tmp_path: Path) -> None:
 
         def work(k: int) -> None:
             barrier.wait()
-            for i in range(50):
-                log.begin((k * 100 + i) * MiB // 1, 512)
+            for i in range(50):  # every other region: no sequential stream to mark ahead of
+                log.begin((k * 100 + 2 * i) * MiB, 512)
 
         threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
         for t in threads:
@@ -44,6 +44,70 @@ def test_concurrent_begins_share_flushes(tmp_path: Path) -> None:
             t.join()
         assert log.dirty_regions() == 400
         assert log.flushes <= 400
+
+
+def test_a_stream_of_large_writes_marks_ahead_in_one_flush_and_unused_marks_clear(
+    tmp_path: Path,
+) -> None:
+    with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB, background=False) as log:
+        log.begin(40 * MiB, MiB)  # nothing marked before it: nothing ahead
+        log.begin(10 * MiB, 4096)
+        log.begin(11 * MiB, 4096)  # a small write after a marked region: nothing ahead
+        assert log._marked() == [10, 11, 40]
+        flushes = log.flushes
+        log.begin(12 * MiB, STREAM)  # a large one: marks 13 .. 12 + AHEAD too
+        assert log.flushes == flushes + 1
+        assert log._marked() == [10, 11, *range(12, 13 + AHEAD), 40]
+        ready, _ = log.lend()  # type: ignore[misc]
+        assert all(ready[r] for r in range(12, 13 + AHEAD))  # a compiled writer may go ahead
+        log.give_back()
+        for r in range(13, 13 + AHEAD):  # the stream's next writes need no flush
+            log.begin(r * MiB, MiB)
+            log.end(r * MiB, MiB)
+        assert log.flushes == flushes + 1
+        log.begin((13 + AHEAD) * MiB, MiB)  # the next fresh region marks ahead again
+        assert log.dirty_regions() == 4 + 2 * AHEAD
+        for r, n in ((10, 4096), (11, 4096), (12, STREAM), (40, MiB), (13 + AHEAD, MiB)):
+            log.end(r * MiB, n)
+        assert log.flush_idle(time.monotonic() + 60) == 4 + 2 * AHEAD  # unused ones too
+        ready, _ = log.lend()  # type: ignore[misc]
+        assert not any(ready) and log.dirty_regions() == 0
+        log.give_back()
+
+
+def test_random_small_writes_in_a_hot_area_mark_only_what_they_write(tmp_path: Path) -> None:
+    """What a crash costs stays what was written: a host writing 4 KiB blocks at random in
+    4 MiB logs (and after a crash copies) those 4 regions, no more."""
+    rng = random.Random(5)
+    with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB, background=False) as log:
+        for _ in range(2000):
+            at = rng.randrange(4 * MiB // 4096) * 4096
+            log.begin(at, 4096)
+            log.end(at, 4096)
+        assert log._marked() == [0, 1, 2, 3]
+
+
+def test_a_mark_ahead_cleared_before_its_flush_is_not_ready(tmp_path: Path) -> None:
+    """The regions marked ahead are not in flight: one idle-cleared between the mark and the
+    flush that made it durable must not be handed to a compiled writer as ready."""
+    with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB, background=False) as log:
+        log.begin(0, 2 * MiB)
+        log.end(0, 2 * MiB)
+        real_flush = log._flush
+        cleared: list[int] = []
+
+        def flush_after_a_clear(need: int) -> None:
+            log._flush = real_flush  # type: ignore[method-assign]
+            cleared.append(log.flush_idle(time.monotonic() + 60))
+            real_flush(need)
+
+        log._flush = flush_after_a_clear  # type: ignore[method-assign]
+        log.begin(2 * MiB, STREAM)  # marks 3 .. 2 + AHEAD ahead, then the clear takes them
+        assert cleared == [2 + AHEAD]  # regions 0, 1 and the ones ahead
+        ready, _ = log.lend()  # type: ignore[misc]
+        assert ready[2] and not any(ready[3 : 3 + AHEAD])
+        log.give_back()
+        log.end(2 * MiB, STREAM)
 
 
 def test_idle_regions_clear_lazily_but_not_in_flight_or_held(tmp_path: Path) -> None:

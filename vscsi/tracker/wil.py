@@ -30,6 +30,14 @@ each region it writes in `touched`. While the log is lent nothing is cleared; wh
 borrower gives it back (`give_back`), each touched region counts as a write begun and ended
 then, so a clear that picked it before keeps it.
 
+A sequential stream of large writes would mark a new region with nearly every write, and each
+mark is a flush and a trip off the compiled path. So a write of at least STREAM bytes that
+marks a region after a marked one also marks the AHEAD regions after it, in the same flush, as
+if written and ended then: its stream finds them durable, and unused they are idle-cleared like
+any other. Marking more than was written is safe; a crash then costs those regions' copy. Small
+writes never mark ahead: random ones in a hot area would otherwise log (and after a crash copy)
+regions nobody wrote.
+
 Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
 are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
 differently shaped log is formatted afresh with `valid` False; `recover()` then raises
@@ -68,6 +76,8 @@ _VERSION = 1
 _HEADER = struct.Struct("<8sIIQQQQ")
 _PAGE_HEAD = struct.Struct("<II")
 _BITS_PER_PAGE = (PAGE - _PAGE_HEAD.size) * 8
+AHEAD = 16  # regions a stream of large writes marks past its write (module doc)
+STREAM = 256 << 10  # a write at least this large is taken for part of a stream
 _RETRY_MAX = 30.0  # seconds between cleaner attempts while before_clear keeps failing
 
 
@@ -284,21 +294,27 @@ class WriteIntentLog:
 
     def begin(self, offset: int, length: int) -> None:
         """Mark the regions of a write about to be issued; returns once the mark is durable.
+        A write that marks a region after the two before it marks the AHEAD regions after
+        it too, in the same flush (module doc).
 
         If the mark cannot be made durable this raises and the write counts as never begun.
         """
         need = 0
         with self._lock:
             self._epoch += 1
-            for r in self._regions(offset, length):
+            epoch = self._epoch
+            regions = self._regions(offset, length)
+            fresh = False
+            for r in regions:
                 self._inflight[r] = self._inflight.get(r, 0) + 1
-                self._begun[r] = self._epoch
-                byte, bit = divmod(r, 8)
+                self._begun[r] = epoch
                 page = r // _BITS_PER_PAGE
-                if not self._bits[byte] >> bit & 1:
-                    self._bits[byte] |= 1 << bit
-                    self._changed(page)
+                if self._mark(r):
+                    fresh = True
                 need = max(need, self._page_gen[page])
+            ahead = self._mark_ahead(regions, epoch) if fresh and length >= STREAM else []
+            for r in ahead:
+                need = max(need, self._page_gen[r // _BITS_PER_PAGE])
             if self._cleaner is None and self.background:
                 self._start_cleaner()
             if need <= self._durable_gen:
@@ -312,6 +328,39 @@ class WriteIntentLog:
             raise
         with self._lock:  # in flight, so not cleared since: the mark is durable
             self._set_ready(offset, length)
+            for r in ahead:  # not in flight: durable only if nothing cleared it since
+                if self._begun.get(r) == epoch:
+                    self._ready[r] = 1
+
+    def _mark(self, r: int) -> bool:
+        """Under the lock: set region r's bit; whether it was clear (its page changed)."""
+        byte, bit = divmod(r, 8)
+        if self._bits[byte] >> bit & 1:
+            return False
+        self._bits[byte] |= 1 << bit
+        self._changed(r // _BITS_PER_PAGE)
+        return True
+
+    def _mark_ahead(self, regions: range, epoch: int) -> list[int]:
+        """Under the lock, for a large write: when the region before `regions` is marked (a
+        stream, most likely), mark the AHEAD after it as if written and ended now, so the
+        stream's next writes find their marks durable. Unused, they are idle-cleared."""
+        first = regions.start
+        if first < 1 or not self._is_marked(first - 1):
+            return []
+        now = time.monotonic()
+        ahead = []
+        for r in range(regions.stop, min(regions.stop + AHEAD, self.nregions)):
+            if self._mark(r):
+                self._begun[r] = epoch
+                if r not in self._inflight:
+                    self._idle_since[r] = now
+                ahead.append(r)
+        return ahead
+
+    def _is_marked(self, r: int) -> bool:
+        byte, bit = divmod(r, 8)
+        return bool(self._bits[byte] >> bit & 1)
 
     def _set_ready(self, offset: int, length: int) -> None:
         for r in self._regions(offset, length):

@@ -26,6 +26,7 @@ from vscsi.store.base import Volume
 from vscsi.store.file import FileVolume
 from vscsi.tcmu.loopback import Completion, LoopbackDevice, LoopbackKernel
 from vscsi.tcmu.ring import Ring
+from vscsi.tracker.wil import AHEAD
 
 BS = 512
 SIZE = 256 << 10  # 512 blocks
@@ -496,3 +497,22 @@ def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: P
         ring.serve_fast(path, -1, 0, 0)
     assert [c.status for c in k.reap()] == [GOOD]
     lun.volume.close()  # type: ignore[attr-defined]
+
+
+def test_a_pvol_marks_ahead_for_a_hosts_large_writes_not_for_update_copies(
+    tmp_path: Path,
+) -> None:
+    """A host's 1 MiB stream on a P-VOL finds the regions ahead marked; an update copy of the
+    same size (what a remote S-VOL applies, `replicate`) marks only its own region."""
+    m, _, _ = pair_lun(tmp_path, wil_idle=30, size=64 << 20)
+    m.create("x", "p", "s", 0)
+    assert m.wait("x", 10)
+    v = m.volume("p")
+    mib = 1 << 20
+    for i in range(2):
+        v.write(i * mib, [memoryview(os.urandom(mib))])
+    assert v.wil._marked() == list(range(2 + AHEAD))
+    for i in (40, 41):
+        v.replicate(i * mib, [memoryview(os.urandom(mib))])
+    assert v.wil._marked() == [*range(2 + AHEAD), 40, 41]
+    m.close()

@@ -50,26 +50,28 @@ def test_a_stream_of_large_writes_marks_ahead_in_one_flush_and_unused_marks_clea
     tmp_path: Path,
 ) -> None:
     with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB, background=False) as log:
-        log.begin(40 * MiB, MiB)  # nothing marked before it: nothing ahead
+        log.begin(60 * MiB, MiB, stream=True)  # nothing marked before it: nothing ahead
         log.begin(10 * MiB, 4096)
-        log.begin(11 * MiB, 4096)  # a small write after a marked region: nothing ahead
-        assert log._marked() == [10, 11, 40]
+        log.begin(11 * MiB, 4096, stream=True)  # small, after a marked region: nothing ahead
+        log.begin(12 * MiB, MiB)  # a copy's chunk, after a marked region: nothing ahead
+        assert log._marked() == [10, 11, 12, 60]
         flushes = log.flushes
-        log.begin(12 * MiB, STREAM)  # a large one: marks 13 .. 12 + AHEAD too
+        log.begin(13 * MiB, STREAM, stream=True)  # a large host write: 14 .. 13 + AHEAD too
         assert log.flushes == flushes + 1
-        assert log._marked() == [10, 11, *range(12, 13 + AHEAD), 40]
+        assert log._marked() == [10, 11, 12, *range(13, 14 + AHEAD), 60]
         ready, _ = log.lend()  # type: ignore[misc]
-        assert all(ready[r] for r in range(12, 13 + AHEAD))  # a compiled writer may go ahead
+        assert all(ready[r] for r in range(13, 14 + AHEAD))  # a compiled writer may go ahead
         log.give_back()
-        for r in range(13, 13 + AHEAD):  # the stream's next writes need no flush
-            log.begin(r * MiB, MiB)
+        for r in range(14, 14 + AHEAD):  # the stream's next writes need no flush
+            log.begin(r * MiB, MiB, stream=True)
             log.end(r * MiB, MiB)
         assert log.flushes == flushes + 1
-        log.begin((13 + AHEAD) * MiB, MiB)  # the next fresh region marks ahead again
-        assert log.dirty_regions() == 4 + 2 * AHEAD
-        for r, n in ((10, 4096), (11, 4096), (12, STREAM), (40, MiB), (13 + AHEAD, MiB)):
+        log.begin((14 + AHEAD) * MiB, MiB, stream=True)  # the next fresh region: ahead again
+        assert log.dirty_regions() == 6 + 2 * AHEAD
+        for r, n in ((10, 4096), (11, 4096), (12, MiB), (13, STREAM), (60, MiB),
+                     (14 + AHEAD, MiB)):  # fmt: skip
             log.end(r * MiB, n)
-        assert log.flush_idle(time.monotonic() + 60) == 4 + 2 * AHEAD  # unused ones too
+        assert log.flush_idle(time.monotonic() + 60) == 6 + 2 * AHEAD  # unused ones too
         ready, _ = log.lend()  # type: ignore[misc]
         assert not any(ready) and log.dirty_regions() == 0
         log.give_back()
@@ -82,7 +84,7 @@ def test_random_small_writes_in_a_hot_area_mark_only_what_they_write(tmp_path: P
     with WriteIntentLog(str(tmp_path / "wil"), 64 * MiB, region=MiB, background=False) as log:
         for _ in range(2000):
             at = rng.randrange(4 * MiB // 4096) * 4096
-            log.begin(at, 4096)
+            log.begin(at, 4096, stream=True)
             log.end(at, 4096)
         assert log._marked() == [0, 1, 2, 3]
 
@@ -102,7 +104,7 @@ def test_a_mark_ahead_cleared_before_its_flush_is_not_ready(tmp_path: Path) -> N
             real_flush(need)
 
         log._flush = flush_after_a_clear  # type: ignore[method-assign]
-        log.begin(2 * MiB, STREAM)  # marks 3 .. 2 + AHEAD ahead, then the clear takes them
+        log.begin(2 * MiB, STREAM, stream=True)  # marks 3 .. 2 + AHEAD, then a clear takes them
         assert cleared == [2 + AHEAD]  # regions 0, 1 and the ones ahead
         ready, _ = log.lend()  # type: ignore[misc]
         assert ready[2] and not any(ready[3 : 3 + AHEAD])

@@ -194,7 +194,7 @@ class PairVolume:
                 self.base.write(offset, bufs, fua)
                 return
             length = sum(len(b) for b in bufs)
-            with self._tracked(offset, length):
+            with self._tracked(offset, length, stream=True):
                 self._paired(
                     offset, length, primaries, secondary,
                     lambda: self.held.write_base(offset, bufs, fua),
@@ -280,14 +280,15 @@ class PairVolume:
         return waits(fua, self.base.write_cache)
 
     @contextmanager
-    def _tracked(self, offset: int, length: int) -> Iterator[None]:
+    def _tracked(self, offset: int, length: int, stream: bool = False) -> Iterator[None]:
         """Region lock against the copier, and a durable write intent against a crash."""
-        with self.regions.hold(offset, length), self.intent(offset, length):
+        with self.regions.hold(offset, length), self.intent(offset, length, stream):
             yield
 
     @contextmanager
-    def intent(self, offset: int, length: int) -> Iterator[None]:
-        self.wil.begin(offset, length)
+    def intent(self, offset: int, length: int, stream: bool = False) -> Iterator[None]:
+        """`stream`: a host write, which may mark ahead (`WriteIntentLog.begin`)."""
+        self.wil.begin(offset, length, stream)
         try:
             yield
         finally:

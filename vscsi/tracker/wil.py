@@ -30,13 +30,14 @@ each region it writes in `touched`. While the log is lent nothing is cleared; wh
 borrower gives it back (`give_back`), each touched region counts as a write begun and ended
 then, so a clear that picked it before keeps it.
 
-A sequential stream of large writes would mark a new region with nearly every write, and each
-mark is a flush and a trip off the compiled path. So a write of at least STREAM bytes that
-marks a region after a marked one also marks the AHEAD regions after it, in the same flush, as
-if written and ended then: its stream finds them durable, and unused they are idle-cleared like
-any other. Marking more than was written is safe; a crash then costs those regions' copy. Small
-writes never mark ahead: random ones in a hot area would otherwise log (and after a crash copy)
-regions nobody wrote.
+A host's sequential stream of large writes would mark a new region with nearly every write,
+and each mark is a flush and a trip off the compiled path. So a host write (`begin(...,
+stream=True)`) of at least STREAM bytes that marks a region after a marked one also marks the
+AHEAD regions after it, in the same flush, as if written and ended then: its stream finds them
+durable, and unused they are idle-cleared like any other. Marking more than was written is
+safe; a crash then costs those regions' copy. Small writes never mark ahead (random ones in a
+hot area would log, and after a crash copy, regions nobody wrote), nor do copies and update
+copies (a resync's chunks are no stream, and would log regions past what it copies).
 
 Opening a log adopts what is on disk: the regions a crashed run left marked stay marked (they
 are never idle-cleared) until `mark_clean()` after the merge. A missing, unreadable or
@@ -292,8 +293,10 @@ class WriteIntentLog:
         self._dirty_pages.add(page)
         self._page_gen[page] = self._next_gen
 
-    def begin(self, offset: int, length: int) -> None:
+    def begin(self, offset: int, length: int, stream: bool = False) -> None:
         """Mark the regions of a write about to be issued; returns once the mark is durable.
+        `stream`: the write may be part of a sequential stream (a host's), so a large one
+        may mark ahead (module doc); copies and update copies never do.
         A write that marks a region after the two before it marks the AHEAD regions after
         it too, in the same flush (module doc).
 
@@ -312,7 +315,8 @@ class WriteIntentLog:
                 if self._mark(r):
                     fresh = True
                 need = max(need, self._page_gen[page])
-            ahead = self._mark_ahead(regions, epoch) if fresh and length >= STREAM else []
+            streaming = fresh and stream and length >= STREAM
+            ahead = self._mark_ahead(regions, epoch) if streaming else []
             for r in ahead:
                 need = max(need, self._page_gen[r // _BITS_PER_PAGE])
             if self._cleaner is None and self.background:

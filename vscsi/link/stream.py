@@ -66,22 +66,19 @@ class TlsStream:
 
     def send(self, *parts: bytes | bytearray | memoryview) -> None:
         """Encrypt `parts` and send them, after any frame another thread is sending. An
-        OSError leaves the stream unusable (a frame may be cut short): `abort` it."""
+        OSError leaves the stream unusable (a frame may be cut short): `abort` it. Small
+        parts are joined first: each `write` ends a TLS record, and every record costs its
+        own encryption and header."""
         with self.send_lock:
-            self.send_held(*parts)
-
-    def send_held(self, *parts: bytes | bytearray | memoryview) -> None:
-        """`send`, by a caller holding `send_lock`. Small parts are joined first: each
-        `write` ends a TLS record, and every record costs its own encryption and header."""
-        with self._tls:
-            for part in _records(parts):
-                self.tls.write(part)
-            data = self._out.read()  # with whatever TLS itself wrote before: in order
-        self.sock.sendall(data)
+            with self._tls:
+                for part in _records(parts):
+                    self.tls.write(part)
+                data = self._out.read()  # with whatever TLS itself wrote before: in order
+            self.sock.sendall(data)
 
     def _flush(self, wait: bool) -> None:
         """Send what TLS itself wrote (handshake records, a key update answer). Without
-        `wait`, a sender busy with a frame takes it along with its own (see `send_held`)."""
+        `wait`, a sender busy with a frame takes it along with its own (see `send`)."""
         if not self.send_lock.acquire(blocking=wait):
             return
         try:

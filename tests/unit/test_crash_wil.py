@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +26,7 @@ from tests.unit.crashmodel import (
 )
 from vscsi.durable import faults
 from vscsi.tracker import DirtyMap, WriteIntentLog
+from vscsi.tracker import wil as wil_module
 
 REGION, GRAIN, SIZE = 4096, 512, 4 * 4096  # few regions: writes often share one
 LATER = 1e12  # a flush_idle `now` at which every idle region qualifies
@@ -75,6 +77,7 @@ class Mirror:
     unflushed: list[tuple[int, int]] = field(default_factory=list)
     serial: int = 0
     log: WriteIntentLog | None = None
+    stream: bool = False  # the writes are a host's (`begin(..., stream=True)`): they mark ahead
     lock: threading.Lock = field(default_factory=threading.Lock)
     ordered: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,7 +93,7 @@ class Mirror:
         length = min(sectors * GRAIN, SIZE - offset)
         self.serial += 1
         data = memoryview(struct.pack("<Q", self.serial) * (length // 8))
-        self.log.begin(offset, length)
+        self.log.begin(offset, length, self.stream)
         self.in_flight.append((offset, length))
         self.a.write(offset, [data])
         if not keep:
@@ -178,17 +181,36 @@ def _covered(dirty: DirtyMap, offset: int, length: int) -> bool:
 def test_crash_at_every_fault_point_leaves_every_differing_region_marked(
     ops: list[tuple], tear: bool
 ) -> None:
+    _crash_at_every_fault_point(ops, tear, stream=False)
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(ops=st.lists(_op, max_size=14), tear=st.booleans())
+def test_crash_at_every_fault_point_with_host_writes_marking_ahead(
+    ops: list[tuple], tear: bool
+) -> None:
+    """The same with every write a host's stream (any size marks ahead here): the marks made
+    ahead are flushed with the write's own, and a clear may race them."""
+    with mock.patch.object(wil_module, "STREAM", GRAIN):
+        _crash_at_every_fault_point(ops, tear, stream=True)
+
+
+def _crash_at_every_fault_point(ops: list[tuple], tear: bool, stream: bool) -> None:
     f = _fresh_log_file()
 
     def scenario(m: Mirror) -> None:
         m.open()
         m.apply_all(ops)
 
-    whole = Mirror(f.power_loss())
+    whole = Mirror(f.power_loss(), stream=stream)
     points = fault_points(lambda: scenario(whole))
     whole.check_after_power_loss(random.Random(0) if tear else None)  # power loss at the end
     for k in range(len(points)):
-        m = Mirror(f.power_loss())
+        m = Mirror(f.power_loss(), stream=stream)
         assert run_crashing(lambda m=m: scenario(m), k) == points[k]
         m.check_after_power_loss(random.Random(k) if tear else None)
 
@@ -227,7 +249,7 @@ def _writer(m: Mirror, seed: int) -> None:
         offset = w.randrange(SIZE // GRAIN) * GRAIN
         length = min(w.randrange(1, 9) * GRAIN, SIZE - offset)
         data = [memoryview(struct.pack("<II", seed, n) * (length // 8))]
-        m.log.begin(offset, length)
+        m.log.begin(offset, length, m.stream)
         with m.lock:
             m.in_flight.append((offset, length))
         with m.ordered:  # overlapping writes reach A and B in one order, as region locks do
@@ -282,7 +304,9 @@ def _until_crash(fn: Callable[[Mirror, int], None], m: Mirror, n: int) -> None:
         fn(m, n)
 
 
-def _race_until_crash(workers: list[tuple[Callable[[Mirror, int], None], int]], seed: int) -> None:
+def _race_until_crash(
+    workers: list[tuple[Callable[[Mirror, int], None], int]], seed: int, stream: bool = False
+) -> None:
     """`workers` (function, seed) in threads over one log, for 2 s and at least 5 runs; each
     run the process dies at a random fault point, then the power fails."""
     rnd = random.Random(seed)
@@ -290,7 +314,7 @@ def _race_until_crash(workers: list[tuple[Callable[[Mirror, int], None], int]], 
     runs = 0
     while time.monotonic() < deadline or runs < 5:
         runs += 1
-        m = Mirror(_fresh_log_file())
+        m = Mirror(_fresh_log_file(), stream=stream)
         m.log = _log(m.f, before_clear=lambda m=m: _flush_members(m))
         threads = [threading.Thread(target=_until_crash, args=(fn, m, s)) for fn, s in workers]
         with faults.installed(CrashAt(rnd.randrange(400))):
@@ -309,6 +333,15 @@ def test_threads_racing_the_cleaner_and_a_crash_at_a_random_point() -> None:
 def test_a_borrower_racing_writers_the_cleaner_and_a_crash_at_a_random_point() -> None:
     """As above, with a borrower of the log writing where marks are durable (`lend`)."""
     _race_until_crash([(_writer, 1), (_writer, 2), (_borrower, 3), (_cleaner, 0)], 7)
+
+
+def test_a_borrower_writing_where_host_writes_marked_ahead_racing_a_crash() -> None:
+    """As above, every write a host's stream that marks ahead: the borrower writes in regions
+    marked ahead (ready only once durable and not cleared since) while the cleaner clears."""
+    with mock.patch.object(wil_module, "STREAM", GRAIN):
+        _race_until_crash(
+            [(_writer, 1), (_writer, 2), (_borrower, 3), (_cleaner, 0)], 11, stream=True
+        )
 
 
 def test_a_failed_log_sync_is_rewritten_before_a_later_begin_returns() -> None:
@@ -335,3 +368,41 @@ def test_a_begin_that_fails_is_not_left_in_flight() -> None:
     f.heal()
     assert log.mark_clean()  # nothing in flight: the caller never issued that write
     assert list(_log(f.power_loss()).recover().extents()) == []
+
+
+def test_a_region_is_ready_only_where_its_mark_is_durable_at_every_fault_point() -> None:
+    """What a compiled writer may write without a `begin` (`ready`) is marked in the log as a
+    power loss would leave it, at every fault point of host writes that mark ahead (each
+    marks the regions after it) interleaved with clears."""
+    f = _fresh_log_file()
+    regions = range(SIZE // REGION)
+    checked: list[str] = []
+    inside = False
+    with mock.patch.object(wil_module, "STREAM", GRAIN):
+        log = _log(f)
+
+        def check(name: str) -> None:
+            nonlocal inside
+            if inside:  # the durable copy's own fault points
+                return
+            inside = True
+            try:
+                with WriteIntentLog.open_existing(
+                    "wil", SIZE, region=REGION, grain=GRAIN, file=f.power_loss(),
+                    background=False,
+                ) as durable:  # fmt: skip
+                    marked = set(durable._marked())
+                ready = {r for r in regions if log._ready[r]}
+                assert ready <= marked, (name, ready, marked)
+                checked.append(name)
+            finally:
+                inside = False
+
+        with faults.installed(check):
+            for _ in range(3):
+                for r in regions:
+                    log.begin(r * REGION, GRAIN, stream=True)
+                    log.end(r * REGION, GRAIN)
+                log.flush_idle(LATER)
+        log.close()
+    assert "wil.flush.page" in checked and "wil.clear.flush" in checked

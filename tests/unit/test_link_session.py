@@ -638,12 +638,14 @@ def test_both_ends_send_each_frame_at_once(session: LinkSession, site: Site) -> 
 
 
 class _HeldStream:
-    """A stream whose first send waits for `release`; records the sequence numbers of each
-    send's frames."""
+    """A stream whose first send waits for `release` (then fails with `error`, if set);
+    records the sequence numbers of each send's frames, and the aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: OSError | None = None) -> None:
         self.sends: list[list[int]] = []
         self.entered, self.release = threading.Event(), threading.Event()
+        self.error = error
+        self.aborts = 0
 
     def send(self, *parts: bytes | memoryview) -> None:
         self.entered.set()
@@ -653,9 +655,12 @@ class _HeldStream:
             parse_header(bytes(p)).seq for p in parts
             if len(p) == HEADER_SIZE and bytes(p[:4]) == b"VSLK"
         ])  # fmt: skip
+        if self.error is not None:
+            raise self.error
 
     def abort(self) -> None:
-        raise AssertionError("no send failed")
+        assert self.error is not None, "no send failed"
+        self.aborts += 1
 
 
 def test_requests_queued_during_a_send_leave_together_in_order() -> None:
@@ -685,3 +690,34 @@ def test_requests_queued_during_a_send_leave_together_in_order() -> None:
     assert sorted(conn.pending) == list(range(1, 9)) and conn.queued == []
     conn.heartbeat()  # nothing queued, nobody sending: it goes out alone
     assert stream.sends[-1] == [9]
+
+
+def test_a_failed_send_fails_every_request_it_took_and_later_ones_send_nothing() -> None:
+    """The first send fails while seven requests queue behind it: the next caller sends them
+    and fails too (the stream is aborted, as a frame may be cut short); once the receiver
+    fails the connection, every caller gets LinkDown and a new request raises at once."""
+    stream = _HeldStream(ConnectionResetError(104, "reset"))
+    conn = _Connection(stream)  # type: ignore[arg-type]
+    futures = [concurrent.futures.Future[Any]() for _ in range(8)]
+
+    def request(k: int) -> None:
+        conn.request(FrameType.WRITE, [write_head("s0", 0, False), bytes(512)], futures[k])
+
+    first = threading.Thread(target=request, args=(0,))
+    first.start()
+    assert stream.entered.wait(10)
+    others = [threading.Thread(target=request, args=(k,)) for k in range(1, 8)]
+    for t in others:
+        t.start()
+    deadline = time.monotonic() + 10
+    while conn.seq < 8 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stream.release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert stream.sends == [[1], [2, 3, 4, 5, 6, 7, 8]] and stream.aborts == 2
+    conn.fail(LinkDown("link to siteB lost"))  # what the receiver does on the reset
+    assert all(isinstance(f.exception(0), LinkDown) for f in futures)
+    with pytest.raises(LinkDown):
+        request(0)
+    assert len(stream.sends) == 2

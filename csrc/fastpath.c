@@ -22,7 +22,8 @@
 #define CMD_ENTRY_MIN 112 /* header + response with its 96-byte sense buffer */
 #define FAST_MAX_IOV 1024 /* IOV_MAX: more than that goes to Python */
 #define FUA 0x08
-#define SIDE_BY_SIDE (256u << 10) /* a mirrored write this large writes its S-VOLs on a thread */
+#define LARGE (256u << 10) /* a transfer this large is worth a thread, and a doorbell, of its own */
+#define SIDE_BY_SIDE_MAX 4 /* large reads run at once, at most */
 
 static uint32_t ld32(const char *p)
 {
@@ -158,7 +159,7 @@ static int mirror_write(const struct fast_lun *l, int aligned, const struct iove
 {
     struct side side = {l, aligned, iov, n, at, bytes, 0};
     pthread_t t;
-    int beside = bytes >= SIDE_BY_SIDE && pthread_create(&t, NULL, write_side, &side) == 0;
+    int beside = bytes >= LARGE && pthread_create(&t, NULL, write_side, &side) == 0;
     int ok = move(1, l->fd, l->direct_fd, aligned, iov, n, at, bytes);
     if (beside)
         pthread_join(t, NULL);
@@ -167,53 +168,175 @@ static int mirror_write(const struct fast_lun *l, int aligned, const struct iove
     return ok && side.ok;
 }
 
-/* Serve one CMD entry; 1 when it is answered GOOD in its slot, 0 to leave it to the core. */
-static int serve(const struct fast_ring *r, const struct fast_lun *l, char *ent, uint32_t len)
+/* What one CMD entry asks of this path: decoded, its data gathered. */
+struct job {
+    const struct fast_lun *l;
+    struct rw rw;
+    uint64_t bytes;
+    off_t at;
+    int aligned;
+    int n;
+    int ok;
+    struct iovec iov[FAST_MAX_IOV];
+};
+
+/* Decode and gather the CMD entry `ent`; 0 when the core must see it. */
+static int prepare(const struct fast_ring *r, const struct fast_lun *l, const char *ent,
+                   uint32_t len, struct job *j)
 {
     uint32_t cnt = ld32(ent + 8);
     uint64_t cdb_off = ld64(ent + 24);
-    struct rw rw;
-    struct iovec iov[FAST_MAX_IOV];
-    int aligned;
 
     if (len < CMD_ENTRY_MIN || ld32(ent + 12) || ld32(ent + 16) || cnt > FAST_MAX_IOV ||
         CMD_IOV_OFFSET + 16 * (uint64_t)cnt > len)
         return 0;
     if (cdb_off < r->cmdr_off || cdb_off + 16 > r->data_off)
         return 0;
-    if (!decode((const uint8_t *)r->base + cdb_off, l, &rw))
+    if (!decode((const uint8_t *)r->base + cdb_off, l, &j->rw))
         return 0;
-    uint64_t bytes = rw.blocks * l->block_size;
-    int n = gather(r, ent, cnt, bytes, l->block_size, iov, &aligned);
-    if (n < 0)
-        return 0;
-    off_t at = (off_t)(rw.lba * l->block_size);
-    if (rw.write && l->mirrors && !intent_ready(l, (uint64_t)at, bytes))
-        return 0;
-    if (rw.write && l->mirrors) {
-        if (!mirror_write(l, aligned, iov, n, at, bytes))
-            return 0; /* the core writes all again; a failing S-VOL suspends its pair there */
-    } else if (!move(rw.write, l->fd, l->direct_fd, aligned, iov, n, at, bytes)) {
-        return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
+    j->bytes = j->rw.blocks * l->block_size;
+    j->n = gather(r, ent, cnt, j->bytes, l->block_size, j->iov, &j->aligned);
+    j->at = (off_t)(j->rw.lba * l->block_size);
+    return j->n >= 0;
+}
+
+/* Move a prepared job's data; 1 when every side took the whole transfer. */
+static int execute(const struct job *j)
+{
+    const struct fast_lun *l = j->l;
+    if (j->rw.write && l->mirrors) /* a failing S-VOL suspends its pair in the core */
+        return mirror_write(l, j->aligned, j->iov, j->n, j->at, j->bytes);
+    return move(j->rw.write, l->fd, l->direct_fd, j->aligned, j->iov, j->n, j->at, j->bytes);
+}
+
+/* Tell the kernel about the answers published so far (uio: a 4-byte write). */
+static int ring_doorbell(int fd)
+{
+    static const uint32_t one = 1;
+    ssize_t n;
+    while ((n = write(fd, &one, sizeof one)) < 0 && errno == EINTR)
+        ;
+    return n == sizeof one ? 0 : -(errno ? errno : EIO);
+}
+
+/* The entry at `pos` if its header is sound (its length in `*len`, op in `*op`), else NULL. */
+static char *entry_at(const struct fast_ring *r, uint32_t pos, uint32_t *len, uint32_t *op)
+{
+    char *ent = r->base + r->cmdr_off + pos;
+    uint32_t len_op = ld32(ent);
+    *len = len_op & ~OP_MASK;
+    *op = len_op & OP_MASK;
+    if (!*len || *len % ENTRY_ALIGN || pos + *len > r->cmdr_size)
+        return NULL;
+    return ent;
+}
+
+/* The CMD entries from the one at cmd_tail on, prepared and run side by side; answered in
+ * ring order as the serving loop reaches them. */
+struct ahead {
+    int n;
+    int next;
+    struct job job[SIDE_BY_SIDE_MAX];
+};
+
+static void *run_job(void *arg)
+{
+    struct job *j = arg;
+    j->ok = execute(j);
+    return NULL;
+}
+
+/* Whether a prepared job may run beside others: a large READ. (Writes to one file serialise
+ * on its inode lock anyway, and two mirrored writes to one block run side by side could leave
+ * the P-VOL with one's data and an S-VOL with the other's.) */
+static int side_by_side(const struct job *j)
+{
+    return !j->rw.write && j->bytes >= LARGE;
+}
+
+/* a->job[0], the entry of `len` bytes at cmd_tail, is prepared and may run side by side: add
+ * the CMD entries after it (PADs skipped) while they may too, and run them all at once, each
+ * on a thread but the first. Their outcomes are in a->job[0..n), ring order; any left undone
+ * by a failure the core runs again, as READ allows. */
+static void run_ahead(const struct fast_ring *r, const struct fast_lun *l, uint32_t head,
+                      uint32_t len, struct ahead *a)
+{
+    uint32_t pos = (r->pos + len) % r->cmdr_size, op;
+    a->n = 1;
+    while (pos != head && a->n < SIDE_BY_SIDE_MAX) {
+        char *ent = entry_at(r, pos, &len, &op);
+        if (!ent || (op != OP_CMD && op != OP_PAD))
+            break;
+        if (op == OP_CMD) {
+            struct job *j = &a->job[a->n];
+            j->l = l;
+            if (!prepare(r, l, ent, len, j) || !side_by_side(j))
+                break;
+            a->n++;
+        }
+        pos = (pos + len) % r->cmdr_size;
     }
-    memset(ent + 7, 0, 1 + 8);    /* uflags; scsi_status GOOD, padding, read_len 0 */
+    pthread_t t[SIDE_BY_SIDE_MAX];
+    int started[SIDE_BY_SIDE_MAX] = {0};
+    for (int i = 1; i < a->n; i++)
+        started[i] = pthread_create(&t[i], NULL, run_job, &a->job[i]) == 0;
+    run_job(&a->job[0]);
+    for (int i = 1; i < a->n; i++) {
+        if (started[i])
+            pthread_join(t[i], NULL);
+        else
+            run_job(&a->job[i]);
+    }
+}
+
+/* Serve the CMD entry `ent` at cmd_tail: from the batch run ahead, or prepared and run now.
+ * 1 when it is answered GOOD in its slot, 0 to leave it to the core; `*ring` says to tell
+ * the kernel at once (a large transfer, the last of a batch). */
+static int serve_next(const struct fast_ring *r, const struct fast_lun *l, char *ent,
+                      uint32_t len, uint32_t head, struct ahead *a, int *ring)
+{
+    struct job *j = &a->job[0];
+    if (a->next < a->n) {
+        j = &a->job[a->next++];
+    } else {
+        a->n = a->next = 0;
+        j->l = l;
+        if (!prepare(r, l, ent, len, j))
+            return 0;
+        if (j->rw.write && l->mirrors && !intent_ready(l, (uint64_t)j->at, j->bytes))
+            return 0;
+        if (side_by_side(j)) {
+            run_ahead(r, l, head, len, a);
+            a->next = 1;
+        } else {
+            j->ok = execute(j);
+        }
+    }
+    if (!j->ok)
+        return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
+    memset(ent + 7, 0, 1 + 8); /* uflags; scsi_status GOOD, padding, read_len 0 */
+    *ring = j->bytes >= LARGE && a->next == a->n;
     return 1;
 }
 
-int ring_serve_fast(struct fast_ring *r, const struct fast_lun *l)
+/* Serve what this path owns of the entries queued on entry (see ring_serve_fast_for); rings
+ * `doorbell_fd` after each large transfer, so the host gets it back while the next one runs.
+ * 1: stopped at an entry for the core; 0: reached that head; -errno: the doorbell failed. */
+static int serve_queued(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd)
 {
     uint32_t head = ring_load_acquire_u32(r->base, MAILBOX_HEAD);
+    struct ahead a; /* (not cleared: 64 KiB, and only n and next are read before written) */
+    a.n = a.next = 0;
+    if (head >= r->cmdr_size)
+        return 1;
     while (r->pos != head) {
-        if (head >= r->cmdr_size)
+        uint32_t len, op;
+        int large = 0; /* a large transfer answered: ring at once */
+        char *ent = entry_at(r, r->pos, &len, &op);
+        if (!ent)
             return 1;
-        char *ent = r->base + r->cmdr_off + r->pos;
-        uint32_t len_op = ld32(ent);
-        uint32_t len = len_op & ~OP_MASK;
-        if (!len || len % ENTRY_ALIGN || r->pos + len > r->cmdr_size)
-            return 1;
-        uint32_t op = len_op & OP_MASK;
         if (op == OP_CMD) {
-            if (!serve(r, l, ent, len))
+            if (!serve_next(r, l, ent, len, head, &a, &large))
                 return 1;
             r->commands++;
         } else if (op != OP_PAD) {
@@ -224,6 +347,11 @@ int ring_serve_fast(struct fast_ring *r, const struct fast_lun *l)
         if ((int64_t)r->pos == r->replay_end)
             r->replay_end = -1;
         ring_store_release_u32(r->base, MAILBOX_TAIL, r->pos);
+        if (large && r->pos != head) {
+            int rc = ring_doorbell(doorbell_fd);
+            if (rc < 0)
+                return rc;
+        }
     }
     return 0; /* not past the head seen on entry: the caller's view of the LUN stays fresh */
 }
@@ -236,14 +364,6 @@ static uint64_t now_ns(void)
 }
 
 static int watching; /* a ring of this process is watching its head */
-
-static int ring_doorbell(int fd, const uint32_t *one)
-{
-    ssize_t n;
-    while ((n = write(fd, one, sizeof *one)) < 0 && errno == EINTR)
-        ;
-    return n == sizeof *one ? 0 : -1;
-}
 
 /* Wait for cmd_head to move past `pos` until `deadline`: 1 if it did, 0 if not, -1 at once
  * when another ring of the process is watching. */
@@ -284,13 +404,17 @@ static int await_event(int event_fd, uint64_t deadline)
 int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
                         int event_fd, uint64_t idle_ns, uint64_t limit_ns)
 {
-    static const uint32_t one = 1;
     uint64_t end = now_ns() + limit_ns;
     for (;;) {
         uint64_t before = r->entries;
-        int stopped = ring_serve_fast(r, l);
-        if (r->entries != before && ring_doorbell(doorbell_fd, &one) < 0)
-            return -(errno ? errno : EIO);
+        int stopped = serve_queued(r, l, doorbell_fd);
+        if (stopped < 0)
+            return stopped;
+        if (r->entries != before) {
+            int rc = ring_doorbell(doorbell_fd);
+            if (rc < 0)
+                return rc;
+        }
         if (stopped)
             return 1;
         uint64_t now = now_ns();

@@ -70,13 +70,11 @@ struct fast_lun {
 
 /* Serve what the fast path owns of the entries queued when it is called — never more, so a
  * ring kept busy cannot hold the LUN's state (a pair waiting to be created, a unit attention
- * waiting to be reported) for longer than one batch. Returns 1 when it stopped at an entry for
- * the Python core, 0 when it reached that head. */
-int ring_serve_fast(struct fast_ring *ring, const struct fast_lun *lun);
-
-/* ring_serve_fast, then the doorbell (a 4-byte write to `doorbell_fd`) for what it answered,
- * then a watch on cmd_head for more, as long as a command comes within `idle_ns` of the last
- * batch, for up to `limit_ns` in all: under load the next command usually comes within
+ * waiting to be reported) for longer than one batch — then ring the doorbell (a 4-byte write
+ * to `doorbell_fd`) for what it answered. Large transfers (256 KiB or more) ring it as soon
+ * as they are answered, so the host refills its queue while the next one runs, and large READs
+ * queued together run side by side, a thread each. Then a watch on cmd_head for more, as long
+ * as a command comes within `idle_ns` of the last batch, for up to `limit_ns` in all: under load the next command usually comes within
  * microseconds, and serving it here costs no wake-up, no GIL and no trip through the Python
  * loop. At most one ring of the process spins on its cmd_head at a time, so busy LUNs do not
  * spin on every CPU; the others sleep in poll() on their `event_fd` (uio: the kernel's

@@ -516,3 +516,92 @@ def test_a_pvol_marks_ahead_for_a_hosts_large_writes_not_for_update_copies(
         v.replicate(i * mib, [memoryview(os.urandom(mib))])
     assert v.wil._marked() == [*range(2 + AHEAD), 40, 41]
     m.close()
+
+
+
+
+LARGE = 512 << 10  # a transfer that rings as soon as it is answered (from 256 KiB)
+
+
+def large_commands(data: list[bytes]) -> list[tuple[bytes, bytes, int]]:
+    """A large write, three large reads (C runs them side by side), a small write and a large
+    one, on ranges apart: commands queued together may run in any order."""
+    n = LARGE // BS
+    return [
+        (rw16(0x8A, 0, n), data[0], 0),
+        (rw16(0x88, 2048, n), b"", LARGE),
+        (rw10(0x28, 3072, n), b"", LARGE),
+        (rw16(0x88, 4096, n), b"", LARGE),
+        (rw10(0x2A, 10240, 8), data[1][: 8 * BS], 0),
+        (rw16(0x8A, 12288, n), data[1], 0),
+    ]
+
+
+def large_lun(path: Path, old: bytes) -> Lun:
+    """8 MiB, the ranges the reads of `large_commands` read filled."""
+    vol = FileVolume("v", str(path), size=8 << 20, block_size=BS, create=True)
+    vol.write(2048 * BS, [memoryview(old)])
+    return Lun(vol, Identity(volume_id=1), max_transfer_blocks=2048)
+
+
+def test_large_transfers_ring_as_they_are_answered_and_large_reads_run_side_by_side(
+    tmp_path: Path,
+) -> None:
+    """The kernel hears of a large transfer as soon as it is answered, not after the whole
+    queue: the host refills its queue while the next one runs. Large reads queued together
+    run at once (a thread each) and ring once, after the last of them."""
+    old = os.urandom(3 * LARGE)
+    data = [os.urandom(LARGE) for _ in range(2)]
+    lun = large_lun(tmp_path / "v.img", old)
+    k = LoopbackKernel(cmdr_size=64 << 10, data_size=4 << 20)
+    ring = Ring(k.mem, lun)
+    ids = [k.submit(cdb, out, n) for cdb, out, n in large_commands(data)]
+    bell_r, bell_w = os.pipe()
+    with lun.direct() as path:
+        assert path is not None
+        assert ring.serve_fast(path, bell_w, 0, 0) == (6, False)
+    assert len(os.read(bell_r, 64)) == 3 * 4  # the write; the three reads; the end of the pass
+    done = {c.cmd_id: c for c in k.reap()}
+    assert [done[i].status for i in ids] == [GOOD] * 6  # type: ignore[index]
+    assert b"".join(done[i].data for i in ids[1:4]) == old  # type: ignore[index]
+    image = (tmp_path / "v.img").read_bytes()
+    assert image[:LARGE] == data[0] and image[6 << 20 : (6 << 20) + LARGE] == data[1]
+    os.close(bell_r)
+    os.close(bell_w)
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
+def test_a_failed_read_in_a_batch_is_the_cores_and_every_answer_is_as_without_c(
+    tmp_path: Path,
+) -> None:
+    """The second of three reads run side by side reads past the end of a shrunken file (a
+    short read): C answers the one before it and leaves it to the core, which reads the
+    sparse tail as zeroes; every answer and every byte on disk is the core's alone."""
+    old = os.urandom(3 * LARGE)
+    data = [os.urandom(LARGE) for _ in range(2)]
+    outcomes, images = [], []
+    for fast in (False, True):
+        path = tmp_path / f"{'fast' if fast else 'core'}.img"
+        lun = large_lun(path, old)
+        os.truncate(path, 3072 * BS + 1000)  # inside the second read
+        dev = LoopbackDevice(LoopbackKernel(cmdr_size=64 << 10, data_size=4 << 20))
+        ids = [dev.kernel.submit(cdb, out, n) for cdb, out, n in large_commands(data)]
+        stop = threading.Event()  # all six queued before the daemon looks
+        t = threading.Thread(target=dev.serve, args=(lun, stop, 0, fast))
+        t.start()
+        dev.ring_doorbell()
+        deadline = time.monotonic() + 10
+        while not all(i in dev.kernel.completions for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        dev.wake()
+        t.join(5)
+        outcomes.append([outcome(dev.kernel.completions[i]) for i in ids])  # type: ignore[index]
+        if fast:  # the write, the first read (the third fails in C too: the core's, and the rest)
+            assert dev.ring is not None and dev.ring.fast_commands == 2
+        dev.close()
+        lun.volume.close()  # type: ignore[attr-defined]
+        images.append(path.read_bytes())
+    assert outcomes[0] == outcomes[1] and images[0] == images[1]
+    assert [o[0] for o in outcomes[1]] == [GOOD] * 6
+    assert outcomes[1][2][2] == old[LARGE : LARGE + 1000] + bytes(LARGE - 1000)

@@ -365,6 +365,10 @@ static uint64_t now_ns(void)
 
 static int watching; /* a ring of this process is watching its head */
 
+/* A ring that spins returns instead once in this many waits, to see whether the host keeps a
+ * queue: a first pass that finds two commands or more says it does. */
+#define PROBE_EVERY 64
+
 /* Wait for cmd_head to move past `pos` until `deadline`: 1 if it did, 0 if not, -1 at once
  * when another ring of the process is watching. */
 static int watch(const struct fast_ring *r, uint64_t deadline)
@@ -405,8 +409,9 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
                         int event_fd, uint64_t idle_ns, uint64_t limit_ns)
 {
     uint64_t end = now_ns() + limit_ns;
+    int first = 1; /* the first pass comes after the caller's loop: a wake-up, a look around */
     for (;;) {
-        uint64_t before = r->entries;
+        uint64_t before = r->entries, commands = r->commands;
         int stopped = serve_queued(r, l, doorbell_fd);
         if (stopped < 0)
             return stopped;
@@ -421,7 +426,14 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
         uint64_t deadline = now + idle_ns < end ? now + idle_ns : end;
         if (now >= end)
             return 2;
-        int moved = watch(r, deadline);
+        if (first && r->commands != commands)
+            r->deep = r->commands - commands >= 2;
+        first = 0;
+        int moved = ring_load_acquire_u32(r->base, MAILBOX_HEAD) != r->pos;
+        if (!moved && (r->deep || ++r->lone % PROBE_EVERY == 0))
+            return 0; /* deep, or a look: the caller's trip lets the queue fill */
+        if (!moved)
+            moved = watch(r, deadline);
         if (moved < 0) /* another ring spins: sleep on this one's event, GIL still released */
             moved = await_event(event_fd, deadline);
         if (!moved)

@@ -24,6 +24,7 @@ from vscsi.scsi.lun import Lun
 from vscsi.scsi.result import CHECK_CONDITION, GOOD
 from vscsi.store.base import Volume
 from vscsi.store.file import FileVolume
+from vscsi.tcmu import abi
 from vscsi.tcmu.loopback import Completion, LoopbackDevice, LoopbackKernel
 from vscsi.tcmu.ring import Ring
 from vscsi.tracker.wil import AHEAD
@@ -473,9 +474,11 @@ def test_a_ring_that_cannot_watch_sleeps_on_its_own_event_in_c(tmp_path: Path) -
 
 def test_a_ring_kept_busy_goes_back_to_the_loop_at_the_limit(tmp_path: Path) -> None:
     """However busy, the compiled path returns within its limit, so the loop looks at the LUN
-    again (a pair waiting for the gate, a unit attention) while commands keep coming."""
+    again (a pair waiting for the gate, a unit attention) while commands keep coming. (QD1
+    traffic here: the limit, 3 ms, comes long before the 64th wait, when C would look at the
+    depth; each command through the loopback takes far longer than 3 ms / 64.)"""
     began = time.monotonic()
-    with watched(tmp_path, 5, 0.3) as (dev, _, done):
+    with watched(tmp_path, 5, 0.003) as (dev, _, done):
         i = 1
         with contextlib.suppress(TimeoutError):  # the one queued after it returned
             while not done:  # QD1 traffic, each command within microseconds of the last
@@ -484,7 +487,57 @@ def test_a_ring_kept_busy_goes_back_to_the_loop_at_the_limit(tmp_path: Path) -> 
                 i += 1
     took = time.monotonic() - began
     ((served, idle),) = done
-    assert not idle and served > 10 and 0.3 <= took < 3
+    assert not idle and 1 <= served < 64 and took < 3
+
+
+@pytest.mark.parametrize("queued", [1, 2])
+def test_after_one_command_c_spins_and_after_a_queue_it_returns_to_let_it_fill(
+    tmp_path: Path, queued: int
+) -> None:
+    """QD1 (one command found after the loop's wake-up): C spins on cmd_head, and the next
+    command is answered without a wake-up. A host that keeps a queue (two or more found):
+    C returns once the queue is empty instead. The loop's trip lets the queue fill, and the
+    next pass serves a batch with one doorbell; a spinner there takes the CPU the host and
+    the kernel need, and catches each command alone (in the VM: +18-45% IOPS at QD16)."""
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, bool]] = []
+    with lun.direct() as path:
+        assert path is not None
+        for i in range(queued):
+            dev.kernel.submit(rw10(0x2A, i, 1), b"q" * BS)
+        t = threading.Thread(target=lambda: done.append(
+            ring.serve_fast(path, dev.doorbell_fd, 0.5, 5, dev.fd)))  # fmt: skip
+        t.start()
+        while ring_tail(dev) != dev.kernel.head:
+            time.sleep(0.001)
+        late = dev.kernel.submit(rw10(0x2A, 9, 1), b"l" * BS)
+        t.join(10)
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+    if queued == 1:
+        assert done == [(2, True)] and late in dev.kernel.completions
+    else:
+        assert done == [(2, True)] and late not in dev.kernel.completions
+
+
+def test_a_spinning_ring_returns_once_in_64_waits_to_look_at_the_depth(tmp_path: Path) -> None:
+    """At QD1 the spin never shows a queue (each command comes after the last answer), so
+    once in 64 waits C returns instead, and the loop's next wake-up shows what the host keeps
+    queued."""
+    with watched(tmp_path, 5, 30) as (dev, ring, done):
+        i = 1
+        with contextlib.suppress(TimeoutError):  # the one queued after it returned
+            while not done:
+                c = dev.execute(rw10(0x2A, i % 64, 1), bytes([i % 256]) * BS, timeout=1)
+                assert c.status == GOOD
+                i += 1
+    assert done == [(64, True)] and ring.fast_commands == 64
+
+
+def ring_tail(dev: LoopbackDevice) -> int:
+    return int(abi.U32.unpack_from(dev.mem, abi.MAILBOX_TAIL_OFFSET)[0])
 
 
 def test_a_failed_doorbell_is_an_error_after_the_answer_is_published(tmp_path: Path) -> None:

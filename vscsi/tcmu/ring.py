@@ -211,12 +211,12 @@ class Ring:
         self, path: FastPath, doorbell: int, idle: float, limit: float, event: int = -1
     ) -> tuple[int, bool]:
         """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
-        descriptor) for them and watch the ring for more while commands come within `idle`
-        seconds of each other, for up to `limit` seconds (see ring_serve_fast_for; while
-        another ring watches, this one sleeps on its `event` descriptor instead, if it has
-        one). Returns how many entries were consumed and whether it ended on a ring empty for
-        `idle`. Nothing while commands are out with workers. OSError when the doorbell
-        fails."""
+        descriptor) for them and, for a host at QD1, watch the ring for more while commands
+        come within `idle` seconds of each other, for up to `limit` seconds (see
+        ring_serve_fast_for; while another ring watches, this one sleeps on its `event`
+        descriptor instead, if it has one). Returns how many entries were consumed and
+        whether it left the ring empty for the loop to sleep on, not spin. Nothing while
+        commands are out with workers. OSError when the doorbell fails."""
         with self._lock:
             if self._tail != self._next:
                 return 0, False

@@ -98,7 +98,7 @@ class RingDevice:
         self._bell = threading.Lock()  # guards _working
         self._working = 0  # commands handed to workers and not completed
         self._direct: Callable[[], AbstractContextManager[FastPath | None]] | None = None
-        self._watched = False  # the compiled path watched the ring after its last batch
+        self._watched = False  # the compiled path left the ring empty: sleep, do not spin
         self.doorbell_fd = fd  # where the compiled path rings (uio: the device itself)
 
     def notify(self) -> None:
@@ -194,7 +194,8 @@ class RingDevice:
 
     def _serve_fast(self, ring: Ring) -> int:
         """The compiled path's share of the queue (`Ring.serve_fast`): the entries it consumed.
-        `_watched` says it watched the ring for the spin window (no need to spin again)."""
+        `_watched` says it left the ring empty and the loop should sleep, not spin: after its
+        own spin window, or at once for a host that keeps a queue (see ring_serve_fast_for)."""
         self._watched = False
         if self._direct is None or not ring.pending() or ring.outstanding():
             return 0  # (with commands out it would serve nothing: leave the pair gate alone)

@@ -257,9 +257,10 @@ class Drill:
             say(f"storage server: {self.fs()['reason']}")
         finally:
             mend("down")
-        self.wait("the old primary to be demoted and site B remounted",
-                  lambda: self.mounted_on(self.b.sd("tcb")), timeout=180)  # fmt: skip
+        self.wait("site B remounted", lambda: self.mounted_on(self.b.sd("tcb")), timeout=180)
         assert self.checksums() == self.sums
+        self.wait("site B's link to site A back up (an operator checks before resync --swaps)",
+                  lambda: all(x["up"] for x in request(self.b.socket, "status")["links"]))
         rc, out = self.vscsi(self.b, "pair", "resync", "tc", "--swaps", "--wait", "300")
         assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
         a = self.inq(self.a.sd("tca"))

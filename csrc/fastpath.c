@@ -290,10 +290,10 @@ static void run_ahead(const struct fast_ring *r, const struct fast_lun *l, uint3
 }
 
 /* Serve the CMD entry `ent` at cmd_tail: from the batch run ahead, or prepared and run now.
- * 1 when it is answered GOOD in its slot, 0 to leave it to the core; `*ring` says to tell
+ * 1 when it is answered GOOD in its slot, 0 to leave it to the core; `*large` says to tell
  * the kernel at once (a large transfer, the last of a batch). */
 static int serve_next(const struct fast_ring *r, const struct fast_lun *l, char *ent,
-                      uint32_t len, uint32_t head, struct ahead *a, int *ring)
+                      uint32_t len, uint32_t head, struct ahead *a, int *large)
 {
     struct job *j = &a->job[0];
     if (a->next < a->n) {
@@ -315,7 +315,7 @@ static int serve_next(const struct fast_ring *r, const struct fast_lun *l, char 
     if (!j->ok)
         return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
     memset(ent + 7, 0, 1 + 8); /* uflags; scsi_status GOOD, padding, read_len 0 */
-    *ring = j->bytes >= LARGE && a->next == a->n;
+    *large = j->bytes >= LARGE && a->next == a->n;
     return 1;
 }
 

@@ -385,23 +385,26 @@ def test_many_initiators_against_both_paths_end_identical(tmp_path: Path, worker
 
 @contextlib.contextmanager
 def watched(
-    tmp_path: Path, idle: float, limit: float
+    tmp_path: Path, idle: float, limit: float, queued: int = 1, event: bool = False
 ) -> Iterator[tuple[LoopbackDevice, Ring, list[tuple[int, bool]]]]:
-    """A ring whose compiled path runs on a thread (watching up to `idle`, `limit`) from one
-    queued write on (answered before the block starts), the LUN held for it; `done` gets its
-    return once the block ends."""
+    """A ring whose compiled path runs on a thread (watching up to `idle`, `limit`; with
+    `event`, the loopback's interrupt as its uio event) from `queued` writes on (answered
+    before the block starts), the LUN held for it; `done` gets its return once the block
+    ends."""
     lun = file_lun(tmp_path / "v.img")
     dev = LoopbackDevice(LoopbackKernel())
     ring = Ring(dev.mem, lun)
     done: list[tuple[int, bool]] = []
     with lun.direct() as path:
         assert path is not None
-        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
+        for lba in range(queued):
+            dev.kernel.submit(rw10(0x2A, lba, 1), b"\x01" * BS)
+        fd = dev.fd if event else -1
         t = threading.Thread(
-            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, idle, limit))
+            target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, idle, limit, fd))
         )
         t.start()
-        while ring_tail(dev) != dev.kernel.head:  # its first pass: one command, so it spins
+        while ring_tail(dev) != dev.kernel.head:  # its first pass (one command: it spins)
             time.sleep(0.001)
         yield dev, ring, done
         t.join()
@@ -502,27 +505,9 @@ def test_after_one_command_c_spins_and_after_a_queue_it_returns_to_let_it_fill(
     C returns once the queue is empty instead. The loop's trip lets the queue fill, and the
     next pass serves a batch with one doorbell; a spinner there takes the CPU the host and
     the kernel need, and catches each command alone (in the VM: +18-45% IOPS at QD16)."""
-    lun = file_lun(tmp_path / "v.img")
-    dev = LoopbackDevice(LoopbackKernel())
-    ring = Ring(dev.mem, lun)
-    done: list[tuple[int, bool]] = []
-    with lun.direct() as path:
-        assert path is not None
-        for i in range(queued):
-            dev.kernel.submit(rw10(0x2A, i, 1), b"q" * BS)
-        t = threading.Thread(target=lambda: done.append(
-            ring.serve_fast(path, dev.doorbell_fd, 0.5, 5, dev.fd)))  # fmt: skip
-        t.start()
-        while ring_tail(dev) != dev.kernel.head:
-            time.sleep(0.001)
+    with watched(tmp_path, 0.5, 5, queued, event=True) as (dev, _, done):
         late = dev.kernel.submit(rw10(0x2A, 9, 1), b"l" * BS)
-        t.join(10)
-    dev.close()
-    lun.volume.close()  # type: ignore[attr-defined]
-    if queued == 1:
-        assert done == [(2, True)] and late in dev.kernel.completions
-    else:
-        assert done == [(2, True)] and late not in dev.kernel.completions
+    assert done == [(2, True)] and (late in dev.kernel.completions) is (queued == 1)
 
 
 def test_a_spinning_ring_returns_once_in_64_waits_to_look_at_the_depth(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from vscsi.store.file import FileVolume, StoreConfigError
 
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
-DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once, out of order
+DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once (answered in ring order)
 MAX_IO_WORKERS = 64
 EXPORTS = ("loop", "iscsi", "none")
 READ_POLICIES = ("balanced", "master")

@@ -266,23 +266,46 @@ def test_fast_decoders_agree_with_declarations() -> None:
     assert len(built) == abi.CMD_IOV_OFFSET + 16
 
 
-def test_out_of_order_completion_borrows_the_tail_slot() -> None:
-    """Each completion goes into the CMD slot at cmd_tail with the finished command's id."""
+def slot_id(k: LoopbackKernel, slot: int) -> int:
+    return abi.HEADER.unpack_from(k.mem, 128 + slot)[1]
+
+
+def test_a_command_that_finishes_early_is_answered_in_its_own_slot_after_the_older_ones() -> None:
     k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Disk()
     ring = Ring(k.mem, disk)
     ids = [k.submit(rw(0x2A, i, 1), bytes([i + 1]) * 512) for i in range(3)]
-    first_slot = 128 + abi.U32.unpack_from(k.mem, abi.MAILBOX_TAIL_OFFSET)[0]
     cmds = ring.fetch()
     assert [c.cmd_id for c in cmds] == ids and ring.outstanding()
-    ring.complete(cmds[2], ring.run(cmds[2]))
-    assert abi.HEADER.unpack_from(k.mem, first_slot)[1] == ids[2]
-    (c,) = k.reap()
-    assert c.cmd_id == ids[2] and c.status == GOOD
-    for cmd in (cmds[0], cmds[1]):
-        ring.complete(cmd, ring.run(cmd))
-    assert sorted(c.cmd_id for c in k.reap()) == sorted(ids[:2])
+    assert ring.complete(cmds[2], ring.run(cmds[2])) == 0  # held: the older two run on
+    assert k.reap() == [] and [slot_id(k, c.slot) for c in cmds] == ids  # requests intact
+    assert ring.complete(cmds[0], ring.run(cmds[0])) == 1
+    assert [c.cmd_id for c in k.reap()] == ids[:1]
+    assert ring.complete(cmds[1], ring.run(cmds[1])) == 2
+    assert [c.cmd_id for c in k.reap()] == ids[1:]
     assert not ring.outstanding() and not k.pending
     assert disk.data[0:1536:512] == b"\x01\x02\x03"
+    with pytest.raises(RingError, match="not outstanding"):
+        ring.complete(cmds[1], ring.run(cmds[1]))
+
+
+def test_sigkill_after_a_later_command_finished_serves_each_unanswered_command_once() -> None:
+    """A write still running on a worker, a read behind it already done, then SIGKILL: the
+    new daemon finds both requests in their slots and the kernel gets one answer for each —
+    no write left to time out, no cmd_id answered twice (which breaks a real ring)."""
+    k, disk = LoopbackKernel(flags=abi.FLAG_CAP_OOOC | abi.FLAG_CAP_READ_LEN), Disk()
+    disk.data[512:1024] = b"r" * 512
+    ring = Ring(k.mem, disk)
+    write = k.submit(rw(0x2A, 0, 1), b"w" * 512)
+    read = k.submit(rw(0x28, 1, 1), data_in_len=512)
+    cmds = ring.fetch()
+    ring.complete(cmds[1], ring.run(cmds[1]))
+    assert k.reap() == []  # what the doorbell after the read would have the kernel do
+    resumed = Ring(k.mem, disk)  # the write never finished in the killed daemon
+    assert resumed.process() == 2
+    done = {c.cmd_id: c for c in k.reap()}
+    assert done.keys() == {write, read} and not k.pending
+    assert done[read].data == b"r" * 512 and done[write].status == GOOD
+    assert disk.data[:512] == b"w" * 512 and disk.replayed == [rw(0x2A, 0, 1), rw(0x28, 1, 1)]
 
 
 def test_out_of_order_completions_from_a_thread_pool() -> None:

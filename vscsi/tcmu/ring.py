@@ -5,18 +5,19 @@
 
 Completion protocol (target_core_user.c `tcmu_handle_completions`): on each notify the kernel
 walks from its last cleaned entry up to `cmd_tail`, skips PAD and TMR entries, and finds the
-command of every CMD entry by the `cmd_id` in its header. So a completion is always written into
-the CMD slot at `cmd_tail` — its `len_op` kept, its `cmd_id` set to the finished command — and
-`cmd_tail` then moves past that slot. Completing in ring order therefore answers each command in
-its own slot; with `TCMU_MAILBOX_FLAG_CAP_OOOC` commands may finish in any order (a thread pool)
-and a finished command borrows the oldest open slot, which is why every entry is parsed (CDB
+command of every CMD entry by the `cmd_id` in its header. A completion is written into the CMD
+slot at `cmd_tail`, and `cmd_tail` then moves past that slot. Commands may run in any order (a
+thread pool), but each is answered in its own slot, in ring order: one that finishes early is
+held until every command before it is answered. The kernel would take it in the older slot
+(`TCMU_MAILBOX_FLAG_CAP_OOOC`), but that slot's request would then be gone — a daemon killed
+before the older command finished would leave it to time out (`cmd_time_out`, CHECK
+CONDITION to the host) and would serve the early one a second time from its own slot, a
+`cmd_id` the kernel no longer knows ("ring is broken"). Every entry is still parsed (CDB
 copied, iov views taken) before it is handed out.
 
 The ring starts from the mailbox's current `cmd_tail`, so a daemon that re-opens a device after
-a crash serves the commands that were queued meanwhile. That is exact for in-order completion.
-Out of order it is not: a slot lent to a later command no longer holds its own request, so a
-crash between the two completions loses that request and the kernel times the command out
-(`cmd_time_out`) — serve in order when surviving SIGKILL matters more than overlap.
+a crash serves exactly the commands that were not answered: every slot from `cmd_tail` on holds
+its own request.
 
 Commands already in the ring when the `Ring` attaches may have run before the old daemon died,
 so each comes out marked `replayed` and reaches the handler as `execute(..., replayed=True)`:
@@ -96,7 +97,7 @@ class Command:
     `replayed`: the entry was already queued when this daemon attached (see the module doc).
     """
 
-    __slots__ = ("bad", "buf", "cdb", "cmd_id", "replayed")
+    __slots__ = ("bad", "buf", "cdb", "cmd_id", "replayed", "slot")
 
     def __init__(self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False) -> None:
         self.cmd_id = cmd_id
@@ -104,6 +105,7 @@ class Command:
         self.buf = buf
         self.bad = bad
         self.replayed = False
+        self.slot = -1  # where its entry starts in the ring: where it is answered
 
 
 _EMPTY = DataBuffer()
@@ -139,7 +141,8 @@ class Ring:
     """One device's command ring over its shared memory.
 
     `process()` serves in order on the calling thread. For overlap, `fetch()` hands out parsed
-    commands and `complete()` (thread-safe) answers each as it finishes, in any order.
+    commands and `complete()` (thread-safe) takes each as it finishes, in any order, and
+    answers it once those before it are answered (module doc).
     """
 
     def __init__(self, mem: memoryview | bytearray, handler: CommandHandler) -> None:
@@ -153,7 +156,6 @@ class Ring:
                 f"command ring {cmdr_off}+{cmdr_size} outside the {len(self.mem)}-byte map"
             )
         self.flags = flags
-        self.ooo = bool(flags & abi.FLAG_CAP_OOOC)
         self.cmdr_off = cmdr_off
         self.cmdr_size = cmdr_size
         self.data_off = cmdr_off + cmdr_size
@@ -169,6 +171,7 @@ class Ring:
         self._replay_end = head if head != self._tail else -1
         self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
+        self._finished: dict[int, tuple[Command, Result]] = {}  # by slot, until answered
         self._warned_op = False
         self.fast_commands = 0  # of `commands`, those the compiled path answered
         self._fast = ffi.new("struct fast_ring *")
@@ -265,6 +268,7 @@ class Ring:
                     raise RingError(f"command entry at {pos} too short for a response: {length}")
                 cmd = self._parse(ent, length, cmd_id)
                 cmd.replayed = replay_end >= 0
+                cmd.slot = pos
                 out.append(cmd)
             elif op == abi.OP_TMR:
                 self._tmr(ent)
@@ -297,27 +301,38 @@ class Ring:
             log.exception("command %s failed", cmd.cdb[:1].hex())
             return _BAD_RESULT
 
-    def complete(self, cmd: Command, result: Result) -> None:
-        """Answer `cmd` in the CMD slot at cmd_tail and move cmd_tail past it (thread-safe)."""
-        mem = self.mem
+    def complete(self, cmd: Command, result: Result) -> int:
+        """Take `cmd`'s result and answer, in ring order, every finished command from
+        cmd_tail on; returns how many were answered (0: `cmd` waits for an older one).
+        Thread-safe."""
         with self._lock:
-            tail = self._tail
-            if tail == self._next:
-                raise RingError(f"completion of command {cmd.cmd_id} with none outstanding")
-            ent = self.cmdr_off + tail
-            len_op, _id, kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
-            read_len = 0
-            if self.read_len and result.status == GOOD and 0 < result.data_len < cmd.buf.length:
-                read_len = result.data_len
-            uflags = abi.UFLAG_READ_LEN if read_len else 0
-            abi.HEADER.pack_into(mem, ent, len_op, cmd.cmd_id, kflags, uflags)
-            abi.RESPONSE.pack_into(mem, ent + 8, result.status, read_len)
-            if result.status != GOOD:
-                sense = result.sense[: abi.SENSE_BUFFERSIZE].ljust(abi.SENSE_BUFFERSIZE, b"\0")
-                mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE] = sense
-            self.commands += 1
-            self.bad_entries += cmd.bad
-            self._skip_to_command((tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size)
+            if self._tail == self._next or cmd.slot in self._finished:
+                raise RingError(f"completion of command {cmd.cmd_id} that is not outstanding")
+            self._finished[cmd.slot] = (cmd, result)
+            answered = 0
+            while self._tail != self._next and self._tail in self._finished:
+                self._answer(*self._finished.pop(self._tail))
+                answered += 1
+            return answered
+
+    def _answer(self, cmd: Command, result: Result) -> None:
+        """Fill the CMD slot at cmd_tail (`cmd`'s own) and move cmd_tail past it."""
+        mem = self.mem
+        tail = self._tail
+        ent = self.cmdr_off + tail
+        len_op, _id, kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
+        read_len = 0
+        if self.read_len and result.status == GOOD and 0 < result.data_len < cmd.buf.length:
+            read_len = result.data_len
+        uflags = abi.UFLAG_READ_LEN if read_len else 0
+        abi.HEADER.pack_into(mem, ent, len_op, cmd.cmd_id, kflags, uflags)
+        abi.RESPONSE.pack_into(mem, ent + 8, result.status, read_len)
+        if result.status != GOOD:
+            sense = result.sense[: abi.SENSE_BUFFERSIZE].ljust(abi.SENSE_BUFFERSIZE, b"\0")
+            mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE] = sense
+        self.commands += 1
+        self.bad_entries += cmd.bad
+        self._skip_to_command((tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size)
 
     def _skip_to_command(self, tail: int) -> None:
         """Publish `tail`, first moving it over read PAD/TMR slots: only CMD slots carry

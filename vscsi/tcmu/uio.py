@@ -112,10 +112,10 @@ class RingDevice:
         With `fast`, the READ/WRITE commands the handler's `direct()` allows are served by
         the compiled path (`Ring.serve_fast`) before anything else is parsed.
 
-        With `workers` and a kernel that takes out-of-order completions, the commands the
-        handler says may wait (`waits`) run on a thread pool of that size, completed as they
-        finish; every other command runs at once on this thread (a hop to a worker buys
-        nothing for a command that does not wait), one notify per batch.
+        With `workers`, the commands the handler says may wait (`waits`) run on a thread pool
+        of that size; every other command runs at once on this thread (a hop to a worker buys
+        nothing for a command that does not wait). Answers go out in ring order (`Ring.complete`),
+        one notify per batch.
         A broken ring (`RingError`), a failed doorbell or any unexpected exception, here or
         in a worker, ends the loop with `error` set: the host's commands to this device would
         only time out from then on, so the owner stops and a restart re-attaches.
@@ -124,7 +124,7 @@ class RingDevice:
         self._direct = getattr(handler, "direct", None) if fast else None
         try:
             ring = self.ring = Ring(self.mem, handler)
-            if workers and ring.ooo:
+            if workers:
                 pool = ThreadPoolExecutor(workers, f"{self.name}-io")
             self._loop(ring, pool, stop)
         except Exception as e:
@@ -170,7 +170,7 @@ class RingDevice:
         before = ring.entries
         fast = self._serve_fast(ring)
         after_fast = ring.entries
-        inline = pooled = returns = 0
+        answered = pooled = returns = 0
         while True:
             limit = 1 if fast and returns < MAX_RETURNS else 0  # 0: everything queued
             cmds = ring.fetch(limit)
@@ -181,14 +181,13 @@ class RingDevice:
                     pool.submit(self._run, ring, cmd)
                     pooled += 1
                 else:
-                    ring.complete(cmd, ring.run(cmd))
-                    inline += 1
+                    answered += ring.complete(cmd, ring.run(cmd))
             if not (limit and cmds):
                 break
             fast = self._serve_fast(ring)  # none while that command is out with a worker
             after_fast = ring.entries
             returns += 1
-        if inline or (not pooled and ring.entries != after_fast):
+        if answered or (not pooled and ring.entries != after_fast):
             self._ring_doorbell()  # PAD/TMR entries alone: their ring space is free once reaped
         return ring.entries != before
 
@@ -209,10 +208,11 @@ class RingDevice:
 
     def _run(self, ring: Ring, cmd: Command) -> None:
         try:
-            ring.complete(cmd, ring.run(cmd))
+            answered = ring.complete(cmd, ring.run(cmd))
             with self._bell:
                 self._working -= 1
-            self._ring_doorbell()
+            if answered:
+                self._ring_doorbell()
         except Exception as e:
             self._failed(e)
 

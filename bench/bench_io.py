@@ -28,6 +28,7 @@ import rtslib_fb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, too
 
+from bench import bench_link
 from bench.cpu import CpuUse, measured
 from vscsi.control import ControlError, request
 from vscsi.tcmu import configfs
@@ -301,6 +302,21 @@ def pair_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def link_table(results: dict[str, dict[str, float]]) -> str:
+    """The remote pair against the link alone (bench_link: the same TLS connection between
+    two in-process ends, no TCMU, no pair layer, a memory volume), measured here and now."""
+    name, mbps = bench_link.cipher_mbps()
+    alone = bench_link.link_alone()
+    lines = [f"the link alone (one TLS connection over loopback, memory volume; {name} "
+             f"encrypts and decrypts {mbps:,.0f} MB/s on one vCPU), writes/s (1M: MiB/s)",
+             "| job | vscsi simplex | link alone | remote PAIR | link alone/simplex "
+             "| remote PAIR/link alone |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for job, *_ in PAIR_JOBS:
+        s, a, r = results["vscsi"][job], alone[job], results["vscsi-remote"][job]
+        lines.append(f"| {job} | {s:,.0f} | {a:,.0f} | {r:,.0f} | {a / s:.2f}x | {r / a:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     configfs.prepare_kernel()
     backends: dict[str, Callable[[Path], object]] = {
@@ -346,6 +362,8 @@ def main() -> None:
     if "vscsi" in results and PAIRED.keys() & results.keys():
         tables.append("mirrored writes: a P-VOL in PAIR (local S-VOL; remote S-VOL over veth) "
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip
+    if "vscsi" in results and "vscsi-remote" in results:
+        tables.append(link_table(results))
     if cpu:
         tables.append("VM CPU per I/O, µs (1M jobs: per MiB), from /proc/stat over each fio run "
                       "(user+nice+system+irq+softirq of both vCPUs); in brackets the share of "

@@ -12,8 +12,10 @@ held until every command before it is answered. The kernel would take it in the 
 (`TCMU_MAILBOX_FLAG_CAP_OOOC`), but that slot's request would then be gone — a daemon killed
 before the older command finished would leave it to time out (`cmd_time_out`, CHECK
 CONDITION to the host) and would serve the early one a second time from its own slot, a
-`cmd_id` the kernel no longer knows ("ring is broken"). Every entry is still parsed (CDB
-copied, iov views taken) before it is handed out.
+`cmd_id` the kernel no longer knows ("ring is broken"). The price is paid where commands
+differ in speed: on a P-VOL mirrored to a peer array, a READ behind a write still on the link
+is answered with that write (after up to `link_timeout` when the peer dies). Every entry is
+still parsed (CDB copied, iov views taken) before it is handed out.
 
 The ring starts from the mailbox's current `cmd_tail`, so a daemon that re-opens a device after
 a crash serves exactly the commands that were not answered: every slot from `cmd_tail` on holds

@@ -68,14 +68,15 @@ def arrays(keys: Path) -> tuple[LinkConfig, RemoteConfig, LinkConfig, RemoteConf
         cmd = [VSCSI, "link", "keys", "--dir", str(keys / sub), "--name", name, "--serial",
                str(serial)]  # fmt: skip
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    out: list[LinkConfig | RemoteConfig] = []
-    for me, peer in (("a", "b"), ("b", "a")):
+
+    def end(me: str, peer: str) -> tuple[LinkConfig, RemoteConfig]:
         (name, serial), (peer_name, peer_serial) = SITES[me], SITES[peer]
-        out.append(LinkConfig(str(keys / me / f"{name}.crt"), str(keys / me / f"{name}.key"),
-                              name, serial, listen=("127.0.0.1", 0)))  # fmt: skip
-        out.append(RemoteConfig(peer_name, "127.0.0.1", 0, peer_serial,
-                                str(keys / peer / f"{peer_name}.crt")))  # fmt: skip
-    return out[0], out[1], out[2], out[3]  # type: ignore[return-value]
+        own = LinkConfig(str(keys / me / f"{name}.crt"), str(keys / me / f"{name}.key"), name,
+                         serial, listen=("127.0.0.1", 0))  # fmt: skip
+        return own, RemoteConfig(peer_name, "127.0.0.1", 0, peer_serial,
+                                 str(keys / peer / f"{peer_name}.crt"))  # fmt: skip
+
+    return *end("a", "b"), *end("b", "a")
 
 
 def run_job(replica: RemoteReplica, size: int, depth: int, sequential: bool) -> float:

@@ -84,6 +84,41 @@ class Writer(threading.Thread):
             os.close(fd)
 
 
+class Reader(threading.Thread):
+    """Reads 4 KiB blocks (O_DIRECT) at random places in the first `span` bytes of `dev` until
+    stopped, so that reads are in flight beside a writer's writes when a daemon is killed: a
+    read that finishes before an older write must not cost that write its ring slot."""
+
+    def __init__(self, dev: str, span: int) -> None:
+        super().__init__(daemon=True)
+        self.dev, self.blocks = dev, span // 4096
+        self.count = 0
+        self.error: BaseException | None = None
+        self._stop_reading = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.dev, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        rng = random.Random(self.dev + "r")
+        try:
+            while not self._stop_reading.is_set():
+                os.preadv(fd, [buf], rng.randrange(self.blocks) * 4096)
+                self.count += 1
+        except BaseException as e:
+            self.error = e
+        finally:
+            os.close(fd)
+
+    def stop_and_check(self) -> None:
+        """Every read succeeded."""
+        self._stop_reading.set()
+        if self.ident is None:
+            return
+        self.join(300)
+        assert self.error is None, self.error
+        assert self.count > 0, f"{self.dev}: no read completed"
+
+
 def fio_ok(p: subprocess.Popen[str], d: Daemon, timeout: float = 600) -> None:
     out, _ = p.communicate(timeout=timeout)
     if p.returncode != 0 or "err= 0" not in out:

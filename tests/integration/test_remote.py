@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc, start_all
-from tests.integration.hostio import Writer, fio, rescan, wait_writes
+from tests.integration.hostio import Reader, Writer, fio, rescan, wait_writes
 from tests.integration.sites import (
     ADDR,
     NS,
@@ -180,14 +180,16 @@ def test_sigkill_of_the_p_daemon_under_writes_resends_only_logged_regions(
     sites: tuple[Daemon, Daemon], workdir: Path
 ) -> None:
     a, _ = sites
-    writer = Writer(a.sd("ra"), SPAN)
+    writer, reader = Writer(a.sd("ra"), SPAN), Reader(a.sd("ra"), SPAN)
     try:
         writer.start()
+        reader.start()  # reads finish before the writes on the link: none may take their slot
         writer.wait_for(30)
         a.kill()
         a.start()  # the queued I/O is served; the writer goes on
         writer.wait_for(30)
     finally:
+        reader.stop_and_check()
         writer.stop_and_verify()
     rc, out = cli(a, "pair", "wait", "tc", "--status", "PAIR", "--timeout", "120")
     assert rc == 0, (out, status(a), a.output()[-4000:])

@@ -24,7 +24,7 @@ from vscsi.store.file import FileVolume, StoreConfigError
 
 DEFAULT_STATE_DIR = "/var/lib/vscsi"
 DEFAULT_LINK_TIMEOUT = 10.0  # seconds without a frame from a peer before it counts as dead
-DEFAULT_IO_WORKERS = 8  # commands of one LUN run at once (answered in ring order)
+DEFAULT_IO_WORKERS = 8  # a LUN's commands that wait on a peer array, run at once
 MAX_IO_WORKERS = 64
 EXPORTS = ("loop", "iscsi", "none")
 READ_POLICIES = ("balanced", "master")
@@ -181,7 +181,7 @@ class Config:
     state_dir: str = DEFAULT_STATE_DIR
     copy_rate: int = 0  # bytes/s for pair and shadow-set copies; 0 = as fast as the devices go
     command_timeout: int | None = None  # TCMU cmd_time_out for new backstores; None: kernel's
-    io_workers: int = DEFAULT_IO_WORKERS  # threads per LUN running commands; 0 = in ring order
+    io_workers: int = DEFAULT_IO_WORKERS  # threads per LUN for commands that wait on a peer
     fast_path: bool = True  # READ/WRITE the compiled ring path may serve go through it
     transport: str = "native"  # the ring: our own (vscsi.tcmu.uio) or libtcmu.so.2
     socket_group: str | None = None  # may run read-only commands over the socket

@@ -286,6 +286,11 @@ def test_a_command_that_finishes_early_is_answered_in_its_own_slot_after_the_old
     assert disk.data[0:1536:512] == b"\x01\x02\x03"
     with pytest.raises(RingError, match="not outstanding"):
         ring.complete(cmds[1], ring.run(cmds[1]))
+    k.submit(rw(0x2A, 3, 1), b"\x04" * 512)
+    (later,) = ring.fetch()
+    with pytest.raises(RingError, match="not outstanding"):  # answered: behind cmd_tail now
+        ring.complete(cmds[0], ring.run(cmds[0]))
+    assert ring.complete(later, ring.run(later)) == 1
 
 
 def test_sigkill_after_a_later_command_finished_serves_each_unanswered_command_once() -> None:

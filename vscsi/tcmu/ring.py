@@ -308,7 +308,7 @@ class Ring:
         cmd_tail on; returns how many were answered (0: `cmd` waits for an older one).
         Thread-safe."""
         with self._lock:
-            if self._tail == self._next or cmd.slot in self._finished:
+            if not self._open(cmd.slot) or cmd.slot in self._finished:
                 raise RingError(f"completion of command {cmd.cmd_id} that is not outstanding")
             self._finished[cmd.slot] = (cmd, result)
             answered = 0
@@ -316,6 +316,11 @@ class Ring:
                 self._answer(*self._finished.pop(self._tail))
                 answered += 1
             return answered
+
+    def _open(self, slot: int) -> bool:
+        """Whether `slot` lies between cmd_tail and the next entry to read (handed out)."""
+        size = self.cmdr_size
+        return (slot - self._tail) % size < (self._next - self._tail) % size
 
     def _answer(self, cmd: Command, result: Result) -> None:
         """Fill the CMD slot at cmd_tail (`cmd`'s own) and move cmd_tail past it."""

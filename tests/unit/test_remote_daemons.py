@@ -25,10 +25,13 @@ MIB = 1 << 20
 WRITE10 = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0])  # LBA 8, one block
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: each bound while the next is picked, so no two are the same."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 class Array:
@@ -93,7 +96,7 @@ class Array:
 @contextlib.contextmanager
 def linked_arrays(tmp_path: Path) -> Iterator[tuple[Array, Array]]:
     """siteA (with data on its volume) and siteB, both up and linked; stopped afterwards."""
-    pa, pb = free_port(), free_port()
+    pa, pb = free_ports(2)
     (tmp_path / "keys").mkdir()
     a = Array(tmp_path, "siteA", 410001, "siteB", 410002, pa, pb)
     b = Array(tmp_path, "siteB", 410002, "siteA", 410001, pb, pa)

@@ -306,7 +306,7 @@ def link_table(results: dict[str, dict[str, float]]) -> str:
     """The remote pair against the link alone (bench_link: the same TLS connection between
     two in-process ends, no TCMU, no pair layer, a memory volume), measured here and now."""
     name, mbps = bench_link.cipher_mbps()
-    alone = bench_link.link_alone()
+    alone = bench_link.link_alone(PAIR_JOBS)
     lines = [f"the link alone (one TLS connection over loopback, memory volume; {name} "
              f"encrypts and decrypts {mbps:,.0f} MB/s on one vCPU), writes/s (1M: MiB/s)",
              "| job | vscsi simplex | link alone | remote PAIR | link alone/simplex "

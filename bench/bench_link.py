@@ -33,9 +33,7 @@ VSCSI = str(Path(sys.executable).with_name("vscsi"))
 SIZE = 64 << 20
 SECONDS = float(os.environ.get("VSCSI_LINK_SECONDS", "5"))
 SITES = {"a": ("siteA", 1001), "b": ("siteB", 2002)}
-# bench_io.PAIR_JOBS' shapes: (name, bytes per write, writes in flight, sequential)
-JOBS = [("seq write 1M QD4", 1 << 20, 4, True), ("randwrite 4K QD1", 4096, 1, False),
-        ("randwrite 4K QD16", 4096, 16, False)]  # fmt: skip
+Job = tuple[str, str, str, int]  # as bench_io's: name, fio's rw, block size, queue depth
 
 
 class MemoryTarget:
@@ -79,6 +77,9 @@ def arrays(keys: Path) -> tuple[LinkConfig, RemoteConfig, LinkConfig, RemoteConf
     return *end("a", "b"), *end("b", "a")
 
 
+SIZES = {"4k": 4096, "1M": 1 << 20}
+
+
 def run_job(replica: RemoteReplica, size: int, depth: int, sequential: bool) -> float:
     """Writes per second (1M jobs: MiB/s) with `depth` writers for SECONDS."""
     data = memoryview(os.urandom(size))
@@ -103,8 +104,8 @@ def run_job(replica: RemoteReplica, size: int, depth: int, sequential: bool) -> 
     return sum(done) / (time.monotonic() - start)
 
 
-def link_alone() -> dict[str, float]:
-    """Each pair job through the link alone (bench_io's job names)."""
+def link_alone(jobs: list[Job]) -> dict[str, float]:
+    """Each of bench_io's write jobs (its PAIR_JOBS) through the link alone, by name."""
     logging.getLogger("vscsi.link").setLevel(logging.ERROR)  # not its "link down" at the end
     with tempfile.TemporaryDirectory() as tmp:
         a, to_b, b, to_a = arrays(Path(tmp))
@@ -118,7 +119,8 @@ def link_alone() -> dict[str, float]:
             if not session.wait_connected(60):
                 raise RuntimeError("the link did not come up")
             replica = RemoteReplica(session, "sv")
-            return {name: run_job(replica, size, depth, seq) for name, size, depth, seq in JOBS}
+            return {name: run_job(replica, SIZES[bs], depth, rw == "write")
+                    for name, rw, bs, depth in jobs}  # fmt: skip
         finally:
             session.close()
             server.close()
@@ -150,9 +152,11 @@ def cipher_mbps() -> tuple[str, float]:
 
 
 def main() -> None:
+    from bench.bench_io import PAIR_JOBS  # (bench_io imports this module)
+
     name, mbps = cipher_mbps()
     print(f"cipher {name}: {mbps:,.0f} MB/s encrypted and decrypted")
-    for job, rate in link_alone().items():
+    for job, rate in link_alone(PAIR_JOBS).items():
         print(f"{job}: {rate:,.0f} {'MiB/s' if job.startswith('seq') else 'writes/s'}")
 
 

@@ -144,6 +144,22 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vscsi")
 
 
+@pytest.fixture(scope="module", params=["native", "libtcmu"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The `[daemon] transport` of a module's daemons: a module that asks for it runs whole on
+    vscsi's own ring, then whole on Debian's libtcmu (pytest sets one up after the other)."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def here(request: pytest.FixtureRequest, workdir: Path, transport: str) -> Path:
+    """The module's own directory for one transport: its images, state and daemon socket, so
+    the second transport's daemon starts from nothing the first one left."""
+    path = workdir / f"{request.module.__name__.rpartition('.')[2]}-{transport}"
+    path.mkdir()
+    return path
+
+
 @pytest.fixture(scope="session")
 def loopdev(workdir: Path) -> Iterator[str]:
     """A real block device (loop over a tmpfs file) to serve as a backing store."""

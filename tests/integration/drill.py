@@ -1,7 +1,8 @@
 """The failover drill of the first seed, end to end, as a runbook: two arrays (sites A and B,
 each a daemon whose link lives in its own network namespace), a TrueCopy pair with fence never
 and a ShadowImage pair on its S-VOL, the storage server (`vscsi host`) and the external agent
-(`vscsi agent`). Every step prints what it does and asserts what it promises; `make drill`
+(`vscsi agent`). Site A serves its LUNs through vscsi's own ring, site B through libtcmu
+(sites.TRANSPORT). Every step prints what it does and asserts what it promises; `make drill`
 runs them in order, and tests/integration/test_drill.py runs each as a test.
 
     python -m tests.integration.drill      # inside the VM (make drill)

@@ -1,7 +1,11 @@
 """Two sites in one VM: network namespaces `vscsi-siteA` and `vscsi-siteB` joined by a veth
 pair (vA 10.77.0.1 -- vB 10.77.0.2), and one daemon (array) per site whose link lives in its
 site's namespace (`link_netns`). The daemons themselves stay in the initial namespace: TCMU's
-generic netlink family exists only there."""
+generic netlink family exists only there.
+
+The two arrays serve their LUNs on different transports (TRANSPORT): vscsi's own ring at site A,
+Debian's libtcmu at site B. Every remote test and drill step thus runs both at once, and the
+takeovers and swaps put the P-VOL (with its peer-bound writes) and the S-VOL on each."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ ADDR = {"siteA": "10.77.0.1", "siteB": "10.77.0.2"}
 DEV = {"siteA": "vA", "siteB": "vB"}
 PORT = {"siteA": 7101, "siteB": 7102}
 SERIAL = {"siteA": 410011, "siteB": 410012, "siteC": 410013}
+TRANSPORT = {"siteA": "native", "siteB": "libtcmu"}
 
 
 def volume(workdir: Path, name: str, serial: int, volume_id: int, size: str = "16MiB",
@@ -32,7 +37,7 @@ def array(workdir: Path, name: str, peer: str, volumes: str, tag: str, keys: str
     (accepting peers there unless told not to), linked to `peer`, serving `volumes`."""
     listen = f'link_listen = "{ADDR[name]}:{PORT[name]}"\n' if accept else ""
     return Daemon(workdir, (
-        f'state_dir = "{workdir}/{tag}-state"\n{daemon}'
+        f'transport = "{TRANSPORT[name]}"\nstate_dir = "{workdir}/{tag}-state"\n{daemon}'
         f'link_cert = "{workdir}/{keys}/{name}.crt"\nlink_key = "{workdir}/{keys}/{name}.key"\n'
         f'{listen}link_timeout = 3.0\nlink_netns = "{NS[name]}"\n'
         f'[[remote]]\nname = "{peer}"\naddress = "{ADDR[peer]}:{PORT[peer]}"\n'

@@ -3,7 +3,7 @@ unit attentions, write protection, resync and restore with a file system, SIGKIL
 and RCPY, three MUs, and an S-VOL that fails.
 
 The tests run in file order and walk one P-VOL through its life: create → COPY → PAIR → split
-→ resync → split → restore → delete, then crashes, then three MUs at once.
+→ resync → split → restore → delete, then crashes, then three MUs at once; on each transport.
 """
 
 from __future__ import annotations
@@ -29,19 +29,20 @@ GRAIN = 64 << 10
 
 
 @pytest.fixture(scope="module")
-def daemon(workdir: Path, baddev: str) -> Iterator[Daemon]:
+def daemon(here: Path, transport: str, baddev: str) -> Iterator[Daemon]:
     vols = "".join(
-        f'\n[[volume]]\nname = "{name}"\npath = "{workdir}/{name}.img"\nsize = "16MiB"\n'
+        f'\n[[volume]]\nname = "{name}"\npath = "{here}/{name}.img"\nsize = "16MiB"\n'
         f'create = true\n[volume.identity]\nserial = 410002\nvolume_id = {vid}\nport = "CL1-A"\n'
         for name, vid in (("pv", 0x200), ("sv0", 0x201), ("sv1", 0x202), ("sv2", 0x203))
     )
     vols += (
-        f'\n[[volume]]\nname = "pv2"\npath = "{workdir}/pv2.img"\nsize = "16MiB"\ncreate = true\n'
+        f'\n[[volume]]\nname = "pv2"\npath = "{here}/pv2.img"\nsize = "16MiB"\ncreate = true\n'
         f"[volume.identity]\nserial = 410002\nvolume_id = 0x210\n"
         f'\n[[volume]]\nname = "sbad"\npath = "{baddev}"\n'
         f"[volume.identity]\nserial = 410002\nvolume_id = 0x211\n"
     )
-    d = Daemon(workdir, f'state_dir = "{workdir}/pairstate"\ncopy_rate = "1MiB"\n{vols}', "pairs")
+    d = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/pairstate"\n'
+               f'copy_rate = "1MiB"\n{vols}', "pairs")
     d.start()
     yield d
     if d.proc is not None:
@@ -119,17 +120,17 @@ def unit_attentions(daemon: Daemon, volume: str) -> str:
     return "\n".join(seen)
 
 
-def backing(workdir: Path, volume: str) -> bytes:
-    return (workdir / f"{volume}.img").read_bytes()
+def backing(here: Path, volume: str) -> bytes:
+    return (here / f"{volume}.img").read_bytes()
 
 
-def digest(workdir: Path, volume: str) -> str:
-    return hashlib.sha256(backing(workdir, volume)).hexdigest()
+def digest(here: Path, volume: str) -> str:
+    return hashlib.sha256(backing(here, volume)).hexdigest()
 
 
-def write_dev(daemon: Daemon, volume: str, offset: int, data: bytes, workdir: Path) -> None:
+def write_dev(daemon: Daemon, volume: str, offset: int, data: bytes, here: Path) -> None:
     """Write through the host's block device (4 KiB aligned), acknowledged when it returns."""
-    src = workdir / "chunk.bin"
+    src = here / "chunk.bin"
     src.write_bytes(data)
     run("dd", f"if={src}", f"of={daemon.sd(volume)}", "bs=4096", f"seek={offset // 4096}",
         "oflag=direct", "conv=notrunc,fsync")  # fmt: skip
@@ -154,7 +155,7 @@ def test_simplex_page_and_inq(daemon: Daemon) -> None:
     )
 
 
-def test_create_copy_then_pair(daemon: Daemon, workdir: Path) -> None:
+def test_create_copy_then_pair(daemon: Daemon, here: Path) -> None:
     run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
     unit_attentions(daemon, "pv")
     vscsi(daemon, "pair", "create", "pv", "sv0", "--mu", "0", "--name", "si0")
@@ -169,12 +170,12 @@ def test_create_copy_then_pair(daemon: Daemon, workdir: Path) -> None:
     assert mu_roles(body)[0] == ("P-VOL", "PAIR") and body.slots[1].progress == 100
     assert body.slots[1].generation > gen
     assert "Inquiry data has changed" in unit_attentions(daemon, "sv0")
-    cmp_files(workdir / "pv.img", workdir / "sv0.img")
+    cmp_files(here / "pv.img", here / "sv0.img")
     inq = json.loads(run(VSCSI, "inq", "--json", daemon.sd("pv"), daemon.sd("sv0")))
     assert [d["mu"][0]["role"] for d in inq] == ["P-VOL", "S-VOL"]
 
 
-def test_svol_is_write_protected_in_pair(daemon: Daemon, workdir: Path) -> None:
+def test_svol_is_write_protected_in_pair(daemon: Daemon, here: Path) -> None:
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={daemon.sg('sv0')}", "bs=512", "count=8")
     assert rc != 0 and re.search(r"data protect", out, re.I), out
     assert re.search(r"write protected", out, re.I), out
@@ -183,35 +184,35 @@ def test_svol_is_write_protected_in_pair(daemon: Daemon, workdir: Path) -> None:
     assert rc != 0, out
     mode = run("sg_modes", "-p", "0x0a", daemon.sg("sv0"))
     assert "WP=1" in mode.replace(" ", "") or "write protect" in mode.lower(), mode
-    write_dev(daemon, "pv", 8 * MIB, b"P" * 8192, workdir)  # mirrored before it is acked
-    assert backing(workdir, "sv0")[8 * MIB : 8 * MIB + 8192] == b"P" * 8192
+    write_dev(daemon, "pv", 8 * MIB, b"P" * 8192, here)  # mirrored before it is acked
+    assert backing(here, "sv0")[8 * MIB : 8 * MIB + 8192] == b"P" * 8192
 
 
 def test_split_then_both_sides_write_then_resync_copies_the_union(
-    daemon: Daemon, workdir: Path
+    daemon: Daemon, here: Path
 ) -> None:
     vscsi(daemon, "pair", "split", "si0")
     shown = vscsi(daemon, "pairdisplay", "si0").splitlines()
     assert shown[1].split()[6:8] == ["P-VOL", "PSUS"] and shown[2].split()[6:8] == ["S-VOL", "PSUS"]
     assert mu_roles(vpd_c0(daemon, "sv0"))[0] == ("S-VOL", "PSUS")
     assert "Inquiry data has changed" in unit_attentions(daemon, "sv0")
-    split_image = backing(workdir, "sv0")
-    assert split_image == backing(workdir, "pv")
-    write_dev(daemon, "pv", 12 * MIB, b"p" * 4096, workdir)  # grain 192
-    write_dev(daemon, "sv0", 12 * MIB, b"s" * 4096, workdir)  # grain 192 again
-    write_dev(daemon, "sv0", 14 * MIB + 4096, b"s" * 8192, workdir)  # grain 224
+    split_image = backing(here, "sv0")
+    assert split_image == backing(here, "pv")
+    write_dev(daemon, "pv", 12 * MIB, b"p" * 4096, here)  # grain 192
+    write_dev(daemon, "sv0", 12 * MIB, b"s" * 4096, here)  # grain 192 again
+    write_dev(daemon, "sv0", 14 * MIB + 4096, b"s" * 8192, here)  # grain 224
     p = pair(daemon, "si0")
     assert (p["pvol"]["changed_bytes"], p["svol"]["changed_bytes"]) == (GRAIN, 2 * GRAIN)
     vscsi(daemon, "pair", "resync", "si0", "--wait", "120")
     p = pair(daemon, "si0")
     assert p["status"] == "PAIR" and p["copy_total"] == 2 * GRAIN and p["copied"] == 2 * GRAIN
-    cmp_files(workdir / "pv.img", workdir / "sv0.img")
+    cmp_files(here / "pv.img", here / "sv0.img")
 
 
-def test_restore_rolls_back_a_corrupted_filesystem(daemon: Daemon, workdir: Path) -> None:
+def test_restore_rolls_back_a_corrupted_filesystem(daemon: Daemon, here: Path) -> None:
     pv = daemon.sd("pv")
     run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", pv)
-    mnt = workdir / "mnt"
+    mnt = here / "mnt"
     mnt.mkdir(exist_ok=True)
     run("mount", pv, str(mnt))
     for i in range(20):
@@ -219,7 +220,7 @@ def test_restore_rolls_back_a_corrupted_filesystem(daemon: Daemon, workdir: Path
     (mnt / "sums").write_text(run("sh", "-c", f"cd {mnt} && sha256sum f*"))
     run("umount", str(mnt))  # in PAIR: everything is on the S-VOL too
     vscsi(daemon, "pair", "split", "si0", "--read-only")
-    sv_before = digest(workdir, "sv0")
+    sv_before = digest(here, "sv0")
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={daemon.sg('sv0')}", "bs=512", "count=1")
     assert rc != 0 and re.search(r"write protected", out, re.I), out  # split --read-only
     run("dd", "if=/dev/urandom", f"of={pv}", "bs=1M", "count=2", "oflag=direct", "conv=fsync")
@@ -230,31 +231,31 @@ def test_restore_rolls_back_a_corrupted_filesystem(daemon: Daemon, workdir: Path
     assert mu_roles(vpd_c0(daemon, "pv"))[0] == ("P-VOL", "PSUS")
     run("blockdev", "--flushbufs", pv)
     run("fsck.ext4", "-n", "-f", pv)
-    mnt = workdir / "mnt"
+    mnt = here / "mnt"
     run("mount", pv, str(mnt))
     try:
         run("sh", "-c", f"cd {mnt} && sha256sum -c --quiet sums")
     finally:
         run("umount", str(mnt))
-    assert digest(workdir, "sv0") == sv_before  # the good copy is kept
+    assert digest(here, "sv0") == sv_before  # the good copy is kept
     assert pair(daemon, "si0")["copy_total"] == 2 * MIB
 
 
-def test_delete_makes_both_simplex_and_writable(daemon: Daemon, workdir: Path) -> None:
+def test_delete_makes_both_simplex_and_writable(daemon: Daemon, here: Path) -> None:
     # the restore's unit attentions, reported to the kernel's own reads, left udev probes
     run("udevadm", "settle", "--timeout=120")  # that would take the one this test checks
     vscsi(daemon, "pair", "delete", "si0")
     for vol in ("pv", "sv0"):
         assert mu_roles(vpd_c0(daemon, vol)) == [("SMPL", "SMPL")] * 3
         assert "Inquiry data has changed" in unit_attentions(daemon, vol)
-    write_dev(daemon, "sv0", 0, b"w" * 4096, workdir)
+    write_dev(daemon, "sv0", 0, b"w" * 4096, here)
     assert "no pairs" in vscsi(daemon, "pairdisplay")
 
 
 # -- crashes ----------------------------------------------------------------------------------
 
 
-def test_sigkill_during_copy_resumes_from_its_progress(daemon: Daemon, workdir: Path) -> None:
+def test_sigkill_during_copy_resumes_from_its_progress(daemon: Daemon, here: Path) -> None:
     run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
     op(daemon, "pair_create", name="si0", pvol="pv", svol="sv0", mu=0)
     wait_for(lambda: pair(daemon, "si0")["progress"] >= 50, what="copy progress")
@@ -265,12 +266,12 @@ def test_sigkill_during_copy_resumes_from_its_progress(daemon: Daemon, workdir: 
     wait_copied(daemon, "si0")
     p = pair(daemon, "si0")
     assert p["status"] == "PAIR" and p["copied"] < SIZE, p  # resumed, not from zero
-    cmp_files(workdir / "pv.img", workdir / "sv0.img")
+    cmp_files(here / "pv.img", here / "sv0.img")
 
 
-def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
+def test_sigkill_during_restore(daemon: Daemon, here: Path) -> None:
     op(daemon, "pair_split", name="si0")
-    good = backing(workdir, "sv0")
+    good = backing(here, "sv0")
     run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
     op(daemon, "pair_restore", name="si0")  # 16 MiB at 1 MiB/s: the checks below come first
     unit_attentions(daemon, "pv")  # the restore's 3F/03 first: sg_dd does not retry after it
@@ -281,30 +282,30 @@ def test_sigkill_during_restore(daemon: Daemon, workdir: Path) -> None:
     daemon.start()
     wait_copied(daemon, "si0")
     assert pair(daemon, "si0")["status"] == "PSUS"
-    assert backing(workdir, "pv") == good and backing(workdir, "sv0") == good
+    assert backing(here, "pv") == good and backing(here, "sv0") == good
 
 
-def test_sigkill_after_split_keeps_the_split(daemon: Daemon, workdir: Path) -> None:
+def test_sigkill_after_split_keeps_the_split(daemon: Daemon, here: Path) -> None:
     """An acknowledged split survives a SIGKILL right after it: PSUS after the restart, the
     S-VOL still the point-in-time image (not re-copied), the P-VOL's later write tracked."""
     op(daemon, "pair_resync", name="si0")
     wait_copied(daemon, "si0")
-    write_dev(daemon, "pv", 2 * MIB, os.urandom(8192), workdir)
+    write_dev(daemon, "pv", 2 * MIB, os.urandom(8192), here)
     op(daemon, "pair_split", name="si0")
-    image = backing(workdir, "sv0")
-    write_dev(daemon, "pv", 6 * MIB, os.urandom(8192), workdir)
+    image = backing(here, "sv0")
+    write_dev(daemon, "pv", 6 * MIB, os.urandom(8192), here)
     daemon.kill()
     daemon.start()
     p = pair(daemon, "si0")
     assert p["status"] == "PSUS" and p["pvol"]["changed_bytes"] >= GRAIN, p
     time.sleep(2)  # a re-copy, if one started, would be under way by now
-    assert backing(workdir, "sv0") == image
+    assert backing(here, "sv0") == image
 
 
 # -- several pairs at once, and a failing S-VOL -----------------------------------------------
 
 
-def test_three_mus_on_one_pvol(daemon: Daemon, workdir: Path) -> None:
+def test_three_mus_on_one_pvol(daemon: Daemon, here: Path) -> None:
     op(daemon, "pair_resync", name="si0")
     op(daemon, "pair_create", name="si1", pvol="pv", svol="sv1", mu=1)
     op(daemon, "pair_create", name="si2", pvol="pv", svol="sv2", mu=2)
@@ -315,9 +316,9 @@ def test_three_mus_on_one_pvol(daemon: Daemon, workdir: Path) -> None:
     assert [s.partner_volume_id for s in body.slots[1:]] == [0x201, 0x202, 0x203]
     line = run(VSCSI, "inq", daemon.sd("pv"))
     assert "HOMRCF[MU#0 = P-VOL MU#1 = P-VOL MU#2 = P-VOL]" in line, line
-    write_dev(daemon, "pv", 4 * MIB, os.urandom(64 * 1024), workdir)
+    write_dev(daemon, "pv", 4 * MIB, os.urandom(64 * 1024), here)
     for sv in ("sv0", "sv1", "sv2"):
-        cmp_files(workdir / "pv.img", workdir / f"{sv}.img")
+        cmp_files(here / "pv.img", here / f"{sv}.img")
     export = run(VSCSI, "inq", "--export", daemon.sd("sv2"))
     assert "VSCSI_ROLE=S-VOL" in export.splitlines() and "VSCSI_SERIAL=410002" in export
 
@@ -331,8 +332,11 @@ def test_udev_rule_links_follow_the_role(daemon: Daemon) -> None:
     links = Path("/dev/disk/by-vscsi")
     try:
         run("udevadm", "control", "--reload")
-        run("udevadm", "trigger", "--action=add", "--subsystem-match=scsi",
-            "--subsystem-match=block")  # fmt: skip
+        # as the rule's install steps say, but for the two disks checked: each disk's rule runs
+        # `vscsi inq`, an interpreter start of seconds in the emulated VM
+        disks = [Path("/sys/class/block") / Path(daemon.sd(v)).name for v in ("pv", "sv1")]
+        run("udevadm", "trigger", "--action=add", *map(str, disks),
+            *(str((d / "device").resolve()) for d in disks))  # fmt: skip
         run("udevadm", "settle", "--timeout=120")
         assert (links / "410002-0202-S-VOL").resolve() == Path(daemon.sd("sv1"))
         assert (links / "410002-0200-P-VOL").resolve() == Path(daemon.sd("pv"))
@@ -345,7 +349,7 @@ def test_udev_rule_links_follow_the_role(daemon: Daemon) -> None:
         run("udevadm", "control", "--reload")
 
 
-def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, workdir: Path) -> None:
+def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, here: Path) -> None:
     op(daemon, "pair_create", name="bad", pvol="pv2", svol="sbad", mu=0)
     wait_for(lambda: pair(daemon, "bad")["status"] != "COPY", what="copy into the bad S-VOL")
     assert pair(daemon, "bad")["status"] == "PSUE"
@@ -353,7 +357,7 @@ def test_svol_write_error_suspends_without_failing_the_host(daemon: Daemon, work
     unit_attentions(daemon, "sbad")
     rc, out = run_rc("sg_turs", "-v", daemon.sg("sbad"))
     assert rc != 0 and re.search(r"not ready", out, re.I), out
-    write_dev(daemon, "pv2", 0, b"x" * 4096, workdir)  # the P-VOL runs on
+    write_dev(daemon, "pv2", 0, b"x" * 4096, here)  # the P-VOL runs on
     assert pair(daemon, "bad")["pvol"]["changed_bytes"] > 0
     op(daemon, "pair_delete", name="bad")
 

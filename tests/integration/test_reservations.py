@@ -14,11 +14,11 @@ import pytest
 from tests.integration.conftest import Daemon, run
 
 
-@pytest.fixture(scope="module", params=["native", "libtcmu"])
-def daemon(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Daemon]:
+@pytest.fixture(scope="module")
+def daemon(transport: str, workdir: Path) -> Iterator[Daemon]:
     """On each transport its own volume (another volume ID: LIO keeps APTPL state per
     device identity)."""
-    t = request.param
+    t = transport
     d = Daemon(workdir, (
         f'transport = "{t}"\nstate_dir = "{workdir}/prstate-{t}"\n'
         f'\n[[volume]]\nname = "pr0"\npath = "{workdir}/pr0-{t}.img"\nsize = "8MiB"\n'

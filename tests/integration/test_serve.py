@@ -21,12 +21,11 @@ from tests.integration.conftest import VSCSI, Daemon, our_configfs_objects, run,
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module", params=["native", "libtcmu"])
-def daemon(request: pytest.FixtureRequest, workdir: Path, loopdev: str, baddev: str
-           ) -> Iterator[Daemon]:  # fmt: skip
+@pytest.fixture(scope="module")
+def daemon(transport: str, workdir: Path, loopdev: str, baddev: str) -> Iterator[Daemon]:
     d = Daemon(
         workdir,
-        f"""transport = "{request.param}"
+        f"""transport = "{transport}"
 
 [[volume]]
 name = "v512"
@@ -66,7 +65,7 @@ volume_id = 0x103
 """,
     )
     d.start()
-    if request.param == "libtcmu":
+    if transport == "libtcmu":
         assert d.proc is not None
         maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
         assert "libtcmu.so.2" in maps, "the daemon did not load libtcmu"

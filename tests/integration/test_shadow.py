@@ -2,7 +2,7 @@
 in, while the daemon is SIGKILLed (minimerge with the log, full merge without), and while a
 member's device starts failing; `cmp` proves the members identical afterwards.
 
-One daemon serves three sets for the whole module:
+One daemon serves three sets for the whole module, on each transport in turn:
 - dsa1: two loop block devices and a file, write-intent log on;
 - dsa2: two files, write-intent log off (a crash means a full merge);
 - dsa3: a file and a device-mapper device that is switched to `error` mid-run.
@@ -35,10 +35,10 @@ def losetup(img: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def devices(workdir: Path) -> Iterator[dict[str, str]]:
+def devices(here: Path) -> Iterator[dict[str, str]]:
     run("modprobe", "loop")
     run("modprobe", "dm_mod")
-    loops = {name: losetup(workdir / f"{name}.img") for name in ("loopA", "loopB", "loopF")}
+    loops = {name: losetup(here / f"{name}.img") for name in ("loopA", "loopB", "loopF")}
     sectors = MEMBER // 512
     run("dmsetup", "create", "vscsi-flaky", input=f"0 {sectors} linear {loops['loopF']} 0\n")
     yield {**loops, "flaky": "/dev/mapper/vscsi-flaky"}
@@ -48,11 +48,11 @@ def devices(workdir: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
+def daemon(here: Path, transport: str, devices: dict[str, str]) -> Iterator[Daemon]:
     sets = [
-        ("dsa1", [devices["loopA"], devices["loopB"], f"{workdir}/c.img"], True, 0x400),
-        ("dsa2", [f"{workdir}/d0.img", f"{workdir}/d1.img"], False, 0x401),
-        ("dsa3", [f"{workdir}/e0.img", devices["flaky"]], True, 0x402),
+        ("dsa1", [devices["loopA"], devices["loopB"], f"{here}/c.img"], True, 0x400),
+        ("dsa2", [f"{here}/d0.img", f"{here}/d1.img"], False, 0x401),
+        ("dsa3", [f"{here}/e0.img", devices["flaky"]], True, 0x402),
     ]
     body = "".join(
         f'\n[[shadow_set]]\nname = "{name}"\nmembers = {json.dumps(members)}\nsize = "16MiB"\n'
@@ -60,8 +60,9 @@ def daemon(workdir: Path, devices: dict[str, str]) -> Iterator[Daemon]:
         f"[shadow_set.identity]\nserial = 410004\nvolume_id = {vid}\n"
         for name, members, wil, vid in sets
     )
-    daemon_keys = f'state_dir = "{workdir}/shadowstate"\ncommand_timeout = 0\ncopy_rate = "4MiB"\n'
-    d = Daemon(workdir, daemon_keys + body, "shadow")
+    daemon_keys = (f'transport = "{transport}"\nstate_dir = "{here}/shadowstate"\n'
+                   f'command_timeout = 0\ncopy_rate = "4MiB"\n')  # fmt: skip
+    d = Daemon(here, daemon_keys + body, "shadow")
     d.start()
     for name in ("dsa1", "dsa2", "dsa3"):
         wait_steady(d, name)
@@ -102,20 +103,20 @@ def displays(s: dict[str, Any]) -> dict[str, str]:
 # -- tests ------------------------------------------------------------------------------------
 
 
-def test_three_members_serve_fio(daemon: Daemon, devices: dict[str, str], workdir: Path) -> None:
+def test_three_members_serve_fio(daemon: Daemon, devices: dict[str, str], here: Path) -> None:
     s = show(daemon, "dsa1")
     assert s["state"] == "Steady State" and s["size"] == SIZE
     assert list(displays(s).values()) == ["ShadowSetMember"] * 3
     fio_ok(fio(daemon.sd("dsa1")), daemon)
-    cmp_members(devices["loopA"], devices["loopB"], f"{workdir}/c.img")
+    cmp_members(devices["loopA"], devices["loopB"], f"{here}/c.img")
     out = run(VSCSI, "shadow", "show", "dsa1", "--socket", daemon.socket)
     assert "Virtual Unit State:   Steady State" in out
 
 
 def test_member_added_while_fio_runs_gets_a_copy(
-    daemon: Daemon, devices: dict[str, str], workdir: Path
+    daemon: Daemon, devices: dict[str, str], here: Path
 ) -> None:
-    member = f"{workdir}/c.img"
+    member = f"{here}/c.img"
     run(VSCSI, "shadow", "remove", "dsa1", member, "--socket", daemon.socket)
     before = show(daemon, "dsa1")["stats"]["copied"]
     job = fio(daemon.sd("dsa1"))
@@ -130,7 +131,7 @@ def test_member_added_while_fio_runs_gets_a_copy(
 
 
 def test_sigkill_under_writes_minimerge_with_log_full_merge_without(
-    daemon: Daemon, devices: dict[str, str], workdir: Path
+    daemon: Daemon, devices: dict[str, str], here: Path
 ) -> None:
     # writers within the first 4 MiB that are writing when the daemon dies, and after
     writers = [Writer(daemon.sd(name), 4 * MIB) for name in ("dsa1", "dsa2")]
@@ -161,16 +162,16 @@ def test_sigkill_under_writes_minimerge_with_log_full_merge_without(
     merged = one["stats"]["merge_scanned"] + one["stats"]["merge_skipped"]
     assert 0 < merged <= 4 * MIB, one["stats"]
     assert two["stats"]["merge_scanned"] + two["stats"]["merge_skipped"] == SIZE, two["stats"]
-    cmp_members(devices["loopA"], devices["loopB"], f"{workdir}/c.img")
-    cmp_members(f"{workdir}/d0.img", f"{workdir}/d1.img")
+    cmp_members(devices["loopA"], devices["loopB"], f"{here}/c.img")
+    cmp_members(f"{here}/d0.img", f"{here}/d1.img")
 
 
 def test_sigkill_during_a_copy_leaves_the_original_members(
-    daemon: Daemon, devices: dict[str, str], workdir: Path
+    daemon: Daemon, devices: dict[str, str], here: Path
 ) -> None:
     """The seed: a standalone system that fails during a copy comes back with the original
     members; mounting the target again copies it afresh."""
-    member = f"{workdir}/c.img"
+    member = f"{here}/c.img"
     request(daemon.socket, "shadow_remove", name="dsa1", member=member)
     run("dd", "if=/dev/urandom", f"of={daemon.sd('dsa1')}", "bs=1M", "count=16", "oflag=direct")
     request(daemon.socket, "shadow_add", name="dsa1", member=member)
@@ -190,7 +191,7 @@ def test_sigkill_during_a_copy_leaves_the_original_members(
 
 
 def test_member_that_starts_failing_is_removed_and_the_host_sees_no_error(
-    daemon: Daemon, devices: dict[str, str], workdir: Path
+    daemon: Daemon, devices: dict[str, str], here: Path
 ) -> None:
     sd = daemon.sd("dsa3")
     job = fio(sd)
@@ -202,4 +203,4 @@ def test_member_that_starts_failing_is_removed_and_the_host_sees_no_error(
     fio_ok(job, daemon)  # every write acknowledged, every block verified: no error, no wrong data
     s = show(daemon, "dsa3")
     assert displays(s)[devices["flaky"]].startswith("Removed"), s
-    assert displays(s)[f"{workdir}/e0.img"] == "ShadowSetMember", s
+    assert displays(s)[f"{here}/e0.img"] == "ShadowSetMember", s

@@ -24,7 +24,7 @@ from vscsi.control import request
 from vscsi.pair.vpd import parse_page
 
 MIB = 1 << 20
-SIZE = 16 * MIB  # copied at copy_rate 1 MiB/s: a copy runs for 16 s
+SIZE = 16 * MIB  # copied at copy_rate 2 MiB/s: a copy runs for 8 s
 GRAIN = 64 << 10
 
 
@@ -42,7 +42,7 @@ def daemon(here: Path, transport: str, baddev: str) -> Iterator[Daemon]:
         f"[volume.identity]\nserial = 410002\nvolume_id = 0x211\n"
     )
     d = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/pairstate"\n'
-               f'copy_rate = "1MiB"\n{vols}', "pairs")
+               f'copy_rate = "2MiB"\n{vols}', "pairs")
     d.start()
     yield d
     if d.proc is not None:
@@ -159,7 +159,7 @@ def test_create_copy_then_pair(daemon: Daemon, here: Path) -> None:
     run("dd", "if=/dev/urandom", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
     unit_attentions(daemon, "pv")
     vscsi(daemon, "pair", "create", "pv", "sv0", "--mu", "0", "--name", "si0")
-    body, sbody = vpd_c0(daemon, "pv"), vpd_c0(daemon, "sv0")  # at once: the copy takes 16 s
+    body, sbody = vpd_c0(daemon, "pv"), vpd_c0(daemon, "sv0")  # at once: the copy takes 8 s
     assert mu_roles(body)[0] == ("P-VOL", "COPY") and body.slots[1].progress < 100
     assert mu_roles(sbody)[0] == ("S-VOL", "COPY")
     assert body.slots[1].partner_volume_id == 0x201
@@ -273,7 +273,7 @@ def test_sigkill_during_restore(daemon: Daemon, here: Path) -> None:
     op(daemon, "pair_split", name="si0")
     good = backing(here, "sv0")
     run("dd", "if=/dev/zero", f"of={daemon.sd('pv')}", "bs=1M", "count=16", "oflag=direct")
-    op(daemon, "pair_restore", name="si0")  # 16 MiB at 1 MiB/s: the checks below come first
+    op(daemon, "pair_restore", name="si0")  # 16 MiB at 2 MiB/s: the checks below come first
     unit_attentions(daemon, "pv")  # the restore's 3F/03 first: sg_dd does not retry after it
     rc, out = run_rc("sg_dd", "if=/dev/zero", f"of={daemon.sg('pv')}", "bs=512", "count=1")
     assert rc != 0 and re.search(r"not ready", out, re.I), out  # P-VOL: no writes in RCPY

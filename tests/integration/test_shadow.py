@@ -107,7 +107,7 @@ def test_three_members_serve_fio(daemon: Daemon, devices: dict[str, str], here: 
     s = show(daemon, "dsa1")
     assert s["state"] == "Steady State" and s["size"] == SIZE
     assert list(displays(s).values()) == ["ShadowSetMember"] * 3
-    fio_ok(fio(daemon.sd("dsa1")), daemon)
+    fio_ok(fio(daemon.sd("dsa1"), "6M"), daemon)
     cmp_members(devices["loopA"], devices["loopB"], f"{here}/c.img")
     out = run(VSCSI, "shadow", "show", "dsa1", "--socket", daemon.socket)
     assert "Virtual Unit State:   Steady State" in out

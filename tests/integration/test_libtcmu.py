@@ -1,7 +1,8 @@
 """The libtcmu transport (`[daemon] transport = "libtcmu"`): what is its own. The SCSI
 behaviour through it (every command, dd, a file system, fio, device errors, a restart) is
-test_serve.py's, which runs on both transports; the pair layer above the transport is checked
-here once, with a SIGKILL under mirrored writes.
+test_serve.py's, and pairs and shadow sets are test_pairs.py's and test_shadow.py's, which all
+run on both transports (conftest's `transport`); site B of the remote tests serves through it.
+Here: tcmu-runner beside it, and a local pair SIGKILLed under mirrored writes.
 
 One daemon serves a 512-byte-block and a 4096-byte-block volume, and an S-VOL for the first,
 for the whole module."""

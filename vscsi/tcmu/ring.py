@@ -47,6 +47,7 @@ completions are in ring order whatever the pool does.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import threading
@@ -87,6 +88,14 @@ class CommandHandler(Protocol):
         """Whether the command may wait on something slower than this host (a peer array):
         such commands run on workers, the rest at once on the ring's thread."""
         ...
+
+
+class FastStop(enum.IntEnum):
+    """Why the compiled path gave the ring back (ring_serve_fast_for's return values)."""
+
+    EMPTY = 0  # it answered everything queued: the loop sleeps on the ring's event
+    CORE = 1  # it stopped at an entry the core must serve: the core's turn
+    LIMIT = 2  # its time ran out with commands coming: the loop looks at the LUN, then C again
 
 
 class RingError(Exception):
@@ -214,17 +223,17 @@ class Ring:
 
     def serve_fast(
         self, path: FastPath, doorbell: int, idle: float, limit: float, event: int = -1
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, FastStop]:
         """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
         descriptor) for them and, for a host at QD1, watch the ring for more while commands
         come within `idle` seconds of each other, for up to `limit` seconds (see
         ring_serve_fast_for; while another ring watches, this one sleeps on its `event`
-        descriptor instead, if it has one). Returns how many entries were consumed and
-        whether it left the ring empty for the loop to sleep on, not spin. Nothing while
-        commands are out with workers. OSError when the doorbell fails."""
+        descriptor instead, if it has one). Returns how many entries were consumed and why
+        it stopped. Nothing while commands are out with workers (the core's turn).
+        OSError when the doorbell fails."""
         with self._lock:
             if self._tail != self._next:
-                return 0, False
+                return 0, FastStop.CORE
         r, lun, io = self._fast, self._fast_lun, path.io
         r.pos, r.replay_end = self._next, self._replay_end
         lun.fd, lun.direct_fd, lun.reads, lun.writes = io.fd, io.direct_fd, io.reads, io.writes
@@ -241,7 +250,7 @@ class Ring:
             self.entries += r.entries - entries
         if rc < 0:
             raise OSError(-rc, f"doorbell: {os.strerror(-rc)}")
-        return r.entries - entries, rc == 0
+        return r.entries - entries, FastStop(rc)
 
     def fetch(self, limit: int = 0) -> list[Command]:
         """Parse every entry between the last one read and cmd_head (with `limit`, up to and

@@ -463,8 +463,8 @@ class Daemon:
                 flush=True,
             )
         print(
-            f"vscsi: serving {len(self.served)} volume(s); control socket "
-            f"{self.config.socket}; Ctrl-C to stop",
+            f"vscsi: serving {len(self.served)} volume(s) through the {self.config.transport} "
+            f"transport; control socket {self.config.socket}; Ctrl-C to stop",
             flush=True,
         )
 

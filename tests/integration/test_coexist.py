@@ -1,7 +1,8 @@
 """vscsi next to tcmu-runner on one host: tcmu-runner listens to the kernel's TCM-USER netlink
 for every device and answers the ones it has no handler for with an error; the kernel takes the
 first answer. vscsi's volumes must come up (and go away, and come back) with tcmu-runner
-running, and tcmu-runner's own volume must keep working."""
+running, and tcmu-runner's own volume must keep working. On each transport (conftest's
+`transport`), beside one tcmu-runner."""
 
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def roundtrip(dev: str, seed: int) -> None:
         os.close(fd)
 
 
-def test_vscsi_volumes_serve_while_tcmu_runner_runs(runner: str, workdir: Path) -> None:
+def test_vscsi_volumes_serve_while_tcmu_runner_runs(
+    runner: str, here: Path, transport: str
+) -> None:
     roundtrip(runner, 1)
-    d = Daemon(workdir / "coexist", '[[volume]]\nname = "beside"\npath = "beside.img"\n'
-               'size = "16MiB"\ncreate = true\n', name="coexist")  # fmt: skip
+    d = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/state"\n\n'
+               '[[volume]]\nname = "beside"\npath = "beside.img"\nsize = "16MiB"\n'
+               'create = true\n', name="coexist")  # fmt: skip
     try:
         d.start()
         roundtrip(d.sd("beside"), 2)

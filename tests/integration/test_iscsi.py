@@ -4,7 +4,8 @@ loopback portals. Each initiator sees exactly its host group's LUNs at their hos
 one in no host group, and one with a wrong CHAP secret, are refused at login; `vscsi lun
 map/unmap` reaches the host as REPORTED LUNS DATA HAS CHANGED and a rescan; a volume on both
 ports is one dm-multipath map whose fio --verify survives a path logging out and back in;
-`vscsi status` lists the sessions per port and host group.
+`vscsi status` lists the sessions per port and host group. On each transport (conftest's
+`transport`).
 
 The module writes open-iscsi's and multipath's files into the VM's /etc (a tmpfs overlay) and
 puts them back afterwards; it runs iscsid and multipathd itself (there is no systemd in the VM)."""
@@ -57,7 +58,7 @@ def volume(name: str, size: str, volume_id: int) -> str:
 
 
 CONFIG = (
-    'state_dir = "{w}/iscsistate"\n'
+    'transport = "{t}"\nstate_dir = "{w}/iscsistate"\n'
     + volume("hg0", "8MiB", 0x610) + volume("hg1", "8MiB", 0x611)
     + volume("hg2", "8MiB", 0x612) + volume("mp0", "16MiB", 0x613)
     + volume("ipv", "8MiB", 0x614) + volume("isv", "8MiB", 0x615).replace('"iscsi"', '"none"')
@@ -122,12 +123,12 @@ def iscsid(etc: None, workdir: Path) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def daemon(iscsid: None, workdir: Path) -> Iterator[Daemon]:
+def daemon(iscsid: None, here: Path, transport: str) -> Iterator[Daemon]:
     for group, secret in SECRETS.items():
-        f = workdir / f"chap-{group}"
+        f = here / f"chap-{group}"
         f.write_text(secret + "\n")
         f.chmod(0o600)
-    d = Daemon(workdir, CONFIG.replace("{w}", str(workdir)), "iscsi")
+    d = Daemon(here, CONFIG.replace("{w}", str(here)).replace("{t}", transport), "iscsi")
     d.start()
     deadline = time.monotonic() + 120  # the ports come after the volumes are served
     while "vscsi: serving" not in d.output():
@@ -367,7 +368,7 @@ def test_a_volume_on_two_ports_is_one_multipath_map(daemon: Daemon, multipathd: 
 
 
 def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
-    daemon: Daemon, workdir: Path
+    daemon: Daemon, here: Path
 ) -> None:
     """The pair and shadow-set machinery under a LUN that a remote host reaches over iSCSI:
     mapped at run time, written with fio --verify, every copy byte for byte the same."""
@@ -388,8 +389,8 @@ def test_a_p_vol_and_a_shadow_set_served_over_iscsi_keep_their_copies_identical(
     for job in jobs:
         fio_ok(job, daemon)
     wait_idle(daemon)
-    run("cmp", str(workdir / "ipv.img"), str(workdir / "isv.img"))
-    run("cmp", "-n", str(8 << 20), str(workdir / "im1.img"), str(workdir / "im2.img"))
+    run("cmp", str(here / "ipv.img"), str(here / "isv.img"))
+    run("cmp", "-n", str(8 << 20), str(here / "im1.img"), str(here / "im2.img"))
     for lun in (3, 5):
         op(daemon, "lun_unmap", port="CL1-A", name="hostb", lun=lun)
         remove_device(IQN_B, PORT1, lun)

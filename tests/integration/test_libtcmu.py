@@ -1,8 +1,9 @@
 """The libtcmu transport (`[daemon] transport = "libtcmu"`): what is its own. The SCSI
 behaviour through it (every command, dd, a file system, fio, device errors, a restart) is
-test_serve.py's, and pairs and shadow sets are test_pairs.py's and test_shadow.py's, which all
-run on both transports (conftest's `transport`); site B of the remote tests serves through it.
-Here: tcmu-runner beside it, and a local pair SIGKILLed under mirrored writes.
+test_serve.py's, pairs and shadow sets test_pairs.py's and test_shadow.py's, tcmu-runner
+already running test_coexist.py's: every suite of one site runs on both transports (conftest's
+`transport`); site B of the remote tests serves through it. Here: tcmu-runner starting after
+it, and a local pair SIGKILLed under mirrored writes.
 
 One daemon serves a 512-byte-block and a 4096-byte-block volume, and an S-VOL for the first,
 for the whole module."""

@@ -1,6 +1,6 @@
 """Exclusive ownership against the real kernel: a store served by one daemon is refused to a
 second one, `vscsi shadow add` refuses a mounted device, and the control socket refuses users
-who are not root."""
+who are not root. On each transport (conftest's `transport`)."""
 
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ volume_id = {volume_id}
 
 
 @pytest.fixture
-def loop(workdir: Path) -> Iterator[str]:
+def loop(here: Path) -> Iterator[str]:
     """A loop device of its own (64 MiB), detached afterwards."""
     run("modprobe", "loop")  # this module may run before any other test loaded it
-    img = workdir / "own-loop.img"
+    img = here / "own-loop.img"
     with img.open("wb") as f:
         f.truncate(64 * MIB)
     dev = run("losetup", "--find", "--show", str(img)).strip()
@@ -44,10 +44,12 @@ def loop(workdir: Path) -> Iterator[str]:
     run("losetup", "-d", dev, check=False)
 
 
-def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) -> None:
-    img = f"{workdir}/own-shared.img"
-    first = Daemon(workdir, f'state_dir = "{workdir}/own-a"\n' + volume("owna", img, 0x10)
-                   + volume("ownb", loop, 0x11), "own-a")  # fmt: skip
+def test_a_second_daemon_on_the_same_store_is_refused(
+    here: Path, transport: str, loop: str
+) -> None:
+    img = f"{here}/own-shared.img"
+    first = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/own-a"\n'
+                   + volume("owna", img, 0x10) + volume("ownb", loop, 0x11), "own-a")  # fmt: skip
     first.start()
     try:
         refused = {}  # side by side: each is an interpreter importing the daemon
@@ -55,7 +57,7 @@ def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) 
             ("own-b", volume("ownc", img, 0x12), f"{img} is held by another process"),
             ("own-c", volume("ownd", loop, 0x13), f"{loop} is in use by another process"),
         ):
-            second = Daemon(workdir, f'state_dir = "{workdir}/{tag}"\n' + body, tag)
+            second = Daemon(here, f'state_dir = "{here}/{tag}"\n' + body, tag)
             refused[held] = subprocess.Popen([VSCSI, "up", "-c", str(second.config)], text=True,
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for held, p in refused.items():
@@ -64,19 +66,21 @@ def test_a_second_daemon_on_the_same_store_is_refused(workdir: Path, loop: str) 
             assert len(out.strip().splitlines()) == 1, out
     finally:
         assert first.stop() == 0, first.output()
-    again = Daemon(workdir, f'state_dir = "{workdir}/own-b"\n' + volume("ownc", img, 0x12),
-                   "own-b")  # the claim ended with the first daemon  # fmt: skip
+    # the first daemon's claim ended with it
+    again = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/own-b"\n'
+                   + volume("ownc", img, 0x12), "own-b")  # fmt: skip
     again.start()
     assert again.stop() == 0, again.output()
 
 
-def shadow_daemon(workdir: Path) -> Daemon:
-    return Daemon(workdir, f"""state_dir = "{workdir}/own-shadow"
+def shadow_daemon(here: Path, transport: str) -> Daemon:
+    return Daemon(here, f"""transport = "{transport}"
+state_dir = "{here}/own-shadow"
 shadow_add_paths = ["/dev/"]
 
 [[shadow_set]]
 name = "owns"
-members = ["{workdir}/owns-a.img", "{workdir}/owns-b.img"]
+members = ["{here}/owns-a.img", "{here}/owns-b.img"]
 size = "16MiB"
 create = true
 export = "none"
@@ -87,10 +91,11 @@ volume_id = 0x20
 
 
 @pytest.fixture(scope="module")
-def daemons(workdir: Path, rundir: Path) -> Iterator[dict[str, Daemon]]:
+def daemons(here: Path, transport: str, rundir: Path) -> Iterator[dict[str, Daemon]]:
     """The daemons of the tests below, started side by side; each must stop cleanly."""
-    ds = [shadow_daemon(workdir), socket_daemon(workdir, rundir, "ownsock", ""),
-          socket_daemon(workdir, rundir, "owngrp", 'socket_group = "nogroup"')]  # fmt: skip
+    t = f'transport = "{transport}"'
+    ds = [shadow_daemon(here, transport), socket_daemon(here, rundir, "ownsock", t),
+          socket_daemon(here, rundir, "owngrp", f'{t}\nsocket_group = "nogroup"')]  # fmt: skip
     try:
         start_all(*ds)
         yield {d.config.stem: d for d in ds}
@@ -101,10 +106,10 @@ def daemons(workdir: Path, rundir: Path) -> Iterator[dict[str, Daemon]]:
 
 
 def test_shadow_add_of_a_mounted_device_is_refused(
-    workdir: Path, loop: str, daemons: dict[str, Daemon]
+    here: Path, loop: str, daemons: dict[str, Daemon]
 ) -> None:
     run("mkfs.ext4", "-q", "-F", loop)
-    mnt = workdir / "own-mnt"
+    mnt = here / "own-mnt"
     mnt.mkdir(exist_ok=True)
     run("mount", loop, str(mnt))
     d = daemons["own-shadow"]
@@ -152,11 +157,11 @@ def rundir() -> Iterator[Path]:
     yield d
 
 
-def socket_daemon(workdir: Path, rundir: Path, name: str, extra: str) -> Daemon:
-    d = Daemon(workdir, f'state_dir = "{workdir}/{name}"\n{extra}\n'
-               + volume(name, f"{workdir}/{name}.img", 0x30), name)  # fmt: skip
+def socket_daemon(here: Path, rundir: Path, name: str, extra: str) -> Daemon:
+    d = Daemon(here, f'state_dir = "{here}/{name}"\n{extra}\n'
+               + volume(name, f"{here}/{name}.img", 0x30), name)  # fmt: skip
     d.socket = str(rundir / f"{name}.sock")
-    d.config.write_text(d.config.read_text().replace(str(workdir / f"{name}.sock"), d.socket))
+    d.config.write_text(d.config.read_text().replace(str(here / f"{name}.sock"), d.socket))
     return d
 
 

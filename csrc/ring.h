@@ -74,8 +74,9 @@ struct fast_lun {
  * ring kept busy cannot hold the LUN's state (a pair waiting to be created, a unit attention
  * waiting to be reported) for longer than one batch — then ring the doorbell (a 4-byte write
  * to `doorbell_fd`) for what it answered. Large transfers (256 KiB or more) ring it as soon
- * as they are answered, so the host refills its queue while the next one runs, and large READs
- * queued together run side by side, a thread each.
+ * as they are answered, so the host refills its queue while the next one runs. Everything runs
+ * on the caller's thread: in the VM, a thread per transfer (an S-VOL's write beside the
+ * P-VOL's, large READs side by side) cost more CPU than it overlapped, and was slower.
  *
  * Then, while the host sends one command at a time (QD1: the next comes only after this
  * answer), spin on cmd_head for the next, as long as one comes within `idle_ns` of the last

@@ -263,7 +263,7 @@ def test_a_pvol_in_pair_writes_both_volumes_where_its_write_intent_is_durable(
 
 
 def test_a_large_mirrored_write_reaches_both_volumes_from_c(tmp_path: Path) -> None:
-    """From 256 KiB up the S-VOL is written on a thread of its own beside the P-VOL."""
+    """A large write (256 KiB and up) goes to the P-VOL and the S-VOL in C, like a small one."""
     m, p, _ = pair_lun(tmp_path, wil_idle=30, size=4 << 20, max_blocks=2048)
     m.create("x", "p", "s", 0)
     assert m.wait("x", 10)
@@ -595,8 +595,7 @@ LARGE = 512 << 10  # a transfer that rings as soon as it is answered (from 256 K
 
 
 def large_commands(data: list[bytes]) -> list[tuple[bytes, bytes, int]]:
-    """A large write, three large reads (C runs them side by side), a small write and a large
-    one, on ranges apart: commands queued together may run in any order."""
+    """A large write, three large reads, a small write and a large write, on ranges apart."""
     n = LARGE // BS
     return [
         (rw16(0x8A, 0, n), data[0], 0),
@@ -615,12 +614,9 @@ def large_lun(path: Path, old: bytes) -> Lun:
     return Lun(vol, Identity(volume_id=1), max_transfer_blocks=2048)
 
 
-def test_large_transfers_ring_as_they_are_answered_and_large_reads_run_side_by_side(
-    tmp_path: Path,
-) -> None:
+def test_large_transfers_ring_as_they_are_answered(tmp_path: Path) -> None:
     """The kernel hears of a large transfer as soon as it is answered, not after the whole
-    queue: the host refills its queue while the next one runs. Large reads queued together
-    run at once (a thread each) and ring once, after the last of them."""
+    queue: the host refills its queue while the next one runs."""
     old = os.urandom(3 * LARGE)
     data = [os.urandom(LARGE) for _ in range(2)]
     lun = large_lun(tmp_path / "v.img", old)
@@ -631,7 +627,7 @@ def test_large_transfers_ring_as_they_are_answered_and_large_reads_run_side_by_s
     with lun.direct() as path:
         assert path is not None
         assert ring.serve_fast(path, bell_w, 0, 0) == (6, FastStop.LIMIT)  # no time to watch
-    assert len(os.read(bell_r, 64)) == 3 * 4  # the write; the three reads; the end of the pass
+    assert len(os.read(bell_r, 64)) == 5 * 4  # the write; each read; the end of the pass
     done = {c.cmd_id: c for c in k.reap()}
     assert [done[i].status for i in ids] == [GOOD] * 6  # type: ignore[index]
     assert b"".join(done[i].data for i in ids[1:4]) == old  # type: ignore[index]
@@ -645,9 +641,9 @@ def test_large_transfers_ring_as_they_are_answered_and_large_reads_run_side_by_s
 def test_a_failed_read_in_a_batch_is_the_cores_and_every_answer_is_as_without_c(
     tmp_path: Path,
 ) -> None:
-    """The second of three reads run side by side reads past the end of a shrunken file (a
-    short read): C answers the one before it and leaves it to the core, which reads the
-    sparse tail as zeroes; every answer and every byte on disk is the core's alone."""
+    """The second of three queued reads reads past the end of a shrunken file (a short
+    read): C answers the one before it and leaves it to the core, which reads the sparse
+    tail as zeroes; every answer and every byte on disk is the core's alone."""
     old = os.urandom(3 * LARGE)
     data = [os.urandom(LARGE) for _ in range(2)]
     outcomes, images = [], []

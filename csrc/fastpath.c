@@ -129,10 +129,11 @@ static int move(int write, int fd, int direct_fd, int aligned, const struct iove
 }
 
 /* Write the P-VOL (`l->fd`), then each S-VOL; 1 when every side took the whole transfer.
- * One after the other, on this thread. Running the S side on a thread of its own beside the
- * P side cost more than the second copy it overlapped: in the VM, a P-VOL in PAIR wrote
- * 1 MiB 35-60% faster and 256 KiB 90% faster without it; a helper thread kept for the ring
- * instead of one per write fell in between. */
+ * One after the other, on this thread: every write this path takes is buffered (no FUA, the
+ * write cache on), a copy into the page cache, and such sides run in turn in the core too
+ * (vscsi/store/fanout.py). A thread of its own for the S side cost more than the copy it
+ * overlapped: in the VM, a P-VOL in PAIR wrote 1 MiB 35-60% faster and 256 KiB 90% faster
+ * without it; a helper thread kept for the ring fell in between. */
 static int mirror_write(const struct fast_lun *l, int aligned, const struct iovec *iov, int n,
                         off_t at, uint64_t bytes)
 {

@@ -365,6 +365,7 @@ class Daemon:
                 self._serve(s)
         else:
             self._serve_libtcmu(lib)
+        self._await_disks()
         self._start_iscsi()
 
     # -- iSCSI ports and host groups ------------------------------------------------------------
@@ -448,8 +449,20 @@ class Daemon:
         s.thread.start()
         if "loop" in s.cfg.export:
             s.export = configfs.find_export(s.backstore) or configfs.export_loop(s.backstore)
-            s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
-        s.state = "serving"
+
+    def _await_disks(self) -> None:
+        """Every volume serving, each exported one once the host has its /dev/sdX. Waited for
+        after the last export, not after each: the kernel probes a new disk on its own
+        (READ CAPACITY, the VPD pages… each through that LUN's ring) and udev names it, so
+        the disks of a config come up side by side while the next LUNs are exported."""
+        for s in self.served.values():
+            if s.export is not None:
+                try:
+                    s.sd, s.sg = configfs.find_disk(s.export, timeout=60)
+                except configfs.ConfigfsError as e:
+                    s.state = "failed"
+                    raise DaemonError(f"volume {s.cfg.name}: {e}") from None
+            s.state = "serving"
 
     def _announce(self) -> None:
         for s in self.served.values():

@@ -13,7 +13,7 @@ import rtslib_fb.tcm
 from tests.unit.test_reservations_configfs import FakeLio, install, nexus
 from vscsi import daemon as daemon_mod
 from vscsi.config import load
-from vscsi.daemon import Daemon
+from vscsi.daemon import Daemon, DaemonError
 from vscsi.scsi.lun import Lun
 from vscsi.tcmu import configfs
 from vscsi.tcmu.uio import UioDevice
@@ -54,6 +54,13 @@ def lio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeLio]:
 
 def up(tmp_path: Path) -> Daemon:
     """`vscsi up` with two volumes exported through tcm_loop; a new process each time."""
+    d = configured(tmp_path)
+    d.start()
+    return d
+
+
+def configured(tmp_path: Path) -> Daemon:
+    """The daemon `up` starts, not started yet."""
     rtslib_fb.tcm.bs_cache.clear()
     cfg = tmp_path / "vscsi.toml"
     volumes = "".join(
@@ -64,9 +71,7 @@ def up(tmp_path: Path) -> Daemon:
     cfg.write_text(
         f'[daemon]\nsocket = "{tmp_path}/s.sock"\nstate_dir = "{tmp_path}/state"\n{volumes}'
     )
-    d = Daemon(load(cfg))
-    d.start()
-    return d
+    return Daemon(load(cfg))
 
 
 def test_reservations_survive_a_clean_restart_of_the_daemon(
@@ -105,3 +110,43 @@ def test_a_killed_daemons_successor_re_attaches_and_keeps_the_kernels_state(
         assert lio.keys("v0") == [0x1234] and lio.holder("v0") == (0x1234, 1)
     finally:
         d.stop()
+
+
+def test_the_exported_disks_are_awaited_after_the_last_export(
+    lio: FakeLio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel probes each new disk on its own: `vscsi up` exports every LUN before it
+    waits for the first /dev/sdX, so the probes overlap the exports."""
+    seen: list[str] = []
+    export = configfs.export_loop
+    monkeypatch.setattr(configfs, "export_loop", lambda bs: seen.append("export") or export(bs))
+    monkeypatch.setattr(
+        configfs, "find_disk", lambda *_a, **_k: seen.append("disk") or ("/dev/sdz", "/dev/sg9")
+    )
+    d = up(tmp_path)
+    try:
+        assert seen == ["export", "export", "disk", "disk"]
+        assert [s.state for s in d.served.values()] == ["serving", "serving"]
+    finally:
+        d.stop()
+
+
+def test_a_disk_that_never_appears_fails_its_volume_with_one_line(
+    lio: FakeLio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def find_disk(export: configfs.LoopExport, timeout: float = 60) -> tuple[str, str]:
+        if export.wwn == configfs.loop_wwn("v1"):
+            raise configfs.ConfigfsError(f"no SCSI disk appeared for {export.wwn} within 60s")
+        return "/dev/sdz", "/dev/sg9"
+
+    monkeypatch.setattr(configfs, "find_disk", find_disk)
+    d = configured(tmp_path)
+    try:
+        with pytest.raises(DaemonError) as e:
+            d.start()
+        wwn = configfs.loop_wwn("v1")
+        assert str(e.value) == f"volume v1: no SCSI disk appeared for {wwn} within 60s"
+        assert [s.state for s in d.served.values()] == ["serving", "failed"]
+    finally:
+        d.stop()
+    assert not list(lio.lio.glob("core/user_*/*"))  # the stop removed both backstores

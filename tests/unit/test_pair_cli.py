@@ -203,7 +203,7 @@ def test_new_backstores_ask_the_kernel_for_no_netlink_replies(
     monkeypatch.setattr(configfs, "_check_aptpl_file", lambda _v: None)
     monkeypatch.setattr(configfs, "_force_aptpl", lambda _so: None)
     configfs.create_backstore("v0", 1 << 20, 512)
-    assert seen["control"] == "hw_block_size=512,nl_reply_supported=-1"
+    assert seen["control"] == "hw_block_size=512,nl_reply_supported=-1,data_pages_per_blk=16"
 
 
 def test_a_backstore_the_kernel_cannot_be_told_keeps_getting_answers() -> None:

@@ -33,6 +33,11 @@ SYS_MODULE = Path("/sys/module")
 DBROOT_DEFAULT = Path("/var/target")  # DB_ROOT_DEFAULT of target_core_mod
 PREFIX = "vscsi-"
 SUBTYPE = "vscsi"
+# Pages per block of the ring's data area (the kernel's default is 1). A 1 MiB command then
+# takes 16 blocks, not 256: fewer bitmap searches, page lookups and iovecs per command. In the
+# VM, 1 MiB writes ran 9-12% faster on 10% less CPU per MiB, 4 KiB I/O as before; a 4 KiB
+# command holds a 64 KiB block, which the default data area (1 GiB) has 16,384 of.
+DATA_PAGES_PER_BLOCK = 16
 
 log = logging.getLogger("vscsi")
 _warned: set[str] = set()  # what this process has already warned about
@@ -172,7 +177,8 @@ def create_backstore(
             wwn=unit_serial(volume),
             # the kernel waits for no netlink reply about this device: with tcmu-runner on the
             # host the first reply (its -ENOENT for a subtype it has no handler for) would win
-            control=f"hw_block_size={block_size},nl_reply_supported=-1",
+            control=f"hw_block_size={block_size},nl_reply_supported=-1,"
+            f"data_pages_per_blk={DATA_PAGES_PER_BLOCK}",
         )
         if cmd_time_out is not None:
             so.set_attribute("cmd_time_out", str(cmd_time_out))

@@ -463,6 +463,31 @@ def test_a_silent_peer_fails_requests_within_the_link_timeout(keys: Path, site: 
         proxy.close()
 
 
+def test_a_peer_that_stops_reading_is_dropped_within_the_link_timeout(
+    keys: Path, site: Site, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The S side answers on the thread that reads: a P side that sends requests but takes
+    no answers must not hold that thread in a send for ever."""
+    s = raw_client(keys, site.port)
+    try:
+        with caplog.at_level(logging.WARNING, logger="vscsi.link"):
+            for seq in range(1, 65):  # 64 MiB of answers: more than both sockets buffer
+                s.sendall(encode(FrameType.READ, seq, volume="s0", offset=0, length=1 << 20))
+            deadline = time.monotonic() + TIMEOUT * 4 + 2
+            while "down:" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert "link from siteA" in caplog.text and "down:" in caplog.text
+    finally:
+        s.close()
+    again = session_to(keys, site.port)  # and the array takes the next connection
+    try:
+        assert again.wait_connected(5)
+        again.write("s0", 0, b"n" * 512)
+    finally:
+        again.close()
+    assert bytes(site.volume.data[:512]) == b"n" * 512
+
+
 def test_the_session_reconnects_when_the_server_comes_back(
     session: LinkSession, site: Site
 ) -> None:

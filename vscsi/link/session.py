@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -126,8 +127,20 @@ def _start_thread(name: str, netns: str | None, body: Callable[[], None]) -> thr
 
 
 def _handshake(stream: TlsStream, timeout: float) -> None:
-    stream.sock.settimeout(timeout)  # also bounds every later send: a peer that takes
-    stream.handshake(timeout)  # nothing for that long is as dead as a silent one
+    stream.sock.settimeout(timeout)
+    stream.handshake(timeout)
+    _send_timeout(stream.sock, timeout)
+
+
+def _send_timeout(sock: socket.socket, timeout: float) -> None:
+    """Bound every later send by `timeout` in the kernel (SO_SNDTIMEO): a peer that takes
+    nothing for that long is as dead as a silent one. The socket itself then blocks: with a
+    timeout of its own, Python polls before every send and receive, a system call each, on
+    every frame (the receiving thread polls before it reads anyway)."""
+    seconds = int(timeout)
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                    struct.pack("ll", seconds, int((timeout - seconds) * 1e6)))  # fmt: skip
 
 
 # -- the P side -------------------------------------------------------------------------------

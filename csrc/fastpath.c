@@ -309,10 +309,28 @@ static int await_event(int event_fd, uint64_t deadline)
     return got == sizeof count;
 }
 
-int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
-                        int event_fd, uint64_t idle_ns, uint64_t limit_ns)
+/* The watch's length for this call (see ring_serve_fast_for): a command that came soon after
+ * the last watch ended empty widens it to cover that gap; a longer pause narrows it. */
+static uint64_t watch_window(struct fast_ring *r, uint64_t now, uint64_t idle_ns,
+                             uint64_t max_idle_ns)
 {
-    uint64_t end = now_ns() + limit_ns;
+    uint64_t window = r->window_ns > idle_ns ? r->window_ns : idle_ns;
+    if (r->missed_at) {
+        uint64_t gap = window + (now - r->missed_at); /* from the answer to this command */
+        if (gap <= max_idle_ns)
+            window = gap + gap / 4 < max_idle_ns ? gap + gap / 4 : max_idle_ns;
+        else
+            window = window / 2 > idle_ns ? window / 2 : idle_ns;
+        r->missed_at = 0;
+    }
+    return r->window_ns = window;
+}
+
+int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd,
+                        int event_fd, uint64_t idle_ns, uint64_t max_idle_ns, uint64_t limit_ns)
+{
+    uint64_t start = now_ns(), end = start + limit_ns;
+    uint64_t window = watch_window(r, start, idle_ns, max_idle_ns);
     int first = 1; /* the first pass comes after the caller's loop: a wake-up, a look around */
     for (;;) {
         uint64_t before = r->entries, commands = r->commands;
@@ -327,7 +345,7 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
         if (stopped)
             return 1;
         uint64_t now = now_ns();
-        uint64_t deadline = now + idle_ns < end ? now + idle_ns : end;
+        uint64_t deadline = now + window < end ? now + window : end;
         if (now >= end)
             return 2;
         if (first && r->commands != commands)
@@ -336,8 +354,8 @@ int ring_serve_fast_for(struct fast_ring *r, const struct fast_lun *l, int doorb
         int moved = ring_load_acquire_u32(r->base, MAILBOX_HEAD) != r->pos;
         if (!moved && (r->deep || ++r->lone % PROBE_EVERY == 0))
             return 0; /* deep, or a look: the caller's trip lets the queue fill */
-        if (!moved)
-            moved = watch(r, deadline);
+        if (!moved && (moved = watch(r, deadline)) == 0 && deadline != end)
+            r->missed_at = now_ns();
         if (moved < 0) /* another ring spins: sleep on this one's event, GIL still released */
             moved = await_event(event_fd, deadline);
         if (!moved)

@@ -45,6 +45,8 @@ struct fast_ring {
     uint64_t commands;    /* commands answered */
     int deep;             /* the host keeps a queue: return when empty, do not spin */
     uint32_t lone;        /* waits since the last look at the depth */
+    uint64_t window_ns;   /* how long to watch for the next command now (0: the caller's idle) */
+    uint64_t missed_at;   /* when a watch last ended without a command; 0: it did not */
 };
 
 /* What the LUN allows now; `masks` are the CDB bits the core refuses (reserved or
@@ -90,10 +92,21 @@ struct fast_lun {
  * one ring of the process spins at a time, so busy LUNs do not spin on every CPU; the others
  * sleep in poll() on their `event_fd` (uio: the kernel's interrupt; read to acknowledge it;
  * -1: none, return instead) and serve what it announces.
+ *
+ * The watch lasts `idle_ns`, or longer while the host's commands come just after it ends:
+ * a watch that ends empty and a command that comes by the event soon after (the whole gap
+ * within `max_idle_ns`) widen it to a quarter more than that gap, so the next one is caught
+ * spinning; a longer pause narrows it by half again, down to `idle_ns` (`window_ns`). In the
+ * VM a QD1 host's next command comes 1-3 ms after the answer (the guest's completion and
+ * fio's next submission, emulated): a fixed 1 ms watch missed most of them and each miss
+ * cost a wake-up and a trip through Python; a fixed 5 ms watch caught them but also spun
+ * after every burst. On real hardware the gap is microseconds and the window stays put.
+ *
  * Returns 1 when stopped at an entry for the core, 0 when the ring is empty and the caller
- * should sleep on its event (after `idle_ns` of spinning, or at once as above), 2 when `limit_ns` ran out (the caller then looks at the LUN again: a pair
- * waiting for its gate, a unit attention), -errno when the doorbell failed. */
+ * should sleep on its event (after the watch, or at once as above), 2 when `limit_ns` ran out
+ * (the caller then looks at the LUN again: a pair waiting for its gate, a unit attention),
+ * -errno when the doorbell failed. */
 int ring_serve_fast_for(struct fast_ring *ring, const struct fast_lun *lun, int doorbell_fd,
-                        int event_fd, uint64_t idle_ns, uint64_t limit_ns);
+                        int event_fd, uint64_t idle_ns, uint64_t max_idle_ns, uint64_t limit_ns);
 
 #endif

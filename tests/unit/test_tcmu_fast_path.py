@@ -427,6 +427,80 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
 
 
+def wait_answered(dev: LoopbackDevice, timeout: float = 5) -> bool:
+    """Wait until the ring's tail reaches the host's head: every queued entry consumed."""
+    deadline = time.monotonic() + timeout
+    while ring_tail(dev) != dev.kernel.head and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return ring_tail(dev) == dev.kernel.head
+
+
+def test_the_watch_widens_for_a_host_whose_next_command_comes_just_after_it(
+    tmp_path: Path,
+) -> None:
+    """A QD1 host whose next command comes after the watch ended (under emulation: 1-3 ms
+    after the answer) would cost a wake-up for every command. Once one came that way, soon
+    enough, the next watch covers that gap and catches the next one spinning."""
+    idle, widest = 0.05, 2.0
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, FastStop]] = []
+
+    def serve() -> threading.Thread:
+        t = threading.Thread(target=lambda: done.append(
+            ring.serve_fast(path, dev.doorbell_fd, idle, 5, -1, widest)))  # fmt: skip
+        t.start()
+        return t
+
+    with lun.direct() as path:
+        assert path is not None
+        dev.kernel.submit(rw10(0x2A, 0, 1), b"\x01" * BS)
+        serve().join(5)  # answered, then watched `idle` for more in vain
+        assert done == [(1, FastStop.EMPTY)]
+        time.sleep(0.3)  # the host's next command: 0.35 s after the answer, within `widest`
+        dev.kernel.submit(rw10(0x2A, 1, 1), b"\x02" * BS)
+        t = serve()
+        assert wait_answered(dev)
+        time.sleep(0.2)  # the next one 0.2 s after its answer: 4 times `idle`
+        dev.kernel.submit(rw10(0x2A, 2, 1), b"\x03" * BS)
+        assert wait_answered(dev), "the widened watch did not catch the next command"
+        dev.kernel.submit(bytes(6), b"", 0)  # TEST UNIT READY: the core's, so C returns
+        t.join(5)
+    assert done[1] == (2, FastStop.CORE)
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+    assert (tmp_path / "v.img").read_bytes()[: 3 * BS] == b"".join(
+        bytes([i + 1]) * BS for i in range(3)
+    )
+
+
+def test_the_watch_narrows_again_after_a_pause(tmp_path: Path) -> None:
+    """A widened watch spins after every burst; once the host pauses for longer than the
+    widest watch, it narrows again, so a command that comes after the base watch costs a
+    wake-up again rather than the host's CPU."""
+    idle, widest = 0.05, 0.5
+    lun = file_lun(tmp_path / "v.img")
+    dev = LoopbackDevice(LoopbackKernel())
+    ring = Ring(dev.mem, lun)
+    done: list[tuple[int, FastStop]] = []
+    spent = []
+    with lun.direct() as path:
+        assert path is not None
+        for lba, pause in enumerate((0.3, 1.5, 0)):  # widened after the first, then a pause
+            dev.kernel.submit(rw10(0x2A, lba, 1), b"\x01" * BS)
+            began = time.monotonic()
+            done.append(ring.serve_fast(path, dev.doorbell_fd, idle, 5, -1, widest))
+            spent.append(time.monotonic() - began)
+            time.sleep(pause)
+    assert done == [(1, FastStop.EMPTY)] * 3
+    # the second watch covers the 0.35 s gap with a quarter to spare (0.44 s); the third,
+    # after a pause longer than the widest, half that again
+    assert spent[1] > 0.4 and idle <= spent[2] < 0.3, spent
+    dev.close()
+    lun.volume.close()  # type: ignore[attr-defined]
+
+
 def test_one_command_for_the_core_leaves_the_queue_behind_it_to_c(tmp_path: Path) -> None:
     """A queued write into a region whose intent is not durable yet is the core's; the
     writes queued behind it are not: C serves them once the core answered that one."""

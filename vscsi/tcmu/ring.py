@@ -222,15 +222,21 @@ class Ring:
         return self.entries - before
 
     def serve_fast(
-        self, path: FastPath, doorbell: int, idle: float, limit: float, event: int = -1
+        self,
+        path: FastPath,
+        doorbell: int,
+        idle: float,
+        limit: float,
+        event: int = -1,
+        max_idle: float = 0.0,
     ) -> tuple[int, FastStop]:
         """Serve in C the leading entries `path` allows (module doc), ring `doorbell` (a
         descriptor) for them and, for a host at QD1, watch the ring for more while commands
-        come within `idle` seconds of each other, for up to `limit` seconds (see
-        ring_serve_fast_for; while another ring watches, this one sleeps on its `event`
-        descriptor instead, if it has one). Returns how many entries were consumed and why
-        it stopped. Nothing while commands are out with workers (the core's turn).
-        OSError when the doorbell fails."""
+        come within `idle` seconds of each other (widened up to `max_idle` while they come
+        just after it), for up to `limit` seconds (see ring_serve_fast_for; while another
+        ring watches, this one sleeps on its `event` descriptor instead, if it has one).
+        Returns how many entries were consumed and why it stopped. Nothing while commands
+        are out with workers (the core's turn). OSError when the doorbell fails."""
         with self._lock:
             if self._tail != self._next:
                 return 0, FastStop.CORE
@@ -240,7 +246,10 @@ class Ring:
         keep = _set_mirrors(lun, io)
         lun.block_size, lun.blocks, lun.max_blocks = path.block_size, path.blocks, path.max_blocks
         entries, commands = r.entries, r.commands
-        rc = lib.ring_serve_fast_for(r, lun, doorbell, event, int(idle * 1e9), int(limit * 1e9))
+        widest = max(idle, max_idle)
+        rc = lib.ring_serve_fast_for(
+            r, lun, doorbell, event, int(idle * 1e9), int(widest * 1e9), int(limit * 1e9)
+        )
         del keep
         with self._lock:
             self._next = self._tail = r.pos

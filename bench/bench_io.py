@@ -120,8 +120,12 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
                     str(img), str(SIZE)], check=True)
     log = (work / "tcmu-runner.log").open("w")
     runner = subprocess.Popen(["tcmu-runner"], stdout=log, stderr=subprocess.STDOUT)
-    time.sleep(2)
-    so = rtslib_fb.UserBackedStorageObject("bench_qcow", config=f"qcow/{img}", size=SIZE)
+    try:
+        so = runner_storage_object("bench_qcow", f"qcow/{img}")
+    except BaseException:
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(30)
+        raise
     try:
         with loop_export(so) as dev:
             yield dev
@@ -132,6 +136,20 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
         print(subprocess.run(["tail", "-5", "/var/log/tcmu-runner.log"], capture_output=True,
                              text=True).stdout, file=sys.stderr)
         img.unlink(missing_ok=True)
+
+
+def runner_storage_object(name: str, config: str) -> rtslib_fb.UserBackedStorageObject:
+    """A backstore of the tcmu-runner just started. Its enable fails with EAGAIN until
+    tcmu-runner has come up and answers the kernel (the answer it gives before that, under
+    the VM's emulation seconds after it starts); rtslib removes the failed one, so retry."""
+    deadline = time.monotonic() + 60
+    while True:
+        time.sleep(1)
+        try:
+            return rtslib_fb.UserBackedStorageObject(name, config=config, size=SIZE)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
 
 
 @contextmanager

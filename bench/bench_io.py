@@ -139,9 +139,10 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
 
 
 def runner_storage_object(name: str, config: str) -> rtslib_fb.UserBackedStorageObject:
-    """A backstore of the tcmu-runner just started. Its enable fails with EAGAIN until
-    tcmu-runner has come up and answers the kernel (the answer it gives before that, under
-    the VM's emulation seconds after it starts); rtslib removes the failed one, so retry."""
+    """A backstore of the tcmu-runner just started. Enabled 2 s after tcmu-runner started,
+    one failed with EAGAIN in the VM, apparently before tcmu-runner had come up (a fixed
+    wait is a guess either way); rtslib removes a backstore that failed to enable, so try
+    again each second for up to a minute."""
     deadline = time.monotonic() + 60
     while True:
         time.sleep(1)

@@ -383,6 +383,14 @@ def test_many_initiators_against_both_paths_end_identical(tmp_path: Path, worker
     assert images[0] == images[1]
 
 
+def wait_answered(dev: LoopbackDevice, timeout: float = 5) -> bool:
+    """Wait until the ring's tail reaches the host's head: every queued entry consumed."""
+    deadline = time.monotonic() + timeout
+    while ring_tail(dev) != dev.kernel.head and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return ring_tail(dev) == dev.kernel.head
+
+
 @contextlib.contextmanager
 def watched(
     tmp_path: Path, idle: float, limit: float, queued: int = 1, event: bool = False
@@ -404,8 +412,7 @@ def watched(
             target=lambda: done.append(ring.serve_fast(path, dev.doorbell_fd, idle, limit, fd))
         )
         t.start()
-        while ring_tail(dev) != dev.kernel.head:  # its first pass (one command: it spins)
-            time.sleep(0.001)
+        assert wait_answered(dev)  # its first pass (one command: it spins)
         yield dev, ring, done
         t.join()
     dev.close()
@@ -425,14 +432,6 @@ def test_commands_that_come_while_the_compiled_path_watches_are_served_in_that_w
     assert done == [(20, FastStop.CORE)] and ring.fast_commands == 20
     want = b"".join(bytes([i + 1]) * BS for i in range(20))
     assert (tmp_path / "v.img").read_bytes()[: 20 * BS] == want
-
-
-def wait_answered(dev: LoopbackDevice, timeout: float = 5) -> bool:
-    """Wait until the ring's tail reaches the host's head: every queued entry consumed."""
-    deadline = time.monotonic() + timeout
-    while ring_tail(dev) != dev.kernel.head and time.monotonic() < deadline:
-        time.sleep(0.001)
-    return ring_tail(dev) == dev.kernel.head
 
 
 def test_the_watch_widens_for_a_host_whose_next_command_comes_just_after_it(

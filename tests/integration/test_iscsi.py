@@ -321,6 +321,15 @@ def wait_paths(want: int, timeout: float = 180) -> list[tuple[str, str]]:
         time.sleep(1)
 
 
+def wait_node(node: str, timeout: float = 60) -> None:
+    """The map's /dev/mapper node, which udev makes after the map exists (its uevent)."""
+    run("udevadm", "settle", "--timeout=60", check=False)
+    deadline = time.monotonic() + timeout
+    while not Path(node).exists():
+        assert time.monotonic() < deadline, f"{node} never appeared:\n{run('dmsetup', 'ls')}"
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def multipathd(daemon: Daemon, workdir: Path) -> Iterator[str]:
     """multipathd managing only mp0 (by its WWID, as udev reads it from VPD page 0x83)."""
@@ -352,7 +361,8 @@ def test_a_volume_on_two_ports_is_one_multipath_map(daemon: Daemon, multipathd: 
     assert ident == run("sg_vpd", "-p", "di", two[0]) and "NAA" in ident, ident
     assert ident != run("sg_vpd", "-p", "di", luns(IQN_A, PORT1)[0][0])
     assert {sd for sd, _ in wait_paths(2)} == {Path(one[1]).name, Path(two[1]).name}
-    assert "vscsi-mp0" in run("multipath", "-ll") and Path(MPATH).exists()
+    assert "vscsi-mp0" in run("multipath", "-ll")
+    wait_node(MPATH)
 
     job = fio(MPATH, size="8M", rate_iops=100)
     wait_writes(MPATH, 100)  # a second of fio's writes

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,6 +154,43 @@ def test_the_link_cut_under_fence_data_and_an_svol_takeover(
     rc, out = b.cli("pair", "resync", "tc", "--swaps", "--wait", "30")
     assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
     assert a.image() == b.image()
+
+
+def test_a_peer_is_answered_while_an_operation_here_waits_on_it(
+    arrays: tuple[Array, Array],
+) -> None:
+    """An operation waits on its peer's answers; the peer's own requests must not wait
+    behind it, or two arrays each waiting for the other stall until the link times out and
+    drop it (a resync or takeover then finds its peer "unreachable"). Forced: siteA's split
+    is held inside its request to siteB while siteB asks siteA for its side."""
+    a, b = arrays
+    assert a.cli("pair", "create", "siteAv", "siteB:siteBv", "--name", "tc",
+                 "--wait", "30")[0] == 0  # fmt: skip
+    assert a.d is not None and a.d.pairs is not None
+    assert b.d is not None and b.d.pairs is not None
+    remote_a, remote_b = a.d.pairs.remote, b.d.pairs.remote
+    peer = remote_a.peers["siteB"]
+    inside, release = threading.Event(), threading.Event()
+    real = peer.call
+
+    def held(op: str, **args: object) -> dict[str, object]:
+        inside.set()
+        release.wait(30)
+        return real(op, **args)
+
+    peer.call = held  # type: ignore[method-assign]
+    split = threading.Thread(target=remote_a.split, args=("tc",))
+    split.start()
+    try:
+        assert inside.wait(10)
+        theirs = remote_b.pair("tc").exchange()
+        up = b.linked(0)
+    finally:
+        release.set()
+        split.join()
+    assert theirs is not None and up  # answered, and the link never dropped
+    out = a.cli("pair", "check", "tc")[1]  # and the split held back went through
+    assert out.startswith("pairvolchk : Volstat is P-VOL.[status = PSUS"), out
 
 
 def test_only_changes_to_a_remote_p_vol_leave_the_ring_thread(

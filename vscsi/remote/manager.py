@@ -45,7 +45,14 @@ class RemotePairs:
         self.serial = serial
         self.peers = dict(peers)
         self.pairs: dict[str, RemotePair] = {}
-        self.lock = threading.RLock()  # serialises remote operations and peer requests
+        # Two locks, so two arrays each waiting for the other's answer never stall: `ops`
+        # serialises the operations issued here (and the periodic exchange), which wait on the
+        # peer while they hold it; `lock` covers each change of a pair's state against the
+        # peer's requests and the local pairs' cascade checks, and is never held while waiting
+        # on the peer. A peer's request takes only `lock`, so it is answered even while an
+        # operation here waits for that peer.
+        self.ops = threading.RLock()
+        self.lock = threading.RLock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -63,7 +70,7 @@ class RemotePairs:
         while not self._stop.wait(interval):
             for pair in list(self.pairs.values()):
                 try:
-                    with self.lock:
+                    with self.ops:
                         pair.exchange()
                 except Exception as e:  # a refused or failed exchange: tried again next time
                     log.warning("remote pair %s: exchange failed: %s", pair.name, e)
@@ -74,13 +81,14 @@ class RemotePairs:
         takeover at this array (PVOL-takeover) decides otherwise. An old primary never
         serves writes after a restart on the strength of a state it cannot confirm."""
         for pair in list(self.pairs.values()):
-            with self.lock:
+            with self.ops:
                 if pair.role is not Role.PVOL or self._confirmed(pair):
                     continue
-                st = pair.state
-                if st.fenced:
-                    continue
-                pair.set_state(replace(st, p=Status.PSUE, fenced=True))
+                with self.lock:
+                    st = pair.state
+                    if st.fenced:
+                        continue
+                    pair.set_state(replace(st, p=Status.PSUE, fenced=True))
             log.warning("remote pair %s: not confirmed by %s at start: the P-VOL is fenced "
                         "until a resync or a takeover here", pair.name, pair.peer.name)  # fmt: skip
             self.m.changed(pair.local_name)
@@ -173,10 +181,11 @@ class RemotePairs:
         remote, sep, svol = target.partition(":")
         if not sep or not svol:
             raise PairError(f"the S-VOL {target!r} must be REMOTE:VOLUME")
-        with self.lock:
-            pv = self.m.volume(pvol)
-            self._check_free(name, pvol)
-            peer = self.peer(remote)
+        with self.ops:
+            with self.lock:
+                pv = self.m.volume(pvol)
+                self._check_free(name, pvol)
+                peer = self.peer(remote)
             st = PairState(self.serial, peer.serial, fence=fence)
             lineage = Lineage(states.new_uuid())
             answer = peer.call(
@@ -191,25 +200,43 @@ class RemotePairs:
                              generation=0, extra={"remote": info})  # fmt: skip
             pending = DirtyMap(pv.size, GRAIN)
             pending.mark(0, pv.size)
-            with pv.gate.exclusive():
+            with self.lock, pv.gate.exclusive():
+                try:  # a local pair may have taken the volume while the peer answered
+                    self._check_free(name, pvol)
+                except PairError:
+                    self._withdraw(peer, name, st, lineage)
+                    raise
                 pair = self.adopt(rec)
                 pair.apply(Event.CREATE, create=True, pending=pending, copy_total=pv.size)
             pair.start_copier()
 
+    @staticmethod
+    def _withdraw(peer: Peer, name: str, st: PairState, lineage: Lineage) -> None:
+        """Delete the S-VOL record the peer made for a create that is refused here after all
+        (it learns it at its next exchange otherwise: the pair is unknown here)."""
+        try:
+            peer.call("event", pair=name, event=Event.DELETE.value, state=encode_state(st),
+                      lineage=encode_lineage(lineage))  # fmt: skip
+        except (LinkDown, PairError) as e:
+            log.warning("remote pair %s: refused here, not withdrawn at %s: %s", name,
+                        peer.name, e)  # fmt: skip
+
     def split(self, name: str, rw: bool = False, force_ssws: bool = False) -> None:
         """PAIR -> PSUS/SSUS (`rw`: the S-VOL writable); `force_ssws` (-RS, at the S side)
         makes the S-VOL SSWS whatever the P side says."""
-        with self.lock:
+        with self.ops:
             pair = self.pair(name)
             if force_ssws:
                 if pair.role is not Role.SVOL:
                     raise PairError(f"split -RS of pair {name!r} is issued at its S-VOL's array")
-                pair.apply(Event.SPLIT_RS)
+                with self.lock:
+                    pair.apply(Event.SPLIT_RS)
                 pair.tell(Event.SPLIT_RS)
                 return
             pair.exchange()  # a P side that missed a takeover is refused here
             states.apply(name, pair.state, Event.SPLIT)  # refused before anything is flushed
-            with pair.local.gate.exclusive():
+            # the flush is a data request: the peer answers it without its pair locks
+            with self.lock, pair.local.gate.exclusive():
                 if pair.replica is not None:
                     pair.replica.flush()
                 pair.apply(Event.SPLIT, rw=rw)
@@ -219,7 +246,7 @@ class RemotePairs:
         """PSUS/PSUE -> COPY, copying the union of both sides' changes; with `swaps` (at the
         S-VOL's array, after a takeover) this array becomes the P side and its changes and
         the old P-VOL's are copied over the old P-VOL."""
-        with self.lock:
+        with self.ops:
             pair = self.pair(name)
             event = Event.SWAP_RESYNC if swaps else Event.RESYNC
             # the views settled first: a P side that missed a takeover is refused here, and
@@ -228,24 +255,28 @@ class RemotePairs:
             if theirs is None:
                 raise LinkDown(f"{pair.peer.name} is unreachable: {event.value} of pair "
                                f"{name!r} needs it")  # fmt: skip
-            states.apply(name, pair.state, event)
-            if (pair.role is Role.PVOL) == swaps:
-                side = "S-VOL" if swaps else "P-VOL"
-                raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
-            self._not_restoring(name, pair.local_name, event)
-            if theirs.get("restoring"):
-                raise StatusRefused(f"cannot {event.value} pair {name!r}: array "
-                                    f"{pair.peer.name}: {theirs['restoring']}")  # fmt: skip
-            pending = self._union(pair, theirs)
-            changes = dict(pending=pending, fence=0, copy_total=pending.dirty_bytes(), pdiff=None,
-                           sdiff=None, alone=False)  # fmt: skip
-            with pair.local.gate.exclusive():
-                if swaps:
-                    pair.swap(event, **changes)
-                else:
-                    pair.apply(event, **changes)
-                    pair.tell(event)
+            with self.lock:
+                self._may_resync(pair, event, theirs)
+            if swaps:
+                pair.propose_swap(event)  # the peer records it first (`RemotePair.swap`)
+            with self.lock, pair.local.gate.exclusive():
+                pending = self._union(pair, theirs)  # with every write this side acknowledged
+                pair.apply(event, pending=pending, fence=0, copy_total=pending.dirty_bytes(),
+                           pdiff=None, sdiff=None, alone=False)  # fmt: skip
+            if not swaps:
+                pair.tell(event)
             pair.start_copier()
+
+    def _may_resync(self, pair: RemotePair, event: Event, theirs: dict[str, Any]) -> None:
+        name = pair.name
+        states.apply(name, pair.state, event)
+        if (pair.role is Role.PVOL) == (event is Event.SWAP_RESYNC):
+            side = "S-VOL" if event is Event.SWAP_RESYNC else "P-VOL"
+            raise PairError(f"{event.value} of pair {name!r} is issued at its {side}'s array")
+        self._not_restoring(name, pair.local_name, event)
+        if theirs.get("restoring"):
+            raise StatusRefused(f"cannot {event.value} pair {name!r}: array "
+                                f"{pair.peer.name}: {theirs['restoring']}")  # fmt: skip
 
     @staticmethod
     def _union(pair: RemotePair, theirs: dict[str, Any]) -> DirtyMap:
@@ -259,15 +290,16 @@ class RemotePairs:
 
     def delete(self, name: str) -> None:
         """Any status -> SMPL on this array, and on the peer when it can be told."""
-        with self.lock:
+        with self.ops:
             pair = self.pair(name)
             pair.stop_copier()
             pair.tell(Event.DELETE)
-            self.forget(pair)
+            with self.lock:
+                self.forget(pair)
 
     def takeover(self, name: str) -> Takeover:
         """horctakeover at this array: the action is the takeover-switch table's."""
-        with self.lock:
+        with self.ops:
             pair = self.pair(name)
             theirs = pair.exchange()
             remote = None
@@ -277,11 +309,12 @@ class RemotePairs:
             action = states.takeover(name, pair.state, self.serial, remote)
             event = TAKEOVER_EVENT[action]
             if event in states.SWAPPING:
-                pair.swap(event)
-            elif event is not None:
-                pair.apply(event)
-                if theirs is not None:
-                    pair.tell(event)
+                pair.propose_swap(event)
+            if event is not None:
+                with self.lock:
+                    pair.apply(event)
+            if event is not None and event not in states.SWAPPING and theirs is not None:
+                pair.tell(event)
             log.info("remote pair %s: takeover -> %s (%d)", name, action.name, action.value)
             return action
 

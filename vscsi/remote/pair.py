@@ -166,16 +166,15 @@ class RemotePair(Mirror):
         if role_moved:
             self._attach()
 
-    def swap(self, event: Event, **changes: Any) -> PairState:
-        """A swap (at the S side): the peer records it first, then this side. So a crash or a
-        link failure between the two records leaves, at worst, both sides S-VOLs (read only)
-        with the peer's swap count ahead, and this side takes the swap at the next exchange
-        (`_adopted`); never two P-VOLs. Raises (nothing changed here) when the peer cannot
-        confirm."""
+    def propose_swap(self, event: Event) -> None:
+        """The first half of a swap (at the S side): the peer records it; the caller then
+        applies `event` here. So a crash or a link failure between the two records leaves, at
+        worst, both sides S-VOLs (read only) with the peer's swap count ahead, and this side
+        takes the swap at the next exchange (`_adopted`); never two P-VOLs. Raises (nothing
+        changed on either side) when the rules refuse it or the peer cannot confirm."""
         states.apply(self.name, self.state, event)  # refused before the peer is asked
         self.peer.call("event", pair=self.name, event=event.value, state=encode_state(self.state),
                        lineage=encode_lineage(self.lineage))  # fmt: skip
-        return self.apply(event, **changes)
 
     def tell(self, event: Event, **args: Any) -> bool:
         """Report an event to the peer; False when it cannot be reached (it learns the state
@@ -492,7 +491,7 @@ class RemotePair(Mirror):
             return None
         verdict = states.compare(self.lineage, decode_lineage(theirs["lineage"]))
         peer_state = decode_state(theirs["state"])
-        with self.lock:
+        with self.manager.remote.lock, self.lock:  # a state change: as the peer's requests
             st, changes, ours = self.state, {}, self.state
             if peer_state.swaps > st.swaps:
                 ours, changes = self._adopted(peer_state)

@@ -193,6 +193,34 @@ def test_a_peer_is_answered_while_an_operation_here_waits_on_it(
     assert out.startswith("pairvolchk : Volstat is P-VOL.[status = PSUS"), out
 
 
+def test_a_write_at_the_old_primary_while_resync_swaps_runs_is_copied_over(
+    arrays: tuple[Array, Array],
+) -> None:
+    """After a split the P-VOL takes writes; `resync --swaps` at the S side copies the new
+    P side's data over every grain the old primary changed, including one written between
+    the new P side reading its changes and the old primary recording the swap. Forced:
+    siteB's swap request to siteA is held while the host writes siteA's volume."""
+    a, b = arrays
+    assert a.cli("pair", "create", "siteAv", "siteB:siteBv", "--name", "tc",
+                 "--wait", "30")[0] == 0  # fmt: skip
+    assert a.cli("pair", "split", "tc")[0] == 0
+    assert b.d is not None and b.d.pairs is not None
+    peer = b.d.pairs.remote.peers["siteA"]
+    real = peer.call
+    written: list[Sense | None] = []
+
+    def late(op: str, **args: object) -> dict[str, object]:
+        if op == "event" and not written:
+            written.append(a.lun_write(b"late" * 128))  # the old primary, still PSUS
+        return real(op, **args)
+
+    peer.call = late  # type: ignore[method-assign]
+    rc, out = b.cli("pair", "resync", "tc", "--swaps", "--wait", "30")
+    assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
+    assert written == [None]  # the host's write was acknowledged
+    assert a.image() == b.image()  # and then copied over: both copies identical
+
+
 def test_only_changes_to_a_remote_p_vol_leave_the_ring_thread(
     arrays: tuple[Array, Array],
 ) -> None:

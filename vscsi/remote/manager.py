@@ -257,10 +257,11 @@ class RemotePairs:
                                f"{name!r} needs it")  # fmt: skip
             with self.lock:
                 self._may_resync(pair, event, theirs)
-            if swaps:
-                pair.propose_swap(event)  # the peer records it first (`RemotePair.swap`)
+            # a swap: the peer records it first (`propose_swap`) and answers with what it
+            # changed until then, beyond what the exchange read
+            late = pair.propose_swap(event) if swaps else {}
             with self.lock, pair.local.gate.exclusive():
-                pending = self._union(pair, theirs)  # with every write this side acknowledged
+                pending = self._union(pair, theirs, late)  # and every write acknowledged here
                 pair.apply(event, pending=pending, fence=0, copy_total=pending.dirty_bytes(),
                            pdiff=None, sdiff=None, alone=False)  # fmt: skip
             if not swaps:
@@ -279,13 +280,15 @@ class RemotePairs:
                                 f"{pair.peer.name}: {theirs['restoring']}")  # fmt: skip
 
     @staticmethod
-    def _union(pair: RemotePair, theirs: dict[str, Any]) -> DirtyMap:
+    def _union(pair: RemotePair, *answers: dict[str, Any]) -> DirtyMap:
+        """Both sides' changes: this side's maps and those the peer's answers carry."""
         pending = DirtyMap(pair.local.size, GRAIN)
         for diff in (pair.rec.pdiff, pair.rec.sdiff, pair.remaining()):
             if diff is not None:
                 pending |= diff
-        if theirs.get("changes"):
-            pending |= DirtyMap.from_bytes(bytes.fromhex(theirs["changes"]))
+        for answer in answers:
+            if answer.get("changes"):
+                pending |= DirtyMap.from_bytes(bytes.fromhex(answer["changes"]))
         return pending
 
     def delete(self, name: str) -> None:
@@ -334,10 +337,23 @@ class RemotePairs:
                 pair.apply(Event.SUSPEND_BOTH)
                 return {}
             if op == "event":
-                pair.on_event(Event(args["event"]), decode_state(args["state"]),
-                              decode_lineage(args["lineage"]), bool(args.get("rw", False)))
-                return {}
+                return self._peer_event(pair, args)
         raise PairError(f"unknown remote pair request {op!r}")
+
+    @staticmethod
+    def _peer_event(pair: RemotePair, args: dict[str, Any]) -> dict[str, Any]:
+        """The peer applied an event; a swap also answers with the grains this side changed.
+        A swap makes this side's volume the S-VOL: its host writes are drained first (the
+        gate), so none is acknowledged after the changes are read and not copied over."""
+        event = Event(args["event"])
+        state, lineage = decode_state(args["state"]), decode_lineage(args["lineage"])
+        if event not in states.SWAPPING:
+            pair.on_event(event, state, lineage, bool(args.get("rw", False)))
+            return {}
+        with pair.local.gate.exclusive():
+            changes = pair.unsynced()
+            pair.on_event(event, state, lineage, False)
+        return {"changes": None if changes is None else changes.to_bytes().hex()}
 
     def _peer_create(self, args: dict[str, Any], peer_serial: int) -> dict[str, Any]:
         name, svol = str(args["pair"]), str(args["svol"])

@@ -166,15 +166,17 @@ class RemotePair(Mirror):
         if role_moved:
             self._attach()
 
-    def propose_swap(self, event: Event) -> None:
+    def propose_swap(self, event: Event) -> dict[str, Any]:
         """The first half of a swap (at the S side): the peer records it; the caller then
         applies `event` here. So a crash or a link failure between the two records leaves, at
         worst, both sides S-VOLs (read only) with the peer's swap count ahead, and this side
         takes the swap at the next exchange (`_adopted`); never two P-VOLs. Raises (nothing
-        changed on either side) when the rules refuse it or the peer cannot confirm."""
+        changed on either side) when the rules refuse it or the peer cannot confirm. The
+        peer's answer carries the grains it changed until it recorded the swap."""
         states.apply(self.name, self.state, event)  # refused before the peer is asked
-        self.peer.call("event", pair=self.name, event=event.value, state=encode_state(self.state),
-                       lineage=encode_lineage(self.lineage))  # fmt: skip
+        return self.peer.call("event", pair=self.name, event=event.value,
+                              state=encode_state(self.state),
+                              lineage=encode_lineage(self.lineage))  # fmt: skip
 
     def tell(self, event: Event, **args: Any) -> bool:
         """Report an event to the peer; False when it cannot be reached (it learns the state

@@ -269,6 +269,8 @@ class RemotePairs:
             pair.start_copier()
 
     def _may_resync(self, pair: RemotePair, event: Event, theirs: dict[str, Any]) -> None:
+        """Refused before anything is recorded on either side: the rules, the side it is
+        issued at, and a restore running on either array."""
         name = pair.name
         states.apply(name, pair.state, event)
         if (pair.role is Role.PVOL) == (event is Event.SWAP_RESYNC):

@@ -206,3 +206,29 @@ def test_a_primary_restarted_without_its_peer_is_fenced_until_a_takeover_here(
     assert ma.remote.pair("tc").status is Status.PSUE and ma.access("Av0") is Access.READ_ONLY
     assert ma.remote.takeover("tc") is Takeover.PVOL_PSUE  # the operator's (or agent's) call
     write(ma, "Av0", 0, b"p" * 4096)
+
+
+def test_a_create_refused_after_the_peer_answered_withdraws_the_peers_s_vol(
+    tmp_path: Path,
+) -> None:
+    """The peer records its S-VOL before the P side adopts the pair; a local pair that takes
+    the P-VOL as its S-VOL meanwhile makes the create fail here, and the peer's record is
+    withdrawn, so no S-VOL stays read only for a pair that does not exist. Forced: the local
+    pair is created inside the peer's answer."""
+    a, b, _ = two_sites(tmp_path)
+    assert a.m is not None and b.m is not None
+    ma, mb = a.m, b.m
+    real = a.peer.call
+
+    def meanwhile(op: str, **args: object) -> dict[str, object]:
+        answer = real(op, **args)
+        if op == "create":
+            ma.create("si", "Av1", "Av0", 0)
+        return answer
+
+    a.peer.call = meanwhile  # type: ignore[method-assign]
+    with pytest.raises(PairError, match="already in a remote pair or an S-VOL"):
+        ma.remote.create("tc", "Av0", "B:Bv0", Fence.NEVER)
+    assert "tc" not in ma.remote.pairs and "tc" not in mb.remote.pairs
+    assert mb.access("Bv0") is Access.READ_WRITE  # SMPL again
+    assert ma.wait("si", 10) and ma.pair("si").status is Status.PAIR

@@ -23,6 +23,7 @@ from vscsi.remote.pair import (
     decode_state,
     encode_lineage,
     encode_state,
+    event_message,
     qualified,
 )
 from vscsi.remote.peer import LinkDown, Peer
@@ -215,8 +216,7 @@ class RemotePairs:
         """Delete the S-VOL record the peer made for a create that is refused here after all
         (it learns it at its next exchange otherwise: the pair is unknown here)."""
         try:
-            peer.call("event", pair=name, event=Event.DELETE.value, state=encode_state(st),
-                      lineage=encode_lineage(lineage))  # fmt: skip
+            peer.call("event", **event_message(name, Event.DELETE, st, lineage))
         except (LinkDown, PairError) as e:
             log.warning("remote pair %s: refused here, not withdrawn at %s: %s", name,
                         peer.name, e)  # fmt: skip

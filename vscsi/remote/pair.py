@@ -54,6 +54,14 @@ def decode_state(d: dict[str, Any]) -> PairState:
     )  # fmt: skip
 
 
+def event_message(
+    name: str, event: Event, state: PairState, lineage: Lineage, **args: Any
+) -> dict[str, Any]:
+    """The arguments of the "event" request that tells the peer this side applied `event`."""
+    return {"pair": name, "event": event.value, "state": encode_state(state),
+            "lineage": encode_lineage(lineage), **args}  # fmt: skip
+
+
 def encode_lineage(lin: Lineage) -> list[int]:
     return [lin.current, *lin.history]
 
@@ -174,18 +182,14 @@ class RemotePair(Mirror):
         changed on either side) when the rules refuse it or the peer cannot confirm. The
         peer's answer carries the grains it changed until it recorded the swap."""
         states.apply(self.name, self.state, event)  # refused before the peer is asked
-        return self.peer.call("event", pair=self.name, event=event.value,
-                              state=encode_state(self.state),
-                              lineage=encode_lineage(self.lineage))  # fmt: skip
+        return self.peer.call("event", **event_message(self.name, event, self.state, self.lineage))
 
     def tell(self, event: Event, **args: Any) -> bool:
         """Report an event to the peer; False when it cannot be reached (it learns the state
         at the next exchange, see `exchange`)."""
         try:
-            self.peer.call(
-                "event", pair=self.name, event=event.value, state=encode_state(self.state),
-                lineage=encode_lineage(self.lineage), **args,
-            )  # fmt: skip
+            self.peer.call("event", **event_message(self.name, event, self.state, self.lineage,
+                                                    **args))  # fmt: skip
         except LinkDown as e:
             log.warning("remote pair %s: %s not reported to %s: %s", self.name, event.value,
                         self.peer.name, e)  # fmt: skip

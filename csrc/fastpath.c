@@ -220,7 +220,8 @@ static int serve_next(const struct fast_ring *r, const struct fast_lun *l, char 
         return 0;
     if (!execute(&j))
         return 0; /* the core runs it again and reports what happens (READ/WRITE repeat) */
-    memset(ent + 7, 0, 1 + 8); /* uflags; scsi_status GOOD, padding, read_len 0 */
+    ent[7] = 0;                                     /* uflags */
+    ring_store_u64(ent, 8, 0); /* scsi_status GOOD, padding, read_len 0: one store (ring.h) */
     *large = j.bytes >= LARGE;
     return 1;
 }
@@ -231,8 +232,8 @@ static int serve_next(const struct fast_ring *r, const struct fast_lun *l, char 
 static int serve_queued(struct fast_ring *r, const struct fast_lun *l, int doorbell_fd)
 {
     uint32_t head = ring_load_acquire_u32(r->base, MAILBOX_HEAD);
-    if (head >= r->cmdr_size)
-        return 1;
+    if (head >= r->cmdr_size || r->replay_end >= 0)
+        return 1; /* entries from before the attach may hold an answer already: the core's */
     while (r->pos != head) {
         uint32_t len, op;
         int large = 0; /* a large transfer answered: ring at once */
@@ -248,8 +249,6 @@ static int serve_queued(struct fast_ring *r, const struct fast_lun *l, int doorb
         }
         r->pos = (r->pos + len) % r->cmdr_size;
         r->entries++;
-        if ((int64_t)r->pos == r->replay_end)
-            r->replay_end = -1;
         ring_store_release_u32(r->base, MAILBOX_TAIL, r->pos);
         if (large && r->pos != head) {
             int rc = ring_doorbell(doorbell_fd);

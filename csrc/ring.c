@@ -10,3 +10,8 @@ void ring_store_release_u32(char *base, size_t off, uint32_t value)
 {
     __atomic_store_n((uint32_t *)(base + off), value, __ATOMIC_RELEASE);
 }
+
+void ring_store_u64(char *base, size_t off, uint64_t value)
+{
+    __atomic_store_n((uint64_t *)(base + off), value, __ATOMIC_RELAXED);
+}

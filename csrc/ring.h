@@ -30,6 +30,11 @@
 
 uint32_t ring_load_acquire_u32(const char *base, size_t off);
 void ring_store_release_u32(char *base, size_t off, uint32_t value);
+/* One 8-byte store (8-aligned `off`): a completion's status and read_len go into a slot's
+ * request counts at once, so a daemon killed while answering leaves either the request or
+ * the whole response word there, never half of each (vscsi/tcmu/ring.py, "Answered before
+ * the restart"). */
+void ring_store_u64(char *base, size_t off, uint64_t value);
 
 /* The ring's geometry and our position in it; `pos` is both the next entry to read and
  * cmd_tail (nothing is outstanding while the fast path runs). */
@@ -40,7 +45,8 @@ struct fast_ring {
     uint32_t cmdr_size;
     uint32_t data_off;
     uint32_t pos;
-    int64_t replay_end;   /* entries before it were queued before we attached; -1: none */
+    int64_t replay_end;   /* entries before it were queued before we attached (the core's
+                           * to serve, see serve_queued); -1: none */
     uint64_t entries;     /* entries consumed (CMD and PAD) */
     uint64_t commands;    /* commands answered */
     int deep;             /* the host keeps a queue: return when empty, do not spin */

@@ -103,7 +103,7 @@ def reset_that_raises(k: Kernel) -> None:
     ("corrupt", "why"),
     [
         (head_out_of_range, "cmd_head 2112 outside the 2048-byte ring"),
-        (zero_length_entry, "corrupt entry at 112: length 0"),
+        (zero_length_entry, "corrupt entry at 128: length 0"),
         (reset_that_raises, "unexpected RuntimeError: reset bug"),
     ],
 )

@@ -725,11 +725,13 @@ def test_a_failed_read_in_a_batch_is_the_cores_and_every_answer_is_as_without_c(
         lun = large_lun(path, old)
         os.truncate(path, 3072 * BS + 1000)  # inside the second read
         dev = LoopbackDevice(LoopbackKernel(cmdr_size=64 << 10, data_size=4 << 20))
-        ids = [dev.kernel.submit(cdb, out, n) for cdb, out, n in large_commands(data)]
-        stop = threading.Event()  # all six queued before the daemon looks
+        stop = threading.Event()
         t = threading.Thread(target=dev.serve, args=(lun, stop, 0, fast))
         t.start()
-        dev.ring_doorbell()
+        while dev.ring is None:  # attached (what is queued before that is replayed, the core's)
+            time.sleep(0.01)
+        ids = [dev.kernel.submit(cdb, out, n) for cdb, out, n in large_commands(data)]
+        dev.ring_doorbell()  # all six queued before the daemon looks
         deadline = time.monotonic() + 10
         while not all(i in dev.kernel.completions for i in ids) and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -70,7 +70,7 @@ def test_write_then_read_through_scattered_iovs() -> None:
 
 
 def test_wraparound_with_pad_entries_and_many_commands() -> None:
-    k, disk = LoopbackKernel(cmdr_size=1024), Disk()
+    k, disk = LoopbackKernel(cmdr_size=1000), Disk()
     ring = Ring(k.mem, disk)
     for i in range(300):
         data = bytes([i % 256]) * 512
@@ -130,7 +130,7 @@ def test_restart_resumes_pending_entries() -> None:
 def test_only_entries_queued_before_attach_are_replayed() -> None:
     """What was in the ring when the Ring attached may have run already: the handler is told;
     what the kernel queues afterwards is fresh, across a wrap with PAD entries too."""
-    k, disk = LoopbackKernel(cmdr_size=1024), Disk()
+    k, disk = LoopbackKernel(cmdr_size=1104), Disk()
     Ring(k.mem, disk).process()
     for i in range(5):  # 5 x 128-byte entries: the ring is most of the way round
         k.submit(rw(0x2A, i, 1), bytes([i]) * 512)
@@ -314,7 +314,7 @@ def test_sigkill_after_a_later_command_finished_serves_each_unanswered_command_o
 
 
 def test_out_of_order_completions_from_a_thread_pool() -> None:
-    k = LoopbackKernel(cmdr_size=4096, data_size=64 * 4096, flags=abi.FLAG_CAP_OOOC)
+    k = LoopbackKernel(cmdr_size=4000, data_size=64 * 4096, flags=abi.FLAG_CAP_OOOC)
     disk = Disk()
     ring = Ring(k.mem, disk)
     rng = random.Random(7)

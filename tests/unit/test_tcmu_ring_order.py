@@ -44,7 +44,7 @@ def test_ring_reads_head_and_publishes_tail_through_them() -> None:
 def test_initiators_and_server_race_over_the_loopback() -> None:
     """Four initiator threads and the serving thread racing over a small ring that wraps many
     times: every write lands and every read returns what its initiator wrote last."""
-    k, disk = LoopbackKernel(cmdr_size=2048, data_size=64 << 10), Disk()
+    k, disk = LoopbackKernel(cmdr_size=2000, data_size=64 << 10), Disk()
     dev = LoopbackDevice(k)
     stop = threading.Event()
     server = threading.Thread(target=dev.serve, args=(disk, stop))

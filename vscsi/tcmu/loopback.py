@@ -13,6 +13,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from vscsi.scsi.result import CHECK_CONDITION
 from vscsi.tcmu import abi
 from vscsi.tcmu._ring_c import ffi, lib
 from vscsi.tcmu.uio import RingDevice
@@ -42,6 +43,12 @@ class _Pending:
 
 def _align(n: int) -> int:
     return (n + abi.ENTRY_ALIGN - 1) & ~(abi.ENTRY_ALIGN - 1)
+
+
+def _base_size(iovs: int) -> int:
+    """Where a CMD entry's CDB goes: after its iovecs, but never inside the response
+    (tcmu_cmd_get_base_cmd_size)."""
+    return max(abi.CMD_IOV_OFFSET + 16 * iovs, abi.CMD_ENTRY_MIN)
 
 
 class LoopbackKernel:
@@ -78,7 +85,7 @@ class LoopbackKernel:
         with self.lock:
             length = len(data_out) or data_in_len
             nblocks = -(-length // BLOCK)
-            size = _align(max(abi.CMD_IOV_OFFSET + 16 * nblocks + len(cdb), abi.CMD_ENTRY_MIN))
+            size = _align(_base_size(nblocks) + len(cdb))
             if nblocks > len(self.free_blocks) or not self._make_room(size):
                 return None
             # Take blocks from both ends so the iovs are scattered: the gather path is tested.
@@ -112,8 +119,9 @@ class LoopbackKernel:
         self, cmd_id: int, cdb: bytes, data: bytes, length: int, blocks: list[int], size: int
     ) -> None:
         ent = CMDR_OFF + self.head
+        self.mem[ent : ent + size] = bytes(size)  # as queue_cmd_ring: the ring reads zeros
         self._write_header(self.head, size, abi.OP_CMD, cmd_id)
-        cdb_off = ent + abi.CMD_IOV_OFFSET + 16 * len(blocks)
+        cdb_off = ent + _base_size(len(blocks))
         abi.CMD_COUNTS.pack_into(self.mem, ent + 8, len(blocks), 0, 0, cdb_off)
         left = length
         for i, b in enumerate(blocks):
@@ -158,7 +166,10 @@ class LoopbackKernel:
     def _complete(self, ent: int, cmd_id: int, uflags: int) -> Completion:
         p = self.pending.pop(cmd_id)
         status, read_len = abi.RESPONSE.unpack_from(self.mem, ent + 8)
-        sense = bytes(self.mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE]) if status else b""
+        # the kernel takes sense with CHECK CONDITION only (tcmu_handle_completion)
+        sense = b""
+        if status == CHECK_CONDITION:
+            sense = bytes(self.mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE])
         has_len = bool(uflags & abi.UFLAG_READ_LEN)
         n = min(read_len, p.data_in_len) if has_len else p.data_in_len
         data = b"".join(

@@ -19,7 +19,21 @@ still parsed (CDB copied, iov views taken) before it is handed out.
 
 The ring starts from the mailbox's current `cmd_tail`, so a daemon that re-opens a device after
 a crash serves exactly the commands that were not answered: every slot from `cmd_tail` on holds
-its own request.
+its own request — unless the killed daemon was answering it. The response shares the slot with
+the request (a union) and must be there before `cmd_tail` moves past it, so a daemon killed
+between the two leaves a slot whose request counts hold a status: served again, a WRITE would
+find no data (05/0E/03 to the host) and a READ nothing to read into.
+
+Answered before the restart. The kernel zeroes each entry before it fills it
+(`queue_cmd_ring`), so an untouched request is recognisable (`_untouched`): no DIF iovecs, zero
+padding, `cdb_off` just past its iovecs (or past the 112-byte response, whichever is further),
+a length in every iovec it counts and zeros after them. We answer in an order that keeps the
+slot readable: the header, then for CHECK CONDITION the sense (its first 8 bytes in one store:
+a sense buffer's first byte is never zero), then status and read_len in one 8-byte store
+(`ring_store_u64`), then `cmd_tail`. So a replayed slot that is not untouched shows the whole
+answer when its sense area is still zero (published as it is: the command ran, its data moved),
+or a sense being written (answered BUSY, which the host retries: the old answer may be torn).
+The compiled path leaves replayed entries to this code.
 
 Commands already in the ring when the `Ring` attaches may have run before the old daemon died,
 so each comes out marked `replayed` and reaches the handler as `execute(..., replayed=True)`:
@@ -56,7 +70,7 @@ from typing import Any, Protocol
 
 from vscsi.scsi.buffer import DataBuffer
 from vscsi.scsi.lun import FAST_MASKS, FastPath
-from vscsi.scsi.result import CHECK_CONDITION, GOOD, Result
+from vscsi.scsi.result import BUSY, CHECK_CONDITION, GOOD, Result
 from vscsi.store.base import DirectIo
 from vscsi.tcmu import abi
 from vscsi.tcmu._ring_c import ffi, lib
@@ -67,6 +81,7 @@ log = logging.getLogger(__name__)
 BAD_ENTRY_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
 _CDB_SIZE = (6, 10, 10, 16, 16, 12, 16, 16)  # by group code (opcode >> 5)
 _MAILBOX_HEAD = 12
+_SENSE = 16  # the response's sense buffer, from the start of the entry
 _RESETS = (abi.TMR_LUN_RESET, abi.TMR_TARGET_WARM_RESET, abi.TMR_TARGET_COLD_RESET)
 _IOV_SIZE = abi.IOVEC.size
 
@@ -102,25 +117,39 @@ class RingError(Exception):
     """The ring itself is unusable (bad mailbox, corrupt entry header): stop serving it."""
 
 
+class Before(enum.Enum):
+    """What a replayed entry's slot shows of the killed daemon's answer (module doc)."""
+
+    NOTHING = 0  # the request as the kernel wrote it: serve it
+    ANSWERED = 1  # the whole response: publish it as it is
+    TORN = 2  # a CHECK CONDITION's sense being written: answer BUSY, the host retries
+
+
 class Command:
     """One parsed CMD entry: everything needed to run and answer it once its slot is reused.
 
     `replayed`: the entry was already queued when this daemon attached (see the module doc).
     """
 
-    __slots__ = ("bad", "buf", "cdb", "cmd_id", "replayed", "slot")
+    __slots__ = ("bad", "before", "buf", "cdb", "cmd_id", "replayed", "slot")
 
-    def __init__(self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False) -> None:
+    def __init__(
+        self, cmd_id: int, cdb: bytes, buf: DataBuffer, bad: bool = False,
+        before: Before = Before.NOTHING,
+    ) -> None:  # fmt: skip
         self.cmd_id = cmd_id
         self.cdb = cdb
         self.buf = buf
         self.bad = bad
+        self.before = before
         self.replayed = False
         self.slot = -1  # where its entry starts in the ring: where it is answered
 
 
 _EMPTY = DataBuffer()
 _BAD_RESULT = Result(CHECK_CONDITION, BAD_ENTRY_SENSE)
+_RETRY_RESULT = Result(BUSY)
+_KEPT_RESULT = Result(GOOD)  # for Before.ANSWERED: the slot's own answer stands, nothing written
 
 
 def cdb_length(opcode: int, mem: memoryview, cdb_off: int) -> int:
@@ -128,6 +157,27 @@ def cdb_length(opcode: int, mem: memoryview, cdb_off: int) -> int:
     if opcode == 0x7F:
         return 8 + mem[cdb_off + 7]
     return _CDB_SIZE[opcode >> 5]
+
+
+def _untouched(mem: memoryview, ent: int, length: int) -> bool:
+    """Whether the CMD entry at `ent` still holds the request the kernel wrote (module doc)."""
+    iov_cnt, bidi, dif, cdb_off = abi.CMD_COUNTS.unpack_from(mem, ent + 8)
+    iovs = iov_cnt + bidi
+    iovs_end = abi.CMD_IOV_OFFSET + _IOV_SIZE * iovs
+    base = max(iovs_end, abi.CMD_ENTRY_MIN)
+    pads = mem[ent + 20 : ent + 24], mem[ent + 32 : ent + abi.CMD_IOV_OFFSET]
+    if dif or any(pads[0]) or any(pads[1]) or base > length or cdb_off != ent + base:
+        return False
+    lengths = (abi.IOVEC.unpack_from(mem, ent + abi.CMD_IOV_OFFSET + _IOV_SIZE * i)[1]
+               for i in range(iovs))  # fmt: skip
+    return all(lengths) and not any(mem[ent + iovs_end : ent + base])
+
+
+def _answered_before(mem: memoryview, ent: int) -> Before:
+    """For a replayed entry that is not untouched: how much of an answer its slot holds."""
+    if any(mem[ent + _SENSE : ent + _SENSE + 8]):
+        return Before.TORN
+    return Before.ANSWERED
 
 
 def _set_mirrors(lun: Any, io: DirectIo) -> tuple[Any, ...]:
@@ -253,7 +303,6 @@ class Ring:
         del keep
         with self._lock:
             self._next = self._tail = r.pos
-            self._replay_end = r.replay_end
             self.commands += r.commands - commands
             self.fast_commands += r.commands - commands
             self.entries += r.entries - entries
@@ -286,7 +335,10 @@ class Ring:
             if op == abi.OP_CMD:
                 if length < abi.CMD_ENTRY_MIN:
                     raise RingError(f"command entry at {pos} too short for a response: {length}")
-                cmd = self._parse(ent, length, cmd_id)
+                if replay_end >= 0 and not _untouched(mem, ent, length):
+                    cmd = Command(cmd_id, b"", _EMPTY, before=_answered_before(mem, ent))
+                else:
+                    cmd = self._parse(ent, length, cmd_id)
                 cmd.replayed = replay_end >= 0
                 cmd.slot = pos
                 out.append(cmd)
@@ -313,6 +365,8 @@ class Ring:
         """Execute one command; a handler that raises still gets its command answered."""
         if cmd.bad:
             return _BAD_RESULT
+        if cmd.before is not Before.NOTHING:
+            return _KEPT_RESULT if cmd.before is Before.ANSWERED else _RETRY_RESULT
         try:
             if cmd.replayed:
                 return self.handler.execute(cmd.cdb, cmd.buf, replayed=True)
@@ -341,20 +395,23 @@ class Ring:
         return (slot - self._tail) % size < (self._next - self._tail) % size
 
     def _answer(self, cmd: Command, result: Result) -> None:
-        """Fill the CMD slot at cmd_tail (`cmd`'s own) and move cmd_tail past it."""
+        """Fill the CMD slot at cmd_tail (`cmd`'s own), in the order the module doc gives, and
+        move cmd_tail past it."""
         mem = self.mem
         tail = self._tail
         ent = self.cmdr_off + tail
         len_op, _id, kflags, _uflags = abi.HEADER.unpack_from(mem, ent)
-        read_len = 0
-        if self.read_len and result.status == GOOD and 0 < result.data_len < cmd.buf.length:
-            read_len = result.data_len
-        uflags = abi.UFLAG_READ_LEN if read_len else 0
-        abi.HEADER.pack_into(mem, ent, len_op, cmd.cmd_id, kflags, uflags)
-        abi.RESPONSE.pack_into(mem, ent + 8, result.status, read_len)
-        if result.status != GOOD:
-            sense = result.sense[: abi.SENSE_BUFFERSIZE].ljust(abi.SENSE_BUFFERSIZE, b"\0")
-            mem[ent + 16 : ent + 16 + abi.SENSE_BUFFERSIZE] = sense
+        if cmd.before is not Before.ANSWERED:
+            read_len = 0
+            if self.read_len and result.status == GOOD and 0 < result.data_len < cmd.buf.length:
+                read_len = result.data_len
+            uflags = abi.UFLAG_READ_LEN if read_len else 0
+            abi.HEADER.pack_into(mem, ent, len_op, cmd.cmd_id, kflags, uflags)
+            if result.status == CHECK_CONDITION:  # the only status the kernel takes sense with
+                sense = result.sense[: abi.SENSE_BUFFERSIZE].ljust(abi.SENSE_BUFFERSIZE, b"\0")
+                lib.ring_store_u64(self._ptr, ent + _SENSE, int.from_bytes(sense[:8], "little"))
+                mem[ent + _SENSE + 8 : ent + _SENSE + abi.SENSE_BUFFERSIZE] = sense[8:]
+            lib.ring_store_u64(self._ptr, ent + 8, result.status | read_len << 32)
         self.commands += 1
         self.bad_entries += cmd.bad
         self._skip_to_command((tail + (len_op & ~abi.OP_MASK)) % self.cmdr_size)

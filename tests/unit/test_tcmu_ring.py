@@ -154,9 +154,11 @@ def test_only_entries_queued_before_attach_are_replayed() -> None:
     assert disk.replayed == old
 
 
-def test_compare_and_write_replayed_after_a_kill_is_not_a_false_miscompare() -> None:
-    """The daemon ran a CAW (its write landed) and died before answering: the restarted one
-    serves it again and answers GOOD; the same CAW sent afresh afterwards miscompares."""
+@pytest.mark.parametrize("answered", [False, True], ids=["before its answer", "after its status"])
+def test_compare_and_write_replayed_after_a_kill_is_not_a_false_miscompare(answered: bool) -> None:
+    """The daemon ran a CAW (its write landed) and died before cmd_tail moved past it, before
+    writing its answer or with its GOOD already in the slot: the restarted one serves it again
+    or keeps that answer, GOOD either way; the same CAW sent afresh afterwards miscompares."""
     k, lun = LoopbackKernel(), make_lun()
     old, new = b"\x11" * 512, b"\x22" * 512
     ring = Ring(k.mem, lun)
@@ -167,6 +169,8 @@ def test_compare_and_write_replayed_after_a_kill_is_not_a_false_miscompare() -> 
     k.submit(caw, old + new)
     (cmd,) = ring.fetch()
     assert ring.run(cmd).status == GOOD  # the write landed; then SIGKILL, no completion
+    if answered:
+        abi.RESPONSE.pack_into(k.mem, 128 + cmd.slot + 8, GOOD, 0)
     assert Ring(k.mem, lun).process() == 1
     (c,) = k.reap()
     assert c.status == GOOD

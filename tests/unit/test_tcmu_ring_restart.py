@@ -12,6 +12,7 @@ own write).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -25,7 +26,7 @@ from vscsi.scsi.result import BUSY, CHECK_CONDITION, GOOD, Result
 from vscsi.tcmu import abi
 from vscsi.tcmu import ring as ring_module
 from vscsi.tcmu.loopback import Completion, LoopbackKernel
-from vscsi.tcmu.ring import Ring
+from vscsi.tcmu.ring import Before, Ring
 
 SLOT = 128  # the first entry of a fresh loopback ring
 
@@ -138,15 +139,20 @@ def test_a_daemon_killed_while_answering_leaves_an_answer_the_next_one_gives(
         k2.mem[SLOT : SLOT + 256] = state
         disk2.data[:] = disk.data  # its writes landed
         abi.U32.pack_into(k2.mem, abi.MAILBOX_TAIL_OFFSET, 0)  # never published
-        Ring(k2.mem, disk2).process()
+        resumed = Ring(k2.mem, disk2)
+        resumed.process()
         (got,) = k2.reap()
         assert outcome(got) in allowed, (case, state[:48].hex())
+        assert resumed.replayed.total() == 1
         if status_in:
             assert disk2.seen == [], "run again although its status was in the slot"
+            assert resumed.replayed[Before.NOTHING] == 0
         assert disk2.data == disk.data
 
 
-def test_the_compiled_paths_answer_before_its_tail_store_is_kept(tmp_path: Path) -> None:
+def test_the_compiled_paths_answer_before_its_tail_store_is_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """C answered a WRITE in its slot; the daemon died before cmd_tail moved (the tail is set
     back to model it). The next daemon gives the host that GOOD and writes nothing again."""
     lun = file_lun(tmp_path / "v.img")
@@ -168,7 +174,13 @@ def test_the_compiled_paths_answer_before_its_tail_store_is_kept(tmp_path: Path)
         return real(cdb, buf, replayed)
 
     lun.execute = execute  # type: ignore[method-assign]
-    assert Ring(k.mem, lun).process() == 1
-    (c,) = k.reap()
-    assert c.status == GOOD and seen == []
+    k.submit(rw10(0x28, 0, 8), data_in_len=4096)  # queued before the attach too: served again
+    with caplog.at_level(logging.INFO, "vscsi.tcmu.ring"):
+        assert Ring(k.mem, lun, "uio7").process() == 2
+    written, read = k.reap()
+    assert written.status == GOOD and seen == [rw10(0x28, 0, 8)]
+    assert read.status == GOOD and read.data == b"\x33" * 4096
+    assert "uio7: 2 command(s) queued across the restart: 1 served again, 1 answered before it" in (
+        caplog.text
+    )
     assert (tmp_path / "v.img").read_bytes()[:4096] == b"\x33" * 4096

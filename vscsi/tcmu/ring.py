@@ -61,6 +61,7 @@ completions are in ring order whatever the pool does.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -206,9 +207,12 @@ class Ring:
     answers it once those before it are answered (module doc).
     """
 
-    def __init__(self, mem: memoryview | bytearray, handler: CommandHandler) -> None:
+    def __init__(
+        self, mem: memoryview | bytearray, handler: CommandHandler, name: str = "ring"
+    ) -> None:
         self.mem = memoryview(mem).cast("B")
         self.handler = handler
+        self.name = name
         version, flags, cmdr_off, cmdr_size, head = abi.MAILBOX_HEAD.unpack_from(self.mem, 0)
         if version != abi.MAILBOX_VERSION:
             raise RingError(f"mailbox version {version}, expected {abi.MAILBOX_VERSION}")
@@ -230,6 +234,7 @@ class Ring:
         self._next = self._tail  # the first entry not parsed yet
         # Entries before this offset were queued before we attached: replayed (-1: none left).
         self._replay_end = head if head != self._tail else -1
+        self.replayed: collections.Counter[Before] = collections.Counter()
         self._ptr = ffi.from_buffer(self.mem, require_writable=True)
         self._lock = threading.Lock()
         self._finished: dict[int, tuple[Command, Result]] = {}  # by slot, until answered
@@ -340,6 +345,8 @@ class Ring:
                 else:
                     cmd = self._parse(ent, length, cmd_id)
                 cmd.replayed = replay_end >= 0
+                if cmd.replayed:
+                    self.replayed[cmd.before] += 1
                 cmd.slot = pos
                 out.append(cmd)
             elif op == abi.OP_TMR:
@@ -351,6 +358,7 @@ class Ring:
             self.entries += 1
             if pos == replay_end:
                 replay_end = -1
+                self._log_replayed()
             if limit and len(out) == limit:
                 break
             if pos == head:
@@ -360,6 +368,16 @@ class Ring:
             self._replay_end = replay_end
             self._skip_to_command(self._tail)
         return out
+
+    def _log_replayed(self) -> None:
+        """One line once every entry from before the attach is read: what became of them."""
+        n = self.replayed
+        if n.total():
+            log.info(
+                "%s: %d command(s) queued across the restart: %d served again, %d answered "
+                "before it (answer kept), %d answered BUSY (an answer was being written)",
+                self.name, n.total(), n[Before.NOTHING], n[Before.ANSWERED], n[Before.TORN],
+            )  # fmt: skip
 
     def run(self, cmd: Command) -> Result:
         """Execute one command; a handler that raises still gets its command answered."""

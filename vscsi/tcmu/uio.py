@@ -126,7 +126,7 @@ class RingDevice:
         pool = None
         self._direct = getattr(handler, "direct", None) if fast else None
         try:
-            ring = self.ring = Ring(self.mem, handler)
+            ring = self.ring = Ring(self.mem, handler, self.name)
             if workers:
                 pool = ThreadPoolExecutor(workers, f"{self.name}-io")
             self._loop(ring, pool, stop)

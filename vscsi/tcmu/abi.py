@@ -82,6 +82,12 @@ CmdResponse = Struct(
 # Every CMD entry is at least this long, so the response always fits in place.
 CMD_ENTRY_MIN = CmdResponse.sizeof()
 
+
+def cmd_base_size(iovs: int) -> int:
+    """Where the kernel puts a CMD entry's CDB (from the entry's start): after its `iovs`
+    iovecs, but never inside the response (tcmu_cmd_get_base_cmd_size)."""
+    return max(CMD_IOV_OFFSET + Iovec.sizeof() * iovs, CMD_ENTRY_MIN)
+
 TmrEntry = Struct(
     "hdr" / EntryHeader,
     "tmr_type" / Int8ul,

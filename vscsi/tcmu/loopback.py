@@ -45,12 +45,6 @@ def _align(n: int) -> int:
     return (n + abi.ENTRY_ALIGN - 1) & ~(abi.ENTRY_ALIGN - 1)
 
 
-def _base_size(iovs: int) -> int:
-    """Where a CMD entry's CDB goes: after its iovecs, but never inside the response
-    (tcmu_cmd_get_base_cmd_size)."""
-    return max(abi.CMD_IOV_OFFSET + 16 * iovs, abi.CMD_ENTRY_MIN)
-
-
 class LoopbackKernel:
     """Plays target_core_user: submits commands into the ring and reaps their completions."""
 
@@ -85,7 +79,7 @@ class LoopbackKernel:
         with self.lock:
             length = len(data_out) or data_in_len
             nblocks = -(-length // BLOCK)
-            size = _align(_base_size(nblocks) + len(cdb))
+            size = _align(abi.cmd_base_size(nblocks) + len(cdb))
             if nblocks > len(self.free_blocks) or not self._make_room(size):
                 return None
             # Take blocks from both ends so the iovs are scattered: the gather path is tested.
@@ -121,7 +115,7 @@ class LoopbackKernel:
         ent = CMDR_OFF + self.head
         self.mem[ent : ent + size] = bytes(size)  # as queue_cmd_ring: the ring reads zeros
         self._write_header(self.head, size, abi.OP_CMD, cmd_id)
-        cdb_off = ent + _base_size(len(blocks))
+        cdb_off = ent + abi.cmd_base_size(len(blocks))
         abi.CMD_COUNTS.pack_into(self.mem, ent + 8, len(blocks), 0, 0, cdb_off)
         left = length
         for i, b in enumerate(blocks):

@@ -165,7 +165,7 @@ def _untouched(mem: memoryview, ent: int, length: int) -> bool:
     iov_cnt, bidi, dif, cdb_off = abi.CMD_COUNTS.unpack_from(mem, ent + 8)
     iovs = iov_cnt + bidi
     iovs_end = abi.CMD_IOV_OFFSET + _IOV_SIZE * iovs
-    base = max(iovs_end, abi.CMD_ENTRY_MIN)
+    base = abi.cmd_base_size(iovs)
     pads = mem[ent + 20 : ent + 24], mem[ent + 32 : ent + abi.CMD_IOV_OFFSET]
     if dif or any(pads[0]) or any(pads[1]) or base > length or cdb_off != ent + base:
         return False

@@ -32,6 +32,7 @@ test: deps lint unit integration
 
 lint: venv
 	$(VENV)/bin/ruff check vscsi tests scripts bench
+	$(VENV)/bin/ruff format --check vscsi tests scripts bench
 
 unit: venv
 	$(VPY) -m pytest tests/unit -q --timeout=120

@@ -56,9 +56,19 @@ def fio(dev: str, rw: str, bs: str, qd: int) -> float:
     """IOPS of one fio job (sequential jobs also report IOPS; MiB/s = IOPS for 1M); NaN when
     the backend fails the job (the table shows it rather than hiding the backend)."""
     cmd = [
-        "fio", "--name=b", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
-        f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={SIZE}",
-        f"--runtime={RUNTIME}", "--time_based", "--output-format=json", "--randrepeat=0",
+        "fio",
+        "--name=b",
+        f"--filename={dev}",
+        "--ioengine=libaio",
+        "--direct=1",
+        f"--rw={rw}",
+        f"--bs={bs}",
+        f"--iodepth={qd}",
+        f"--size={SIZE}",
+        f"--runtime={RUNTIME}",
+        "--time_based",
+        "--output-format=json",
+        "--randrepeat=0",
     ]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -116,8 +126,20 @@ def fileio_backend(work: Path) -> Iterator[str]:
 def tcmu_runner_backend(work: Path) -> Iterator[str]:
     img = work / "bench.qcow2"
     # preallocated: the qcow handler cannot allocate clusters on tmpfs (no fallocate mode)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=full",
-                    str(img), str(SIZE)], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=full",
+            str(img),
+            str(SIZE),
+        ],
+        check=True,
+    )
     log = (work / "tcmu-runner.log").open("w")
     runner = subprocess.Popen(["tcmu-runner"], stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -133,8 +155,12 @@ def tcmu_runner_backend(work: Path) -> Iterator[str]:
         so.delete()
         runner.send_signal(signal.SIGTERM)
         runner.wait(30)
-        print(subprocess.run(["tail", "-5", "/var/log/tcmu-runner.log"], capture_output=True,
-                             text=True).stdout, file=sys.stderr)
+        print(
+            subprocess.run(
+                ["tail", "-5", "/var/log/tcmu-runner.log"], capture_output=True, text=True
+            ).stdout,
+            file=sys.stderr,
+        )
         img.unlink(missing_ok=True)
 
 
@@ -180,8 +206,23 @@ def vscsi_pair_backend(work: Path) -> Iterator[str]:
     """A P-VOL in PAIR with an unexported S-VOL on the same tmpfs (ShadowImage-style)."""
     vols = 'name = "pv"\npath = "pv.img"\n[[volume]]\nname = "sv"\npath = "sv.img"\n'
     with vscsi_daemon(work, vols + 'export = "none"') as (sock, dev):
-        subprocess.run([VSCSI, "pair", "create", "pv", "sv", "--mu", "0", "--wait", "600",
-                        "--socket", str(sock)], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                VSCSI,
+                "pair",
+                "create",
+                "pv",
+                "sv",
+                "--mu",
+                "0",
+                "--wait",
+                "600",
+                "--socket",
+                str(sock),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         yield dev
 
 
@@ -203,8 +244,10 @@ def vscsi_remote_backend(work: Path) -> Iterator[str]:
     with (
         two_sites(),
         vscsi_daemon(work, s_vol, "b", link(keys, "siteB", "siteA")),
-        vscsi_daemon(work, 'name = "pv"\npath = "pv.img"', "a", link(keys, "siteA", "siteB"))
-        as (sock, dev),
+        vscsi_daemon(work, 'name = "pv"\npath = "pv.img"', "a", link(keys, "siteA", "siteB")) as (
+            sock,
+            dev,
+        ),
     ):
         subprocess.run([VSCSI, "pair", "create", "pv", "siteB:sv", "--fence", "never",
                         "--wait", "600", "--socket", str(sock)],
@@ -406,6 +449,7 @@ def main() -> None:
     out = os.environ.get("VSCSI_VM_OUT")
     if out and tables:
         Path(out, "bench.md").write_text("\n\n".join(tables) + "\n")
+
 
 if __name__ == "__main__":
     main()

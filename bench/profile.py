@@ -100,5 +100,6 @@ def main() -> None:
         (out / f"profile-{name}.summary").write_text(text)
         print(f"\n== daemon {name} (pid {pid}; flame graph profile-{name}.svg)\n{text}")
 
+
 if __name__ == "__main__":
     main()

@@ -22,8 +22,16 @@ from pathlib import Path
 import vscsi
 
 # Parts of the standard library nothing in the VM imports; leaving them out keeps the image small.
-STDLIB_UNUSED = ("site-packages", "dist-packages", "test", "idlelib", "tkinter", "turtledemo",
-                 "ensurepip", "config-*")
+STDLIB_UNUSED = (
+    "site-packages",
+    "dist-packages",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "config-*",
+)
 
 
 def snapshots() -> dict[str, tuple[Path, tuple[str, ...]]]:
@@ -64,9 +72,25 @@ def main(image: Path, listing: Path) -> None:
         size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and not f.is_symlink())
         blocks = size // 4096 + sum(1 for _ in root.rglob("*")) + 16384
         image.unlink(missing_ok=True)
-        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-b", "4096",
-                        "-d", str(root), str(image), str(blocks)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "mke2fs",
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-O",
+                "^has_journal",
+                "-b",
+                "4096",
+                "-d",
+                str(root),
+                str(image),
+                str(blocks),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     listing.write_text("".join(f"{name} {path}\n" for name, path in mounts))
 
 

@@ -199,8 +199,11 @@ wait_option = click.option(
 @click.argument("pvol")
 @click.argument("svol")
 @click.option("--mu", type=click.IntRange(0, 2), help="Mirror unit MU#0-2 (local pairs).")
-@click.option("--fence", type=click.Choice(["data", "status", "never"]),
-              help="Fence level of a remote pair (SVOL given as REMOTE:VOLUME); default never.")
+@click.option(
+    "--fence",
+    type=click.Choice(["data", "status", "never"]),
+    help="Fence level of a remote pair (SVOL given as REMOTE:VOLUME); default never.",
+)
 @click.option("--name", help="The pair's name (default PVOL-SVOL).")
 @wait_option
 @socket_option
@@ -222,8 +225,13 @@ def pair_create(
 @click.argument("name")
 @click.option("--read-only", is_flag=True, help="Keep the S-VOL read only (local pairs).")
 @click.option("--rw", is_flag=True, help="Make the S-VOL writable in SSUS (remote pairs).")
-@click.option("-RS", "--RS", "rs", is_flag=True,
-              help="At the S-VOL's array: force SSWS whatever the P side says (remote pairs).")
+@click.option(
+    "-RS",
+    "--RS",
+    "rs",
+    is_flag=True,
+    help="At the S-VOL's array: force SSWS whatever the P side says (remote pairs).",
+)
 @socket_option
 def pair_split(name: str, read_only: bool, rw: bool, rs: bool, socket_path: str) -> None:
     """PAIR -> PSUS: the S-VOL keeps every write acknowledged before this instant, none after."""
@@ -339,8 +347,9 @@ def finish(socket_path: str, name: str, wait_s: float | None) -> None:
             click.echo(f"pair {name}: {p['status']}")
             return
         if time.monotonic() >= deadline:
-            fail(f"pair {name}: still {p['status']} ({p['progress']}%) after {wait_s:g}s",
-                 EX_EWSTOT)
+            fail(
+                f"pair {name}: still {p['status']} ({p['progress']}%) after {wait_s:g}s", EX_EWSTOT
+            )
         time.sleep(0.2)
 
 

@@ -308,8 +308,10 @@ def _export(table: dict[str, Any], where: str) -> tuple[str, ...]:
     """`export`: one of EXPORTS or a list of "loop" and "iscsi"; "none" is the empty tuple."""
     value = table.get("export", "loop")
     values = value if isinstance(value, list) else [value]
-    if not values or any(v not in EXPORTS for v in values) or (
-        "none" in values and len(values) > 1
+    if (
+        not values
+        or any(v not in EXPORTS for v in values)
+        or ("none" in values and len(values) > 1)
     ):
         raise ConfigError(
             f'{where}.export: {value!r} must be "loop", "iscsi", "none" or a list like '
@@ -478,9 +480,7 @@ def _host_groups(
 ) -> list[HostGroupConfig]:
     if not isinstance(tables, list):
         raise ConfigError("host_group: expected [[host_group]] tables")
-    groups = [
-        host_group(t, f"host_group[{i}]", base, ports, units) for i, t in enumerate(tables)
-    ]
+    groups = [host_group(t, f"host_group[{i}]", base, ports, units) for i, t in enumerate(tables)]
     check_host_groups(groups)
     return groups
 
@@ -522,9 +522,7 @@ def hlun_of(key: object, where: str) -> int:
     return int(text)
 
 
-def check_mappable(
-    volume: object, units: list[VolumeConfig | ShadowSetConfig], where: str
-) -> None:
+def check_mappable(volume: object, units: list[VolumeConfig | ShadowSetConfig], where: str) -> None:
     """Only a served volume whose `export` includes "iscsi" can be mapped to a host LUN."""
     unit = next((u for u in units if u.name == volume), None)
     if unit is None:
@@ -634,15 +632,13 @@ def _shadow_add_paths(daemon: dict[str, Any]) -> list[str]:
     dirs = []
     for i, d in enumerate(value):
         if not isinstance(d, str) or not d.startswith("/"):
-            raise ConfigError(
-                f"daemon.shadow_add_paths[{i}]: {d!r} must be an absolute directory"
-            )
+            raise ConfigError(f"daemon.shadow_add_paths[{i}]: {d!r} must be an absolute directory")
         dirs.append(os.path.normpath(d).rstrip("/") + "/")
     return dirs
 
 
 def _address(value: object, where: str) -> tuple[str, int]:
-    """"host:port" or "[v6 address]:port"."""
+    """ "host:port" or "[v6 address]:port"."""
     if not isinstance(value, str) or ":" not in value:
         raise ConfigError(f'{where}: {value!r} must be "host:port" (required)')
     host, _, port = value.rpartition(":")

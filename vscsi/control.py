@@ -89,9 +89,7 @@ def peer_of(conn: socket.socket) -> Peer:
 class ControlServer:
     """Serves requests on a unix socket from a background thread."""
 
-    def __init__(
-        self, path: str, commands: dict[str, Command], group: str | None = None
-    ) -> None:
+    def __init__(self, path: str, commands: dict[str, Command], group: str | None = None) -> None:
         self.path = path
         self.commands = commands
         self.group = group
@@ -157,7 +155,7 @@ class ControlServer:
                     return  # one answer, then the connection is closed
 
     def access(self, peer: Peer) -> str | None:
-        """"all" for root and the daemon's user, "read" for the socket group, else None."""
+        """ "all" for root and the daemon's user, "read" for the socket group, else None."""
         if peer.uid in (0, os.geteuid()):
             return "all"
         if self._gid is not None and self._gid in (peer.gid, *peer.groups):

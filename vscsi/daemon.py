@@ -173,9 +173,7 @@ class Served:
 class Daemon:
     """Owns the served volumes, the netlink listener and the control socket."""
 
-    def __init__(
-        self, config: Config, verbose: int = 0, force_mount: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, config: Config, verbose: int = 0, force_mount: Sequence[str] = ()) -> None:
         self.config = config
         self.verbose = verbose
         self.force_mount = set(force_mount)  # shadow sets to mount below their recorded generation

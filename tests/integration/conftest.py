@@ -71,8 +71,9 @@ class Daemon:
     def spawn(self) -> None:
         """Start `vscsi up` without waiting for it (see `start_all`)."""
         with self.log.open("ab") as logf:
-            self.proc = subprocess.Popen([VSCSI, "up", "-c", str(self.config)], stdout=logf,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [VSCSI, "up", "-c", str(self.config)], stdout=logf, stderr=subprocess.STDOUT
+            )
 
     def wait_serving(self, timeout: float = 240) -> dict[str, dict[str, object]]:
         """Every volume served (and its /dev/sdX there, if exported through tcm_loop)."""
@@ -82,9 +83,10 @@ class Daemon:
             if self.proc.poll() is not None:
                 raise AssertionError(f"vscsi up exited {self.proc.returncode}:\n{self.output()}")
             vols = self.try_status()
-            if vols and all(v["state"] == "serving" and (v["sd"] or "loop" not in
-                                                         str(v["export"]).split("+"))
-                            for v in vols.values()):
+            if vols and all(
+                v["state"] == "serving" and (v["sd"] or "loop" not in str(v["export"]).split("+"))
+                for v in vols.values()
+            ):
                 return vols
             time.sleep(0.2)
         raise AssertionError(f"volumes not served within {timeout}s:\n{self.output()}")
@@ -195,8 +197,7 @@ def baddev(workdir: Path) -> Iterator[str]:
         f.truncate(16 << 20)
     loop = run("losetup", "--find", "--show", str(img)).strip()
     sectors = (16 << 20) // 512
-    table = (f"0 4096 linear {loop} 0\n4096 64 error\n"
-             f"4160 {sectors - 4160} linear {loop} 4160\n")
+    table = f"0 4096 linear {loop} 0\n4096 64 error\n4160 {sectors - 4160} linear {loop} 4160\n"
     run("dmsetup", "create", "vscsi-bad", input=table)
     yield "/dev/mapper/vscsi-bad"
     run("dmsetup", "remove", "vscsi-bad", check=False)

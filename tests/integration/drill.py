@@ -85,7 +85,7 @@ class Drill:
         """The agent's config; `a_socket`: where it looks for site A's array instead."""
         cfg = self.w / name
         cfg.write_text(
-            '[agent]\npoll = 1.0\ndown_after = 3\nchangeover_timeout = 120\n'
+            "[agent]\npoll = 1.0\ndown_after = 3\nchangeover_timeout = 120\n"
             f'[[site]]\nname = "siteA"\nsocket = "{a_socket or self.a.socket}"\n'
             f'[[site]]\nname = "siteB"\nsocket = "{self.b.socket}"\n'
             '[[pair]]\nname = "tc"\n'
@@ -140,8 +140,10 @@ class Drill:
     # -- the steps ----------------------------------------------------------------------------
 
     def step_pairs(self) -> None:
-        say("two arrays up; TrueCopy pair tc (fence never) A:tca -> B:tcb; ShadowImage si "
-            "on site B: tcb -> si0 (MU#0, not exported: the storage server never sees it)")
+        say(
+            "two arrays up; TrueCopy pair tc (fence never) A:tca -> B:tcb; ShadowImage si "
+            "on site B: tcb -> si0 (MU#0, not exported: the storage server never sees it)"
+        )
         make_keys(self.w)
         start_all(self.b, self.a)
         rc, out = self.vscsi(self.a, "pair", "create", "tca", "siteB:tcb", "--fence", "never",
@@ -153,8 +155,10 @@ class Drill:
         a, b = self.inq(self.a.sd("tca")), self.inq(self.b.sd("tcb"))
         assert (a["remote"]["role"], a["remote"]["status"]) == ("P-VOL", "PAIR"), a
         assert (b["remote"]["role"], b["mu"][0]["role"]) == ("S-VOL", "P-VOL"), b
-        say(f"vscsi inq: {self.a.sd('tca')} HORC = P-VOL PAIR; {self.b.sd('tcb')} HORC = S-VOL "
-            "PAIR, MU#0 = P-VOL")
+        say(
+            f"vscsi inq: {self.a.sd('tca')} HORC = P-VOL PAIR; {self.b.sd('tcb')} HORC = S-VOL "
+            "PAIR, MU#0 = P-VOL"
+        )
 
     def step_mount_and_write(self) -> None:
         say("ext4 on the P-VOL; the storage server mounts the primary; files written")
@@ -187,8 +191,10 @@ class Drill:
         return dict(decision)
 
     def step_agent_holds_back(self) -> None:
-        say("the agent must not act: the link cut between two healthy sites, then site A's "
-            "array out of the agent's reach while its link is up")
+        say(
+            "the agent must not act: the link cut between two healthy sites, then site A's "
+            "array out of the agent's reach while its link is up"
+        )
         cut("down")
         try:
             # fence never: served (not a file* the checksums cover: the SI copy predates it)
@@ -233,12 +239,16 @@ class Drill:
         assert (b["remote"]["role"], b["remote"]["status"]) == ("S-VOL", "SSWS"), b
         took = self.fs()["last_changeover_seconds"]
         assert took is not None and took > 0, self.fs()
-        say(f"agent: SVOL-takeover at site B (SSWS); storage server remounted on {new} after "
-            f"a changeover of {took:.1f} s (no primary meanwhile: I/O impossible); files verified")
+        say(
+            f"agent: SVOL-takeover at site B (SSWS); storage server remounted on {new} after "
+            f"a changeover of {took:.1f} s (no primary meanwhile: I/O impossible); files verified"
+        )
 
     def step_old_primary_returns(self) -> None:
-        say("site A comes back with its link still cut: fenced; forced writable by hand it is a "
-            "second primary, which the storage server refuses; the link back, it is demoted")
+        say(
+            "site A comes back with its link still cut: fenced; forced writable by hand it is a "
+            "second primary, which the storage server refuses; the link back, it is demoted"
+        )
         assert self.agent is not None
         self.agent.send_signal(signal.SIGTERM)  # the operator takes over from here
         self.agent.wait(60)
@@ -260,8 +270,10 @@ class Drill:
             mend("down")
         self.wait("site B remounted", lambda: self.mounted_on(self.b.sd("tcb")), timeout=180)
         assert self.checksums() == self.sums
-        self.wait("site B's link to site A back up (an operator checks before resync --swaps)",
-                  lambda: all(x["up"] for x in request(self.b.socket, "status")["links"]))
+        self.wait(
+            "site B's link to site A back up (an operator checks before resync --swaps)",
+            lambda: all(x["up"] for x in request(self.b.socket, "status")["links"]),
+        )
         rc, out = self.vscsi(self.b, "pair", "resync", "tc", "--swaps", "--wait", "300")
         assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
         a = self.inq(self.a.sd("tca"))
@@ -270,8 +282,10 @@ class Drill:
         say("resync --swaps at site B: B is the P-VOL, A the S-VOL; the copies are identical")
 
     def step_corruption_recovery(self) -> None:
-        say("the file system is corrupted; the ShadowImage copy is restored onto the TrueCopy "
-            "primary; fsck clean; files verified; the ShadowImage copy intact")
+        say(
+            "the file system is corrupted; the ShadowImage copy is restored onto the TrueCopy "
+            "primary; fsck clean; files verified; the ShadowImage copy intact"
+        )
         dev = self.b.sd("tcb")
         rc, out = self.host_cli("unmount", "fs1")
         assert rc == 0, out
@@ -293,8 +307,10 @@ class Drill:
         rc, out = self.vscsi(self.b, "pair", "resync", "tc", "--wait", "300")
         assert rc == 0 and out.splitlines()[-1] == "pair tc: PAIR", out
         self.same_volumes()
-        say("restored from si (still PSUS, unchanged); fsck -n clean; files verified; the TC "
-            "resync carried the restored grains to site A")
+        say(
+            "restored from si (still PSUS, unchanged); fsck -n clean; files verified; the TC "
+            "resync carried the restored grains to site A"
+        )
 
     def step_fail_back(self) -> None:
         say("fail back: the storage server unmounts, swap-takeover at site A, remount on A")

@@ -106,8 +106,9 @@ def iscsid(etc: None, workdir: Path) -> Iterator[None]:
     run("modprobe", "iscsi_tcp")
     run("ip", "link", "set", "lo", "up")
     log = (workdir / "iscsid.log").open("ab")
-    proc = subprocess.Popen(["iscsid", "-f", "-n"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # it signals its process group on SIGTERM
+    proc = subprocess.Popen(
+        ["iscsid", "-f", "-n"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )  # it signals its process group on SIGTERM
     deadline = time.monotonic() + 60
     while "ISCSIADM_ABSTRACT_NAMESPACE" not in Path("/proc/net/unix").read_text():
         assert proc.poll() is None, (workdir / "iscsid.log").read_text()
@@ -347,8 +348,9 @@ def multipathd(daemon: Daemon, workdir: Path) -> Iterator[str]:
     )  # fmt: skip
     run("modprobe", "dm_multipath")
     log = (workdir / "multipathd.log").open("ab")
-    proc = subprocess.Popen(["multipathd", "-d", "-s"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["multipathd", "-d", "-s"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     yield wwid[1]
     proc.terminate()
     proc.wait(60)

@@ -58,8 +58,12 @@ def test_a_second_daemon_on_the_same_store_is_refused(
             ("own-c", volume("ownd", loop, 0x13), f"{loop} is in use by another process"),
         ):
             second = Daemon(here, f'state_dir = "{here}/{tag}"\n' + body, tag)
-            refused[held] = subprocess.Popen([VSCSI, "up", "-c", str(second.config)], text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            refused[held] = subprocess.Popen(
+                [VSCSI, "up", "-c", str(second.config)],
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
         for held, p in refused.items():
             out, _ = p.communicate(timeout=180)
             assert p.returncode != 0 and f"volume[0].path: {held}" in out, out
@@ -74,7 +78,9 @@ def test_a_second_daemon_on_the_same_store_is_refused(
 
 
 def shadow_daemon(here: Path, transport: str) -> Daemon:
-    return Daemon(here, f"""transport = "{transport}"
+    return Daemon(
+        here,
+        f"""transport = "{transport}"
 state_dir = "{here}/own-shadow"
 shadow_add_paths = ["/dev/"]
 
@@ -87,7 +93,9 @@ export = "none"
 [shadow_set.identity]
 serial = 410009
 volume_id = 0x20
-""", "own-shadow")
+""",
+        "own-shadow",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +123,12 @@ def test_shadow_add_of_a_mounted_device_is_refused(
     d = daemons["own-shadow"]
     try:
         rc, out = run_rc(VSCSI, "shadow", "add", "owns", loop, "--socket", d.socket)
-        assert rc == 1 and out == f"vscsi: {loop} is in use by another process (mounted, or " \
-            "held by md, LVM, device-mapper or another vscsi daemon)\n", out
+        assert (
+            rc == 1
+            and out
+            == f"vscsi: {loop} is in use by another process (mounted, or "
+            "held by md, LVM, device-mapper or another vscsi daemon)\n"
+        ), out
         run("umount", str(mnt))
         out = run(VSCSI, "shadow", "add", "owns", loop, "--wait", "120", "--socket", d.socket)
         assert out.splitlines()[-1] == "owns: Steady State", out
@@ -169,7 +181,8 @@ def test_the_control_socket_refuses_users_who_are_not_root(daemons: dict[str, Da
     d = daemons["ownsock"]
     assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o600
     assert as_user(65534, 65534, "", d.socket, {"cmd": "status"}) == {
-        "connect": "Permission denied"}
+        "connect": "Permission denied"
+    }
     assert as_user(0, 0, "0", d.socket, {"cmd": "status"})["ok"]
 
 
@@ -181,7 +194,10 @@ def test_the_socket_group_may_read_but_not_change(daemons: dict[str, Daemon]) ->
     status = as_user(*reader, d.socket, {"cmd": "status"})
     assert status["ok"] and status["result"]["volumes"][0]["name"] == "owngrp", status
     assert as_user(*reader, d.socket, {"cmd": "pair_delete", "name": "x"}) == {
-        "ok": False, "exit": 1,
-        "error": "pair_delete: group nogroup may run read-only commands only"}
+        "ok": False,
+        "exit": 1,
+        "error": "pair_delete: group nogroup may run read-only commands only",
+    }
     assert as_user(12345, 12345, "", d.socket, {"cmd": "status"}) == {
-        "connect": "Permission denied"}
+        "connect": "Permission denied"
+    }

@@ -41,8 +41,11 @@ def daemon(here: Path, transport: str, baddev: str) -> Iterator[Daemon]:
         f'\n[[volume]]\nname = "sbad"\npath = "{baddev}"\n'
         f"[volume.identity]\nserial = 410002\nvolume_id = 0x211\n"
     )
-    d = Daemon(here, f'transport = "{transport}"\nstate_dir = "{here}/pairstate"\n'
-               f'copy_rate = "2MiB"\n{vols}', "pairs")
+    d = Daemon(
+        here,
+        f'transport = "{transport}"\nstate_dir = "{here}/pairstate"\ncopy_rate = "2MiB"\n{vols}',
+        "pairs",
+    )
     d.start()
     yield d
     if d.proc is not None:

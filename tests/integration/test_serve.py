@@ -247,9 +247,20 @@ def test_fio_verify(daemon: Daemon) -> None:
     sd = daemon.sd("vblk")
     # fio exits non-zero on any I/O error or verify mismatch; run() turns that into a failure
     run(
-        "fio", "--name=verify", f"--filename={sd}", "--ioengine=libaio", "--direct=1",
-        "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--verify=crc32c",
-        "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", timeout=300,
+        "fio",
+        "--name=verify",
+        f"--filename={sd}",
+        "--ioengine=libaio",
+        "--direct=1",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=16M",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--do_verify=1",
+        "--verify_state_save=0",
+        timeout=300,
     )
 
 
@@ -283,11 +294,13 @@ def test_device_errors_become_medium_errors(daemon: Daemon) -> None:
     lba = (4100).to_bytes(4, "big").hex(" ").split()
     rc, out = run_rc("sg_raw", "-R", "-r", "512", sg, "28", "00", *lba, "00", "00", "01", "00")
     assert rc != 0 and "Medium Error" in out and "Unrecovered read error" in out, out
-    rc, out = run_rc("sg_raw", "-R", "-s", "512", "-i", "/dev/zero", sg, "2a", "00", *lba,
-                     "00", "00", "01", "00")
+    rc, out = run_rc(
+        "sg_raw", "-R", "-s", "512", "-i", "/dev/zero", sg, "2a", "00", *lba, "00", "00", "01", "00"
+    )
     assert rc != 0 and "Medium Error" in out and "Write error" in out, out
-    rc, out = run_rc("dd", f"if={sd}", "of=/dev/null", "bs=4k", "skip=512", "count=4",
-                     "iflag=direct")
+    rc, out = run_rc(
+        "dd", f"if={sd}", "of=/dev/null", "bs=4k", "skip=512", "count=4", "iflag=direct"
+    )
     assert rc != 0 and "No data available" in out, out  # the block layer's BLK_STS_MEDIUM
     run("sg_turs", sg)  # still served
     run("dd", f"if={sd}", "of=/dev/null", "bs=4k", "count=16", "iflag=direct")

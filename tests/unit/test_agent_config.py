@@ -48,7 +48,11 @@ def test_a_full_config(tmp_path: Path) -> None:
     assert (cfg.poll, cfg.down_after, cfg.dry_run, cfg.changeover_timeout) == (2.0, 3, False, 120)
     a, b = cfg.sites
     assert (a.name, a.socket, a.heartbeat_file, a.heartbeat_command) == (
-        "siteA", "/run/vscsi/a.sock", "/run/siteA.alive", ("true",))
+        "siteA",
+        "/run/vscsi/a.sock",
+        "/run/siteA.alive",
+        ("true",),
+    )
     assert (b.heartbeat_file, b.heartbeat_command) == (None, None)
     assert cfg.pairs == ("tc",)
     assert (cfg.host.socket, cfg.host.filesystems) == ("/run/vscsi/host.sock", ("fs1",))
@@ -57,7 +61,12 @@ def test_a_full_config(tmp_path: Path) -> None:
 def test_defaults(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, SITES + '[[pair]]\nname = "tc"\n'))
     assert (cfg.poll, cfg.down_after, cfg.dry_run, cfg.changeover_timeout, cfg.timeout) == (
-        2.0, 3, False, 120.0, 5.0)
+        2.0,
+        3,
+        False,
+        120.0,
+        5.0,
+    )
     assert cfg.host.socket is None and cfg.host.filesystems == ()
 
 

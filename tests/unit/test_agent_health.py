@@ -71,6 +71,7 @@ def test_pair_view_reads_the_local_role_from_the_volume_names(tmp_path: Path) ->
          "pvol": {"volume": "siteA:siteAv", "status": "PSUE"},
          "svol": {"volume": "siteBv", "status": "SSWS"}},
     ]  # fmt: skip
+
     def display(req: dict[str, Any]) -> dict[str, Any]:
         return {"pairs": [r for r in rows if r["pair"] == req["name"]], "volumes": []}
 

@@ -151,14 +151,16 @@ def test_the_p_site_down_takeover_once_then_settle_then_remount(
     assert b.takeovers == ["tc"] and a.takeovers == []  # once, at the S site
     assert host.calls == [("fs1", "SSWS")]  # remounted once the pair settled, not before
     log = lines(caplog)
-    start = log.index("pair tc: siteA (P-VOL) check failed 1 of 3 (control socket: no vscsi "
-                      "daemon at /fake/a.sock (Connection refused); start one): waiting")
+    start = log.index(
+        "pair tc: siteA (P-VOL) check failed 1 of 3 (control socket: no vscsi "
+        "daemon at /fake/a.sock (Connection refused); start one): waiting"
+    )
     assert log[:start] == ["watching tc every 2s", "pair tc: P-VOL at siteA healthy: no action"]
     assert log[start + 1].startswith("pair tc: siteA (P-VOL) check failed 2 of 3")
     assert log[start + 2] == ("run takeover tc at siteB: siteA down for 3 checks (control "
                               "socket: no vscsi daemon at /fake/a.sock (Connection refused); "
                               "start one)")  # fmt: skip
-    assert log[start + 3:start + 7] == [
+    assert log[start + 3 : start + 7] == [
         "takeover tc at siteB: svol_e (exit 225)",
         "pair tc settled at siteB: S-VOL SSWS",
         "host remounted fs1 on /dev/sdc: changeover took 4.3s",
@@ -177,8 +179,10 @@ def test_a_dry_run_through_the_loop_changes_nothing(
     run_for(agent_for(world, dry_run=True), clock, 120)
     assert b.takeovers == [] and host.calls == [] and b.s == "PAIR"
     would = [x for x in lines(caplog) if x.startswith("would run takeover tc at siteB: ")]
-    assert would == ["would run takeover tc at siteB: siteA down for 3 checks (control socket: "
-                     "no vscsi daemon at /fake/a.sock (Connection refused); start one)"]
+    assert would == [
+        "would run takeover tc at siteB: siteA down for 3 checks (control socket: "
+        "no vscsi daemon at /fake/a.sock (Connection refused); start one)"
+    ]
 
 
 def test_dry_run_in_the_config_file_counts_too(
@@ -186,8 +190,19 @@ def test_dry_run_in_the_config_file_counts_too(
 ) -> None:
     a, b, host, clock, cfg = world
     a.up = False
-    world = (a, b, host, clock, parse({"agent": {"dry_run": True}, "site": [
-        {"name": s.name, "socket": s.socket} for s in cfg.sites], "pair": [{"name": "tc"}]}))
+    world = (
+        a,
+        b,
+        host,
+        clock,
+        parse(
+            {
+                "agent": {"dry_run": True},
+                "site": [{"name": s.name, "socket": s.socket} for s in cfg.sites],
+                "pair": [{"name": "tc"}],
+            }
+        ),
+    )
     run_for(agent_for(world), clock, 60)
     assert b.takeovers == []
 

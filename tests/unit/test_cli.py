@@ -21,24 +21,26 @@ def server(tmp_path: Path) -> ControlServer:
     srv = ControlServer(
         str(tmp_path / "ctl.sock"),
         {
-            "status": Command(lambda req: {
-                "pid": 1,
-                "config": "x.toml",
-                "volumes": [
-                    {
-                        "name": "v0",
-                        "state": "serving",
-                        "size": 1 << 20,
-                        "block_size": 512,
-                        "serial": 410001,
-                        "volume_id": 0x100,
-                        "sd": "/dev/sdb",
-                        "sg": "/dev/sg1",
-                        "uio": "uio0",
-                        "path": "/srv/v0.img",
-                    }
-                ],
-            }),
+            "status": Command(
+                lambda req: {
+                    "pid": 1,
+                    "config": "x.toml",
+                    "volumes": [
+                        {
+                            "name": "v0",
+                            "state": "serving",
+                            "size": 1 << 20,
+                            "block_size": 512,
+                            "serial": 410001,
+                            "volume_id": 0x100,
+                            "sd": "/dev/sdb",
+                            "sg": "/dev/sg1",
+                            "uio": "uio0",
+                            "path": "/srv/v0.img",
+                        }
+                    ],
+                }
+            ),
             "refuse": Command(refuse),
             "boom": Command(lambda req: 1 / 0),
         },

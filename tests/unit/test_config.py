@@ -64,22 +64,32 @@ write_cache = false
         ('[[volume]]\nname = "a"\npath = "x"\nexport = "fc"', "volume[0].export"),
         ('[[volume]]\nname = "a"\npath = "x"\nwrite_cache = 1', "volume[0].write_cache"),
         ('[[volume]]\nname = "a"\npath = "x"\ncolour = 1', "volume[0].colour"),
-        ('[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvendor = "TOO-LONG-VENDOR"',
-         "volume[0].identity.vendor"),
-        ('[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "a"\npath = "y"',
-         "volume[1].name"),
-        ('[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "b"\npath = "x"',
-         "volume[1].path"),
-        ('[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvolume_id = 1\n'
-         '[[volume]]\nname = "b"\npath = "y"\n[volume.identity]\nvolume_id = 1',
-         "volume[1].identity.volume_id"),
+        (
+            '[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvendor = "TOO-LONG-VENDOR"',
+            "volume[0].identity.vendor",
+        ),
+        (
+            '[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "a"\npath = "y"',
+            "volume[1].name",
+        ),
+        (
+            '[[volume]]\nname = "a"\npath = "x"\n[[volume]]\nname = "b"\npath = "x"',
+            "volume[1].path",
+        ),
+        (
+            '[[volume]]\nname = "a"\npath = "x"\n[volume.identity]\nvolume_id = 1\n'
+            '[[volume]]\nname = "b"\npath = "y"\n[volume.identity]\nvolume_id = 1',
+            "volume[1].identity.volume_id",
+        ),
         ("[disk]\n", "disk"),
         ("[[pair]]\n", "pair"),
         ('[daemon]\ncopy_rate = "fast"\n[[volume]]\nname = "a"\npath = "x"', "daemon.copy_rate"),
         ('[daemon]\nstate_dir = 1\n[[volume]]\nname = "a"\npath = "x"', "daemon.state_dir"),
         ('[daemon]\nsockets = "x"\n[[volume]]\nname = "a"\npath = "x"', "daemon.sockets"),
-        ('[daemon]\ncommand_timeout = -1\n[[volume]]\nname = "a"\npath = "x"',
-         "daemon.command_timeout"),
+        (
+            '[daemon]\ncommand_timeout = -1\n[[volume]]\nname = "a"\npath = "x"',
+            "daemon.command_timeout",
+        ),
         ('[daemon]\nio_workers = 65\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
         ('[daemon]\nio_workers = "8"\n[[volume]]\nname = "a"\npath = "x"', "daemon.io_workers"),
         ('[daemon]\nfast_path = 1\n[[volume]]\nname = "a"\npath = "x"', "daemon.fast_path"),

@@ -91,12 +91,17 @@ def test_a_stranger_is_refused_every_command_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ran: list[str] = []
-    srv = ControlServer(str(tmp_path / "ctl.sock"),
-                        {"status": Command(lambda r: ran.append("status"), read_only=True)})
+    srv = ControlServer(
+        str(tmp_path / "ctl.sock"),
+        {"status": Command(lambda r: ran.append("status"), read_only=True)},
+    )
     with caplog.at_level(logging.WARNING, logger="vscsi.control"):
         reply = srv.dispatch(line("status"), NOBODY)
-    assert reply == {"ok": False, "exit": 1,
-                     "error": "uid 65534 may not use the vscsi control socket (root only)"}
+    assert reply == {
+        "ok": False,
+        "exit": 1,
+        "error": "uid 65534 may not use the vscsi control socket (root only)",
+    }
     assert ran == [] and "refused uid 65534 (pid 4242)" in caplog.text
     root = Peer(pid=1, uid=0, gid=0)
     assert srv.dispatch(line("status"), root)["ok"] and ran == ["status"]
@@ -112,8 +117,10 @@ def test_the_socket_group_runs_read_only_commands_only(tmp_path: Path) -> None:
     for peer in (member, supplementary):
         assert srv.dispatch(line("status"), peer) == {"ok": True, "result": "up"}
         assert srv.dispatch(line("shadow_add", name="dsa1"), peer) == {
-            "ok": False, "exit": 1,
-            "error": f"shadow_add: group {group} may run read-only commands only"}
+            "ok": False,
+            "exit": 1,
+            "error": f"shadow_add: group {group} may run read-only commands only",
+        }
     assert not srv.dispatch(line("status"), NOBODY)["ok"]
 
 

@@ -58,7 +58,11 @@ CHUNK = 128 << 10
 # members written in turn (writers=0): every play of a scenario passes the same fault points in
 # the same order; `test_a_crash_with_...` covers the states only writes side by side reach
 TUNING = Tuning(
-    grain=GRAIN, chunk=CHUNK, log_region=CHUNK, log_idle=3600.0, checkpoint_bytes=2 * CHUNK,
+    grain=GRAIN,
+    chunk=CHUNK,
+    log_region=CHUNK,
+    log_idle=3600.0,
+    checkpoint_bytes=2 * CHUNK,
     writers=0,
 )
 # the state directories: the committer's fsyncs on a disk would cost more than all the rest
@@ -139,8 +143,7 @@ class Image:
 
 def make_image(root: Path, nmembers: int, write_cache: bool) -> Image:
     vols = [
-        CrashableVolume(SIZE + AREA, name=f"m{i}", write_cache=write_cache)
-        for i in range(nmembers)
+        CrashableVolume(SIZE + AREA, name=f"m{i}", write_cache=write_cache) for i in range(nmembers)
     ]
     log = CrashableFile(name="wil")
     state = root / "image"

@@ -28,9 +28,17 @@ SECRET = "twelve-chars-secret"
 
 
 def config(tmp_path: Path, **group: Any) -> dict[str, Any]:
-    volumes = [{"name": f"ldev{i}", "path": f"v{i}.img", "size": "1MiB", "create": True,
-                "export": export, "identity": {"volume_id": i}}
-               for i, export in enumerate(["iscsi", ["loop", "iscsi"], "iscsi", "loop"])]
+    volumes = [
+        {
+            "name": f"ldev{i}",
+            "path": f"v{i}.img",
+            "size": "1MiB",
+            "create": True,
+            "export": export,
+            "identity": {"volume_id": i},
+        }
+        for i, export in enumerate(["iscsi", ["loop", "iscsi"], "iscsi", "loop"])
+    ]
     groups = [{"port": "CL1-A", "name": "db", "initiators": [H1], "luns": {"0": "ldev0"}},
               {"port": "CL1-A", "name": "web", "initiators": [H2], "luns": {"0": "ldev1"},
                **group}]  # fmt: skip
@@ -233,7 +241,7 @@ def test_status_shows_ports_host_groups_and_sessions(running: Running, kernel: I
     assert rc == 0
     lines = out.splitlines()
     i = lines.index(f"port CL1-A {IQN} on 192.0.2.10:3260")
-    assert lines[i + 1:] == [
+    assert lines[i + 1 :] == [
         "  host group db: 1 initiator(s), 1 LUN(s), 0 logged in",
         "  host group web: 1 initiator(s), 1 LUN(s), 1 logged in",
         f"    {H2} from 192.0.2.50 (LOGGED_IN)",

@@ -76,11 +76,15 @@ class IscsiKernel:
         assert parts is not None
         users = {3: ("np", "acls", "lun"), 5: ()}.get(len(parts), ())
         busy = [c for d in users for c in (path / d).iterdir()]
-        busy += [c for c in path.iterdir() if c.is_symlink() or c.name.startswith(("lun_",
-                                                                                    "tpgt_"))]
+        busy += [
+            c for c in path.iterdir() if c.is_symlink() or c.name.startswith(("lun_", "tpgt_"))
+        ]
         if len(parts) == 5 and parts[3] == "lun":  # a TPG LUN some ACL still maps
-            busy += [m for m in self.fake.lio.glob(f"iscsi/{parts[1]}/{parts[2]}/acls/*/lun_*/*")
-                     if m.is_symlink() and os.path.realpath(m) == os.path.realpath(path)]
+            busy += [
+                m
+                for m in self.fake.lio.glob(f"iscsi/{parts[1]}/{parts[2]}/acls/*/lun_*/*")
+                if m.is_symlink() and os.path.realpath(m) == os.path.realpath(path)
+            ]
         if busy:
             raise OSError(errno.EBUSY, f"in use: {busy[0].name}", str(path))
         for child in path.iterdir():

@@ -92,7 +92,7 @@ def test_a_config_without_links_has_none(site: Path) -> None:
         ("", REMOTE, "daemon.link_cert: required for links (make it with `vscsi link keys`)"),
         ('link_cert = "a/siteA.crt"', REMOTE, "daemon.link_key: required"),
         ('link_listen = "0.0.0.0:7001"', "", "daemon.link_cert: required"),
-        (DAEMON + 'link_listen = "7001"', "", 'daemon.link_listen: \'7001\' must be "host:port"'),
+        (DAEMON + 'link_listen = "7001"', "", "daemon.link_listen: '7001' must be \"host:port\""),
         (DAEMON + 'link_listen = "h:0"', "", "'h:0' must be \"host:port\" with a port of 1-65535"),
         (DAEMON + "link_timeout = 0", "", "daemon.link_timeout: 0 must be 0.1 to 600 seconds"),
         (DAEMON + 'link_timeout = "5"', "", "daemon.link_timeout: expected int or float"),
@@ -105,10 +105,16 @@ def test_a_config_without_links_has_none(site: Path) -> None:
         (DAEMON, REMOTE + "fence = 1\n", "remote[0].fence: unknown key"),
         (DAEMON, REMOTE + REMOTE, "remote[1].name: 'siteB' is already used by remote[0]"),
         (DAEMON, REMOTE.replace('"siteB"', '"b/"'), "remote[0].name:"),
-        (DAEMON + 'link_netns = "vscsi-no-such-ns"', REMOTE,
-         "daemon.link_netns: no network namespace vscsi-no-such-ns (ip netns add vscsi-no-"),
-        (DAEMON + 'link_netns = "../../proc/1/ns/net"', REMOTE,
-         "daemon.link_netns: '../../proc/1/ns/net' is not a namespace name"),
+        (
+            DAEMON + 'link_netns = "vscsi-no-such-ns"',
+            REMOTE,
+            "daemon.link_netns: no network namespace vscsi-no-such-ns (ip netns add vscsi-no-",
+        ),
+        (
+            DAEMON + 'link_netns = "../../proc/1/ns/net"',
+            REMOTE,
+            "daemon.link_netns: '../../proc/1/ns/net' is not a namespace name",
+        ),
     ],
 )
 def test_link_mistakes_are_one_line_naming_the_field(

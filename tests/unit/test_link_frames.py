@@ -121,8 +121,12 @@ def test_the_fast_paths_agree_with_the_declarations() -> None:
         write = {"volume": "".join(rng.choice("aé0_-") for _ in range(rng.randrange(40))),
                  "offset": rng.getrandbits(64), "fua": rng.random() < 0.5,
                  "data": rng.randbytes(rng.randrange(600))}  # fmt: skip
-        response = {"answers": rng.getrandbits(64), "status": rng.choice(list(Status)),
-                    "error": "ü" * rng.randrange(30), "data": rng.randbytes(rng.randrange(600))}
+        response = {
+            "answers": rng.getrandbits(64),
+            "status": rng.choice(list(Status)),
+            "error": "ü" * rng.randrange(30),
+            "data": rng.randbytes(rng.randrange(600)),
+        }
         for t, f in ((FrameType.WRITE, write), (FrameType.RESPONSE, response)):
             payload = build_payload(t, **f)
             assert payload == PAYLOADS[t].build(f)

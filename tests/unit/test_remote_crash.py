@@ -377,8 +377,11 @@ class Run:
     def op_split(self, rw: bool) -> None:
         p = self.primary
         if self.at(p, lambda: p.live.remote.split(NAME, rw=rw)):
-            self.split_at = {x.serial for x in self.alive()
-                             if (pr := x.pair()) and pr.status in (Status.PSUS, Status.SSUS)}
+            self.split_at = {
+                x.serial
+                for x in self.alive()
+                if (pr := x.pair()) and pr.status in (Status.PSUS, Status.SSUS)
+            }
 
     def op_resync(self) -> None:
         p = self.primary
@@ -717,7 +720,6 @@ def crash_in(ops: list[tuple], op: int, site: int, name: str, wc: bool = True) -
         end = run.marks[op + 1] if op + 1 < len(run.marks) else len(rec.names)
         k = rec.names.index((site, name), run.marks[op], end)
         return play(ops, SiteFaults(k), Path(tmp) / "k", wc, True)
-
 
 
 def test_a_delete_reaches_the_s_side() -> None:

@@ -130,7 +130,9 @@ def test_remote_pair_through_the_cli_and_the_tls_link(arrays: tuple[Array, Array
     sense = b.lun_write()
     assert sense is not None and (sense.key, sense.asc, sense.ascq) == (0x7, 0x27, 0x00)
     assert b.cli("pair", "check", "tc") == (
-        0, "pairvolchk : Volstat is S-VOL.[status = PAIR fence = DATA ]\n")
+        0,
+        "pairvolchk : Volstat is S-VOL.[status = PAIR fence = DATA ]\n",
+    )
     rc, out = b.cli("takeover", "tc")
     assert (rc, out) == (1, "pair tc: swap\n")  # both up and PAIR: swap-takeover
     assert b.lun_write() is None and a.image() == b.image()  # now B -> A

@@ -147,9 +147,7 @@ class FakeLio:
     def load_aptpl(self, so: Path, value: str) -> None:
         """target_pr_res_aptpl_metadata_store: one registration, tokens split on ',' and '\\n',
         unknown ones ignored."""
-        entry = dict(
-            t.split("=", 1) for t in re.split(r"[,\n]", value.split("\0")[0]) if "=" in t
-        )
+        entry = dict(t.split("=", 1) for t in re.split(r"[,\n]", value.split("\0")[0]) if "=" in t)
         if not entry.get("initiator_node") or not entry.get("target_node"):
             raise OSError(errno.EINVAL, "illegal APTPL registration", str(so))
         if int(entry.get("sa_res_key", "0")) == 0:

@@ -74,9 +74,7 @@ def configured(tmp_path: Path) -> Daemon:
     return Daemon(load(cfg))
 
 
-def test_reservations_survive_a_clean_restart_of_the_daemon(
-    lio: FakeLio, tmp_path: Path
-) -> None:
+def test_reservations_survive_a_clean_restart_of_the_daemon(lio: FakeLio, tmp_path: Path) -> None:
     d = up(tmp_path)
     first = (nexus(lio, "v0"), nexus(lio, "v1"))
     assert first[0] != first[1]

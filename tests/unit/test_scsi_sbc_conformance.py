@@ -156,9 +156,7 @@ def test_get_lba_status_splits_extents_longer_than_a_descriptor_holds() -> None:
 @pytest.mark.parametrize("name", ["WRITE SAME(10)", "WRITE SAME(16)"])
 @pytest.mark.parametrize("unmap", [True, False])
 @pytest.mark.parametrize("length", [0, BS // 2, BS + 1, 2 * BS])
-def test_write_same_data_out_must_be_one_block(
-    name: str, unmap: bool, length: int
-) -> None:
+def test_write_same_data_out_must_be_one_block(name: str, unmap: bool, length: int) -> None:
     lun = make_lun()
     good(lun, cdb("WRITE(10)", lba=0, length=16), data=pattern(16))
     n = len(vol(lun).writes)

@@ -77,8 +77,11 @@ def test_a_store_held_elsewhere_is_refused(allowed: tuple[Running, Path]) -> Non
     with path.open("rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # as another vscsi daemon serving it holds it
         rc, out = r.cli("shadow", "add", "dsa1", str(path))
-    assert rc == 1 and out == f"vscsi: {path} is held by another process " \
-        "(another vscsi daemon, or a second volume)\n"
+    assert (
+        rc == 1
+        and out
+        == f"vscsi: {path} is held by another process (another vscsi daemon, or a second volume)\n"
+    )
     rc, out = r.cli("shadow", "add", "dsa1", str(path), "--wait", "30")
     assert rc == 0 and out.splitlines()[-1] == "dsa1: Steady State", out
 

@@ -108,7 +108,6 @@ def test_member_removed_during_a_merge_gets_everything_copied_back(tmp_path: Pat
     s.close()
 
 
-
 def test_no_write_is_acknowledged_before_a_removal_it_depends_on_is_durable(
     tmp_path: Path,
 ) -> None:

@@ -209,9 +209,11 @@ def test_force_mount_of_a_set_the_config_lacks_is_one_line(tmp_path: Path) -> No
     from vscsi.cli import main
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[daemon]\nsocket = "{tmp_path}/s.sock"\nstate_dir = "{tmp_path}/st"\n'
-                   f'[[volume]]\nname = "v"\npath = "{tmp_path}/v.img"\nsize = "1MiB"\n'
-                   "create = true\n")
+    cfg.write_text(
+        f'[daemon]\nsocket = "{tmp_path}/s.sock"\nstate_dir = "{tmp_path}/st"\n'
+        f'[[volume]]\nname = "v"\npath = "{tmp_path}/v.img"\nsize = "1MiB"\n'
+        "create = true\n"
+    )
     r = CliRunner().invoke(main, ["up", "-c", str(cfg), "--force-mount", "dsa9"])
     assert r.exit_code == 2
     assert r.output.strip().splitlines() == [

@@ -662,8 +662,6 @@ def test_a_pvol_marks_ahead_for_a_hosts_large_writes_not_for_update_copies(
     m.close()
 
 
-
-
 LARGE = 512 << 10  # a transfer that rings as soon as it is answered (from 256 KiB)
 
 

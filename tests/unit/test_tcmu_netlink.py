@@ -33,8 +33,9 @@ def listener(monkeypatch: pytest.MonkeyPatch) -> tuple[NetlinkListener, list[Any
 
     lst = NetlinkListener(added, lambda *a: 0, lambda *a, **k: added(*a))
     replies: list[Any] = []
-    monkeypatch.setattr(lst, "_reply", lambda cmd, dev_id, status: replies.append((cmd, dev_id,
-                                                                                   status)))
+    monkeypatch.setattr(
+        lst, "_reply", lambda cmd, dev_id, status: replies.append((cmd, dev_id, status))
+    )
     yield lst, replies
     lst._sock.close()
 

@@ -31,7 +31,7 @@ def ask_reason(ask: Ask, path: str, cmd: str, timeout: float, **args: Any) -> tu
 
 
 def heartbeat(site: SiteConfig, timeout: float, now: Callable[[], float] = time.time) -> str:
-    """"" when the site's configured heartbeats pass, else why not."""
+    """ "" when the site's configured heartbeats pass, else why not."""
     if site.heartbeat_file is not None:
         try:
             age = now() - os.stat(site.heartbeat_file).st_mtime

@@ -113,14 +113,24 @@ class Agent:
         while True:
             view, why = pair_view(site.name, site.socket, pair, self.cfg.timeout, self.ask)
             if view is not None and settled(view):
-                log.info("pair %s settled at %s: %s %s", pair, site.name, view.local_role,
-                         view.svol_status if view.local_role == SVOL else view.pvol_status)
+                log.info(
+                    "pair %s settled at %s: %s %s",
+                    pair,
+                    site.name,
+                    view.local_role,
+                    view.svol_status if view.local_role == SVOL else view.pvol_status,
+                )
                 return True
             if self.clock() >= deadline:
                 seen = why if view is None else (f"{view.local_role}, P-VOL {view.pvol_status}, "
                                                  f"S-VOL {view.svol_status}")  # fmt: skip
-                log.error("pair %s at %s did not settle within %gs (%s): file systems not "
-                          "remounted", pair, site.name, self.cfg.changeover_timeout, seen)
+                log.error(
+                    "pair %s at %s did not settle within %gs (%s): file systems not remounted",
+                    pair,
+                    site.name,
+                    self.cfg.changeover_timeout,
+                    seen,
+                )
                 return False
             self.sleep(min(self.cfg.poll, 1.0))
 
@@ -138,8 +148,12 @@ class Agent:
                 log.error("host remount %s failed: %s", fs, why)
                 ok = False
                 continue
-            log.warning("host remounted %s on %s: changeover took %.1fs", fs,
-                        result.get("device"), float(result.get("changeover_seconds", 0)))
+            log.warning(
+                "host remounted %s on %s: changeover took %.1fs",
+                fs,
+                result.get("device"),
+                float(result.get("changeover_seconds", 0)),
+            )
         return ok
 
     def _site(self, name: str) -> SiteConfig:

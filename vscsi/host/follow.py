@@ -124,8 +124,11 @@ def decide(
         reason = f"changeover: no primary for {name}; I/O impossible"
         return Plan(CHANGEOVER, reason, claims, unmount)
     seen = ", ".join(r.describe() for r in claims)
-    reason = f"no primary for {name} ({seen})" if seen else (
-        f"no device of {name} ({ident_text(volume)}) seen")
+    reason = (
+        f"no primary for {name} ({seen})"
+        if seen
+        else (f"no device of {name} ({ident_text(volume)}) seen")
+    )
     return Plan(UNMOUNTED, reason, claims)
 
 

@@ -77,8 +77,11 @@ def host() -> None:
 @host.command("run")
 @click.option("-c", "--config", "config_path", required=True, help="The host.toml file.")
 @click.option("-v", "--verbose", count=True, help="Log every poll, not only changes.")
-@click.option("--unmount-on-exit", is_flag=True,
-              help="Unmount the filesystems it mounted when stopped (default: leave them).")
+@click.option(
+    "--unmount-on-exit",
+    is_flag=True,
+    help="Unmount the filesystems it mounted when stopped (default: leave them).",
+)
 def run(config_path: str, verbose: int, unmount_on_exit: bool) -> None:
     """Follow the primaries in the foreground until SIGTERM or Ctrl-C."""
     config = _load(config_path)
@@ -139,8 +142,14 @@ def _claim_line(c: dict[str, Any]) -> str:
 
 @host.command("remount")
 @click.argument("name")
-@click.option("--timeout", "wait", type=click.IntRange(0, 3600), default=REMOUNT_TIMEOUT,
-              show_default=True, help="Seconds to wait for exactly one primary.")
+@click.option(
+    "--timeout",
+    "wait",
+    type=click.IntRange(0, 3600),
+    default=REMOUNT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for exactly one primary.",
+)
 @socket_option
 def remount(name: str, wait: int, socket_path: str) -> None:
     """Unmount NAME, wait for exactly one primary, mount it (after a takeover)."""

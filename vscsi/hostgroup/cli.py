@@ -49,14 +49,25 @@ def show(g: dict[str, Any]) -> str:
 @hostgroup.command("add")
 @click.argument("port")
 @click.argument("name")
-@click.option("--initiator", "initiators", multiple=True, metavar="IQN",
-              help="An initiator of the host group (repeat for more).")
+@click.option(
+    "--initiator",
+    "initiators",
+    multiple=True,
+    metavar="IQN",
+    help="An initiator of the host group (repeat for more).",
+)
 @click.option("--chap-user", help="CHAP: the user name the initiators log in with.")
-@click.option("--chap-secret-file", type=click.Path(dir_okay=False),
-              help="CHAP: the file (0600) holding their secret.")
+@click.option(
+    "--chap-secret-file",
+    type=click.Path(dir_okay=False),
+    help="CHAP: the file (0600) holding their secret.",
+)
 @click.option("--mutual-user", help="Mutual CHAP: the name this target answers with.")
-@click.option("--mutual-secret-file", type=click.Path(dir_okay=False),
-              help="Mutual CHAP: the file (0600) holding the target's secret.")
+@click.option(
+    "--mutual-secret-file",
+    type=click.Path(dir_okay=False),
+    help="Mutual CHAP: the file (0600) holding the target's secret.",
+)
 @socket_option
 def hostgroup_add(
     port: str, name: str, initiators: tuple[str, ...], chap_user: str | None,

@@ -85,8 +85,12 @@ class HostGroups:
                 log.warning("host group %s: port %s is no longer configured; forgotten", name, port)
                 self.committer.delete(KIND, key)
             elif record["base"] != self._base.get((port, name)):
-                log.warning("host group %s of %s: the config changed since `vscsi hostgroup` or "
-                            "`vscsi lun` changed it; the config's version is served", name, port)
+                log.warning(
+                    "host group %s of %s: the config changed since `vscsi hostgroup` or "
+                    "`vscsi lun` changed it; the config's version is served",
+                    name,
+                    port,
+                )
                 self.committer.delete(KIND, key)
             elif record["removed"]:
                 groups.pop((port, name), None)

@@ -281,9 +281,7 @@ class LinkSession:
     def read(self, volume: str, offset: int, length: int) -> bytes:
         return bytes(self._call(FrameType.READ, volume=volume, offset=offset, length=length))
 
-    def write(
-        self, volume: str, offset: int, data: bytes | memoryview, fua: bool = False
-    ) -> None:
+    def write(self, volume: str, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """Returns once the peer applied it; with `fua`, once it is durable there. Reads and
         writes carry at most MAX_DATA bytes (`RemoteReplica` splits larger ones)."""
         if len(data) > MAX_DATA:

@@ -121,4 +121,3 @@ class PairStore:
                 self.committer.save("notes", volume, note, create=True)
         legacy.unlink()
         fsync_dir(self.root)
-

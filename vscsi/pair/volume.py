@@ -129,8 +129,10 @@ class PairVolume:
                 return
             primaries, secondary = self.manager.roles(self.name)
             access = self.access()
-            reads = io.reads and access is not Access.NO_ACCESS and all(
-                p.status is not Status.RCPY for p in primaries
+            reads = (
+                io.reads
+                and access is not Access.NO_ACCESS
+                and all(p.status is not Status.RCPY for p in primaries)
             )
             if not (io.writes and access is Access.READ_WRITE):
                 yield io._replace(reads=reads, writes=False)

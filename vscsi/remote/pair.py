@@ -448,7 +448,9 @@ class RemotePair(Mirror):
                 "state": encode_state(self.state),
                 "lineage": encode_lineage(self.lineage),
                 "changes": None if diff is None else diff.to_bytes().hex(),
-                "restoring": None if local is None else f"local pair {local.name!r} is "
+                "restoring": None
+                if local is None
+                else f"local pair {local.name!r} is "
                 f"restoring {self.local_name!r}; wait for the restore to end",
             }
 

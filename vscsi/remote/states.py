@@ -83,20 +83,41 @@ RULES: dict[Event, Rule] = {
     # S PAIR: the copy of a recover (the S side is not told of it)
     E.COPY_DONE: _r({S.COPY}, {S.COPY, S.PAIR}, S.PAIR, S.PAIR, "COPY"),
     E.SPLIT: _r({S.PAIR}, {S.PAIR}, S.PSUS, S.SSUS, "PAIR"),
-    E.SPLIT_RS: _r(set(ANY), {S.COPY, S.PAIR, S.SSUS, S.PSUE}, None, S.SSWS,
-                   "an S-VOL in COPY, PAIR, SSUS or PSUE"),
+    E.SPLIT_RS: _r(
+        set(ANY),
+        {S.COPY, S.PAIR, S.SSUS, S.PSUE},
+        None,
+        S.SSWS,
+        "an S-VOL in COPY, PAIR, SSUS or PSUE",
+    ),
     E.SUSPEND: _r(set(LIVE), set(ANY), S.PSUE, None, "COPY or PAIR"),
-    E.SUSPEND_BOTH: _r({S.COPY, S.PAIR, S.PSUE}, {S.COPY, S.PAIR, S.PSUE}, S.PSUE, S.PSUE,
-                       "COPY, PAIR or PSUE"),
+    E.SUSPEND_BOTH: _r(
+        {S.COPY, S.PAIR, S.PSUE}, {S.COPY, S.PAIR, S.PSUE}, S.PSUE, S.PSUE, "COPY, PAIR or PSUE"
+    ),
     E.RECOVER: _r({S.PAIR}, set(ANY), S.COPY, None, "PAIR"),
-    E.RESYNC: _r({S.PSUS, S.PSUE}, {S.SSUS, S.PSUE, S.PAIR, S.COPY}, S.COPY, S.COPY,
-                 "PSUS or PSUE with the S-VOL not taken over (after a takeover: "
-                 "resync --swaps at the S-VOL's array)"),
-    E.SWAP_RESYNC: _r({S.PSUS, S.PSUE, S.PAIR, S.COPY}, {S.SSWS, S.SSUS}, S.COPY, S.COPY,
-                      "an S-VOL in SSWS or SSUS"),
+    E.RESYNC: _r(
+        {S.PSUS, S.PSUE},
+        {S.SSUS, S.PSUE, S.PAIR, S.COPY},
+        S.COPY,
+        S.COPY,
+        "PSUS or PSUE with the S-VOL not taken over (after a takeover: "
+        "resync --swaps at the S-VOL's array)",
+    ),
+    E.SWAP_RESYNC: _r(
+        {S.PSUS, S.PSUE, S.PAIR, S.COPY},
+        {S.SSWS, S.SSUS},
+        S.COPY,
+        S.COPY,
+        "an S-VOL in SSWS or SSUS",
+    ),
     E.SWAP_TAKEOVER: _r({S.PAIR}, {S.PAIR}, S.PAIR, S.PAIR, "both sides PAIR"),
-    E.SVOL_TAKEOVER: _r(set(ANY), {S.COPY, S.PAIR, S.SSUS, S.PSUE}, None, S.SSWS,
-                        "an S-VOL in COPY, PAIR, SSUS or PSUE"),
+    E.SVOL_TAKEOVER: _r(
+        set(ANY),
+        {S.COPY, S.PAIR, S.SSUS, S.PSUE},
+        None,
+        S.SSWS,
+        "an S-VOL in COPY, PAIR, SSUS or PSUE",
+    ),
     E.PVOL_TAKEOVER: _r({S.PSUE}, set(ANY), S.PSUE, None, "a P-VOL in PSUE"),
     E.DELETE: _r(set(ANY), set(Status), S.SMPL, S.SMPL, "a pair"),
 }
@@ -193,8 +214,10 @@ CASCADE: dict[tuple[Role, Status], dict[LocalEvent, str]] = {
     (Role.SVOL, S.COPY): {L.SPLIT: _COPYING, L.RESYNC: _COPYING, L.RESTORE: _AT_S},
     (Role.SVOL, S.PAIR): {L.RESTORE: _AT_S},
     (Role.SVOL, S.SSUS): {L.RESTORE: "the TC P-VOL may resync over it at any time; " + _TAKE_OVER},
-    (Role.SVOL, S.PSUE): {L.RESYNC: "the TC S-VOL may hold a half-done copy; resync the TC pair "
-                                    "first", L.RESTORE: _AT_S},
+    (Role.SVOL, S.PSUE): {
+        L.RESYNC: "the TC S-VOL may hold a half-done copy; resync the TC pair first",
+        L.RESTORE: _AT_S,
+    },
 }
 
 # TC events refused while a local pair restores the volume: each would copy over it, or copy
@@ -213,8 +236,10 @@ def cascade(name: str, state: PairState, serial: int, local: str, event: LocalEv
         elif state.fenced:
             why = "the TC P-VOL is fenced (read only); resync the TC pair or take it over"
     if why is not None:
-        raise StatusRefused(f"cannot {event.value} pair {local!r}: its P-VOL is the "
-                            f"{role.value} of TC pair {name!r} ({status.value}): {why}")
+        raise StatusRefused(
+            f"cannot {event.value} pair {local!r}: its P-VOL is the "
+            f"{role.value} of TC pair {name!r} ({status.value}): {why}"
+        )
 
 
 # -- a P-VOL write whose update copy failed ---------------------------------------------------
@@ -271,14 +296,18 @@ def takeover(name: str, state: PairState, serial: int, remote: Peer) -> Takeover
         return _svol_takeover(name, status, remote)
     if role is Role.PVOL:
         if state.demoted:
-            raise TakeoverError(f"cannot take over pair {name!r}: array {state.secondary} "
-                                f"took it over; run resync --swaps there")
+            raise TakeoverError(
+                f"cannot take over pair {name!r}: array {state.secondary} "
+                f"took it over; run resync --swaps there"
+            )
         peer_ok = remote is None or remote[0] is Role.SVOL
         return Takeover.PVOL_PSUE if state.fenced and peer_ok else Takeover.NOP
     if remote is not None and remote[0] is Role.PVOL:
         return Takeover.NOP
-    raise TakeoverError(f"cannot take over pair {name!r}: the local volume is SMPL and the "
-                        f"remote one is {'unreachable' if remote is None else remote[0].value}")
+    raise TakeoverError(
+        f"cannot take over pair {name!r}: the local volume is SMPL and the "
+        f"remote one is {'unreachable' if remote is None else remote[0].value}"
+    )
 
 
 def _svol_takeover(name: str, status: Status, remote: Peer) -> Takeover:
@@ -287,8 +316,10 @@ def _svol_takeover(name: str, status: Status, remote: Peer) -> Takeover:
     if remote is None:
         return Takeover.SVOL_E
     if remote[0] is not Role.PVOL:
-        raise TakeoverError(f"cannot take over pair {name!r}: the local volume is an S-VOL "
-                            f"and the remote one is {remote[0].value}: unconformable")
+        raise TakeoverError(
+            f"cannot take over pair {name!r}: the local volume is an S-VOL "
+            f"and the remote one is {remote[0].value}: unconformable"
+        )
     return Takeover.SWAP if remote[1] is S.PAIR else Takeover.SVOL_SSUS
 
 

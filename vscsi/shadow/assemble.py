@@ -105,8 +105,11 @@ class Assembly:
         try:
             for i, path in enumerate(cfg.members):
                 try:
-                    vols.append(self._open_member(
-                        path, size=cfg.size, block_size=cfg.block_size, create=cfg.create))
+                    vols.append(
+                        self._open_member(
+                            path, size=cfg.size, block_size=cfg.block_size, create=cfg.create
+                        )
+                    )
                 except StoreConfigError as e:
                     raise ConfigError(f"{cfg.where}.members[{i}]: {e}") from None
             vols += self._added_members()

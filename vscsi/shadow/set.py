@@ -70,6 +70,7 @@ READ_POLICIES: tuple[ReadPolicy, ...] = ("balanced", "master")
 KIND = "shadow-set"  # committer kind of a set's recorded generation, keyed by set id
 MAP_KIND = "shadow-map"  # committer kind of a removed member's bitmap: "<set id>.<member id>"
 
+
 def default_committer(state_dir: str | os.PathLike[str]) -> Committer:
     """The committer of `state_dir/durable` (one per directory in this process)."""
     return Committer.at(Path(state_dir) / "durable")
@@ -815,9 +816,7 @@ class ShadowSet:
         calls the `_held` methods, so a paired set pays for one of each."""
         return Guards(self._gate, self._regions, self._wil)
 
-    def _mutate(
-        self, offset: int, length: int, io: Callable[[Volume], None], beside: bool
-    ) -> None:
+    def _mutate(self, offset: int, length: int, io: Callable[[Volume], None], beside: bool) -> None:
         with self._gate.shared(), self._regions.hold(offset, length), self._intent(offset, length):
             self._mutate_held(offset, length, io, beside)
 

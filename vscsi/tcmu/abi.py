@@ -88,6 +88,7 @@ def cmd_base_size(iovs: int) -> int:
     iovecs, but never inside the response (tcmu_cmd_get_base_cmd_size)."""
     return max(CMD_IOV_OFFSET + Iovec.sizeof() * iovs, CMD_ENTRY_MIN)
 
+
 TmrEntry = Struct(
     "hdr" / EntryHeader,
     "tmr_type" / Int8ul,

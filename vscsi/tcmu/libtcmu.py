@@ -216,7 +216,7 @@ def load(path: str = LIBRARY) -> ctypes.CDLL:
             fn.restype, fn.argtypes = restype, argtypes
     except (OSError, AttributeError) as e:
         raise LibtcmuError(
-            f"daemon.transport = \"libtcmu\": cannot load {path} ({e}); install libtcmu2 "
+            f'daemon.transport = "libtcmu": cannot load {path} ({e}); install libtcmu2 '
             '(apt-get install libtcmu2) or set transport = "native"'
         ) from None
     return lib
@@ -534,9 +534,7 @@ class Context:
         self._keep = (handler, callbacks)
         ctx = self.lib.tcmulib_initialize(byref(handler), 1)
         if not ctx:
-            raise LibtcmuError(
-                "libtcmu: tcmulib_initialize failed (its reason is on stderr above)"
-            )
+            raise LibtcmuError("libtcmu: tcmulib_initialize failed (its reason is on stderr above)")
         self._ctx = ctx
         leave_group(self.lib.tcmulib_get_master_fd(ctx), self.group)
         for volume, uio in uios.items():

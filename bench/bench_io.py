@@ -89,14 +89,29 @@ def allocated(path: Path) -> Path:
 
 
 def run_jobs(
-    dev: str, jobs: list[tuple[str, str, str, int]]
-) -> tuple[dict[str, float], dict[str, CpuUse]]:
-    """IOPS of each job, and the VM's CPU use over each fio run."""
-    iops, cpu = {}, {}
+    dev: str, jobs: list[tuple[str, str, str, int]], work: Path
+) -> tuple[dict[str, float], dict[str, CpuUse], dict[str, float]]:
+    """IOPS of each job, the VM's CPU use over each fio run and, for a vscsi backend, the
+    share of the job's commands that the compiled path answered (`vscsi status`)."""
+    iops, cpu, compiled = {}, {}, {}
     for name, rw, bs, qd in jobs:
+        before = served_counts(work, dev)
         with measured() as cpu[name]:
             iops[name] = fio(dev, rw, bs, qd)
-    return iops, cpu
+        after = served_counts(work, dev)
+        if before and after and after[0] > before[0]:
+            compiled[name] = (after[1] - before[1]) / (after[0] - before[0])
+    return iops, cpu, compiled
+
+
+def served_counts(work: Path, dev: str) -> tuple[int, int] | None:
+    """(commands, compiled) of the vscsi volume whose disk is `dev`; None for other backends."""
+    for sock in work.glob("*.sock"):
+        with contextlib.suppress(ControlError):
+            for v in request(str(sock), "status")["volumes"]:
+                if v.get("sd") == dev:
+                    return v["commands"], v["compiled"]
+    return None
 
 
 @contextmanager
@@ -379,6 +394,15 @@ def pair_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def compiled_table(compiled: dict[str, dict[str, float]]) -> str:
+    kinds = [k for k, shares in compiled.items() if shares]
+    lines = ["| job | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+    for job, *_ in JOBS:
+        cells = [f"{compiled[k][job]:.1%}" if job in compiled[k] else "—" for k in kinds]
+        lines.append(f"| {job} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def link_table(results: dict[str, dict[str, float]]) -> str:
     """The remote pair against the link alone (bench_link: the same TLS connection between
     two in-process ends, no TCMU, no pair layer, a memory volume), measured here and now."""
@@ -410,6 +434,7 @@ def main() -> None:
         backends = {name: backends[name] for name in only.split(",")}
     results: dict[str, dict[str, float]] = {}
     cpu: dict[str, dict[str, CpuUse]] = {}
+    compiled: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         # a tmpfs of its own: the VM's /tmp sits on a small /run and would fill up
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G", "tmpfs", tmp], check=True)
@@ -417,7 +442,8 @@ def main() -> None:
             for name, backend in backends.items():
                 print(f"== {name}", file=sys.stderr, flush=True)
                 with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                    results[name], cpu[name] = run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS)
+                    jobs = PAIR_JOBS if name in PAIRED else JOBS
+                    results[name], cpu[name], compiled[name] = run_jobs(dev, jobs, Path(tmp))
                 print(json.dumps(results[name]), file=sys.stderr, flush=True)
         finally:
             subprocess.run(["umount", tmp], check=False)
@@ -441,6 +467,10 @@ def main() -> None:
                       "against simplex, IOPS\n" + pair_table(results))  # fmt: skip
     if "vscsi" in results and "vscsi-remote" in results:
         tables.append(link_table(results))
+    if any(compiled.values()):
+        tables.append("the share of each job's commands that vscsi's compiled READ/WRITE path "
+                      "answered (`vscsi status`: compiled / commands); the rest took the Python "
+                      "core\n" + compiled_table(compiled))  # fmt: skip
     if cpu:
         tables.append("VM CPU per I/O, µs (1M jobs: per MiB), from /proc/stat over each fio run "
                       "(user+nice+system+irq+softirq of both vCPUs); in brackets the share of "

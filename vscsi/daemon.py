@@ -144,6 +144,7 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         ident = self.cfg.identity
+        commands, compiled = self.device.counts() if self.device else (0, 0)
         return {
             "name": self.cfg.name,
             "path": self.cfg.path,
@@ -162,6 +163,8 @@ class Served:
             "sd": self.sd,
             "sg": self.sg,
             "reattached": self.reattached,
+            "commands": commands,
+            "compiled": compiled,
         }
 
     def inquiry_changed(self) -> None:

@@ -91,6 +91,23 @@ def test_status_lists_devices(daemon: Daemon) -> None:
         assert re.search(rf"^{v['name']}\s+serving\s.*\s{v['sd']}\s", table, re.M), table
 
 
+def test_status_counts_commands_and_those_the_compiled_path_answered(
+    daemon: Daemon, transport: str
+) -> None:
+    """What a user checks when a LUN is slower than expected: how many commands it served, and
+    how many of them the compiled READ/WRITE path answered (libtcmu hands all to Python)."""
+    before = daemon.status()["v4k"]
+    run("dd", f"if={daemon.sd('v4k')}", "of=/dev/null", "bs=4096", "count=64", "iflag=direct")
+    after = daemon.status()["v4k"]
+    served = int(after["commands"]) - int(before["commands"])  # type: ignore[call-overload]
+    compiled = int(after["compiled"]) - int(before["compiled"])  # type: ignore[call-overload]
+    assert served >= 64, (before, after)
+    if transport == "native":
+        assert compiled >= 60, (before, after)  # 64 plain READ(10)s (one may meet a UA)
+    else:
+        assert compiled == 0, (before, after)
+
+
 def test_inquiry(daemon: Daemon) -> None:
     out = run("sg_inq", daemon.sd("v512"))
     assert "VSCSI" in out and "OPEN-V" in out

@@ -418,6 +418,11 @@ class LibtcmuDevice:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
+    def counts(self) -> tuple[int, int]:
+        """Commands answered so far, and how many of them a compiled path answered: none
+        here (the library hands every command to Python)."""
+        return self.commands, 0
+
     def close(self) -> None:
         """Close our wake-up pipe; the uio fd and the map are libtcmu's (`Context.close`)."""
         for fd in (self._wake_r, self._wake_w):

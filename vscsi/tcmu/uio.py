@@ -245,6 +245,11 @@ class RingDevice:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
+    def counts(self) -> tuple[int, int]:
+        """Commands answered so far, and how many of them the compiled path answered."""
+        ring = self.ring
+        return (0, 0) if ring is None else (ring.commands, ring.fast_commands)
+
     def close(self) -> None:
         self.wake()
         with contextlib.suppress(BufferError, ValueError):

@@ -1,6 +1,6 @@
 """What a daemon or CLI start imports: under the VM's emulation every module is costly, so the
 heavy ones stay out of starts that do not use them (rich off a terminal, the link's TLS and
-cryptography without a link)."""
+cryptography without a link, pyroute2's whole library for one netlink family)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ def heavy(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules if m.startswith(prefixes))
 
 
-def test_the_daemon_module_imports_neither_rich_nor_the_link_sessions() -> None:
+def test_the_daemon_module_imports_neither_rich_nor_the_link_sessions_nor_pyroute2() -> None:
     modules = imported_by("import vscsi.daemon")
     assert "vscsi.tcmu.netlink" in modules
-    assert heavy(modules, ("rich", "cryptography", "vscsi.link.session", "vscsi.link.tls")) == []
+    unused = ("rich", "cryptography", "vscsi.link.session", "vscsi.link.tls", "pyroute2")
+    assert heavy(modules, unused) == []
 
 
 def test_a_config_without_links_needs_neither_ssl_nor_cryptography() -> None:

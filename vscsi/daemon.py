@@ -218,8 +218,6 @@ class Daemon:
         """Rich on a terminal; one plain line per record elsewhere (a journal, a file, CI),
         where rich would wrap every line at 80 columns."""
         level = logging.WARNING - 10 * min(self.verbose + 1, 2)
-        logging.getLogger("pyroute2").setLevel(logging.WARNING)
-        logging.getLogger("asyncio").setLevel(logging.WARNING)
         if sys.stderr.isatty():
             from rich.logging import RichHandler  # only on a terminal: importing rich is slow
 

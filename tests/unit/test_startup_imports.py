@@ -31,3 +31,8 @@ def test_the_daemon_module_imports_neither_rich_nor_the_link_sessions_nor_pyrout
 def test_a_config_without_links_needs_neither_ssl_nor_cryptography() -> None:
     modules = imported_by("import vscsi.config")
     assert heavy(modules, ("ssl", "_ssl", "cryptography")) == []
+
+
+def test_the_link_and_its_network_namespace_need_no_pyroute2() -> None:
+    modules = imported_by("import vscsi.link.session, vscsi.link.netns")
+    assert heavy(modules, ("pyroute2",)) == []

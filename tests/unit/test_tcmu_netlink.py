@@ -129,3 +129,16 @@ def test_another_handlers_subtype_is_ignored(listener) -> None:  # type: ignore[
     lst, replies = listener
     lst._handle(event(CMD_ADDED_DEVICE, "ra", subtype="qcow"))  # tcmu-runner's
     assert replies == []
+
+
+def test_a_message_that_does_not_decode_is_skipped_and_the_next_one_answered(listener) -> None:  # type: ignore[no-untyped-def]
+    """The listener's thread must outlive it: the kernel waits on the replies it gives."""
+    lst, replies = listener
+    lst.family_id = FAMILY_ID
+    truncated = netlink.Message.build(
+        {"type": FAMILY_ID, "flags": 0, "seq": 1, "pid": 0, "payload": b"\x01"}
+    )
+    device = ("TCMU_ATTR_DEVICE", "tcm-user/1/vscsi-ra/vscsi/ra")
+    good = pyroute_encoded(CMD_ADDED_DEVICE, [device, ("TCMU_ATTR_DEVICE_ID", 4)])
+    lst._datagram(truncated + good)
+    assert replies == [(CMD_ADDED_DEVICE, 4, 0)]

@@ -37,6 +37,7 @@ from typing import Any
 from construct import (
     Aligned,
     Construct,
+    ConstructError,
     Container,
     CString,
     GreedyBytes,
@@ -247,9 +248,20 @@ class NetlinkListener:
                 if not self._stop.is_set():
                     log.warning("netlink: %s", e)
                 return
-            for msg in Messages.parse(data):
-                if msg.type == self.family_id:  # not the ACKs (NLMSG_ERROR) of our own replies
-                    self._handle(TcmuPayload.parse(msg.payload))
+            self._datagram(data)
+
+    def _datagram(self, data: bytes) -> None:
+        """Every event in one datagram. One that does not decode is logged and skipped: the
+        kernel would wait forever on a reply this thread could no longer give."""
+        for msg in Messages.parse(data):
+            if msg.type != self.family_id:
+                continue  # the ACKs (NLMSG_ERROR) of our own replies
+            try:
+                event = TcmuPayload.parse(msg.payload)
+            except ConstructError as e:
+                log.warning("netlink: a TCM-USER message that does not decode, ignored: %s", e)
+                continue
+            self._handle(event)
 
     def _handle(self, event: Container) -> None:
         cmd = event.cmd

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from tests.unit.memvolume import MemVolume
 from vscsi.cli import main
 from vscsi.config import LinkConfig, RemoteConfig, parse
-from vscsi.link import replica, tls
+from vscsi.link import netns, replica, tls
 from vscsi.link.frames import (
     HEADER_SIZE,
     Frame,
@@ -649,6 +649,24 @@ def test_a_missing_namespace_fails_start_with_its_name(keys: Path) -> None:
     s = LinkSession(dataclasses.replace(link, netns="vscsi-no-such-ns"), remote)
     with pytest.raises(OSError, match="network namespace vscsi-no-such-ns"):
         s.start()
+
+
+def test_a_name_that_is_not_a_network_namespace_fails_start(keys: Path) -> None:
+    """A file under /run/netns that is no namespace (setns refuses it): the link does not
+    start in the daemon's own network instead."""
+    if os.geteuid() != 0:
+        pytest.skip("/run/netns belongs to root")
+    name = f"vscsi-test-file-{os.getpid()}"
+    path = netns.path_of(name)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"")
+    try:
+        link, remote = array(keys, "a", B[0], "b", 1)
+        s = LinkSession(dataclasses.replace(link, netns=name), remote)
+        with pytest.raises(OSError, match=f"network namespace {name}: Invalid argument"):
+            s.start()
+    finally:
+        path.unlink()
 
 
 def test_both_ends_send_each_frame_at_once(session: LinkSession, site: Site) -> None:

@@ -28,11 +28,12 @@ def enter(name: str) -> None:
 
     setns(2) through libc (os.setns is Python 3.12's). pyroute2.netns would make the same call,
     but importing it imports all of pyroute2: 3.8 s of the link's start in the emulated VM."""
-    fd = os.open(path_of(name), os.O_RDONLY | os.O_CLOEXEC)
+    path = path_of(name)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"setns {path_of(name)}: {os.strerror(err)}")
+            raise OSError(err, os.strerror(err), str(path))
     finally:
         os.close(fd)

@@ -65,7 +65,7 @@ def test_an_event_decodes_as_pyroute2_encodes_it() -> None:
         ("TCMU_ATTR_DEVICE_ID", 0xFFFF_FFF0)])  # fmt: skip
     payload = received(data)
     assert payload.cmd == CMD_RECONFIG_DEVICE and payload.version == netlink.VERSION
-    assert netlink.attrs_of(payload) == {
+    assert netlink.attrs_of(payload.attrs) == {
         netlink.ATTR_DEVICE: "tcm-user/3/vscsi-vol0/vscsi/vol0", netlink.ATTR_MINOR: 3,
         netlink.ATTR_DEV_CFG: cfg, netlink.ATTR_DEV_SIZE: 1 << 40, netlink.ATTR_WRITECACHE: 1,
         netlink.ATTR_DEVICE_ID: 0xFFFF_FFF0}  # fmt: skip

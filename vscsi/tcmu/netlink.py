@@ -181,11 +181,8 @@ def encode(
     )
 
 
-def attrs_of(payload: Container) -> dict[int, Any]:
-    return attrs_of_run(payload.attrs)
-
-
-def attrs_of_run(run: list[Container]) -> dict[int, Any]:
+def attrs_of(run: list[Container]) -> dict[int, Any]:
+    """A run of decoded attributes by type."""
     return {a.type & NLA_TYPE_MASK: a.value for a in run}
 
 
@@ -267,7 +264,7 @@ class NetlinkListener:
         cmd = event.cmd
         if cmd not in self.callbacks:
             return
-        attrs = attrs_of(event)
+        attrs = attrs_of(event.attrs)
         name = attrs.get(ATTR_DEVICE) or ""
         dev_id = attrs.get(ATTR_DEVICE_ID) or 0
         minor = attrs.get(ATTR_MINOR) or 0
@@ -335,11 +332,11 @@ def resolve_family(family: str = FAMILY, group: str = GROUP) -> tuple[int, int]:
 
 
 def family_and_group(reply: Container, family: str, group: str) -> tuple[int, int]:
-    attrs = attrs_of(reply)
-    groups = dict(
-        (g.get(CTRL_ATTR_MCAST_GRP_NAME), g.get(CTRL_ATTR_MCAST_GRP_ID))
-        for g in (attrs_of_run(entry.value) for entry in attrs.get(CTRL_ATTR_MCAST_GROUPS, []))
-    )
+    attrs = attrs_of(reply.attrs)
+    groups: dict[str, int] = {}
+    for entry in attrs.get(CTRL_ATTR_MCAST_GROUPS, []):  # one nested run per group
+        g = attrs_of(entry.value)
+        groups[g.get(CTRL_ATTR_MCAST_GRP_NAME)] = g.get(CTRL_ATTR_MCAST_GRP_ID)
     if CTRL_ATTR_FAMILY_ID not in attrs or group not in groups:
         raise NetlinkError(f"generic netlink family {family} has no {group!r} group")
     return attrs[CTRL_ATTR_FAMILY_ID], groups[group]

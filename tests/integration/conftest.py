@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,7 +56,10 @@ def run_rc(*cmd: str, timeout: float = 120) -> tuple[int, str]:
 class Daemon:
     """One `vscsi up` process serving a config written into a work directory."""
 
+    running: set[Daemon] = set()  # whose logs a failed test's report shows
+
     def __init__(self, workdir: Path, config: str, name: str = "vscsi") -> None:
+        self.name = name
         self.workdir = workdir
         self.socket = str(workdir / f"{name}.sock")
         self.config = workdir / f"{name}.toml"
@@ -74,6 +77,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [VSCSI, "up", "-c", str(self.config)], stdout=logf, stderr=subprocess.STDOUT
             )
+        Daemon.running.add(self)
 
     def wait_serving(self, timeout: float = 240) -> dict[str, dict[str, object]]:
         """Every volume served (and its /dev/sdX there, if exported through tcm_loop)."""
@@ -119,10 +123,28 @@ class Daemon:
         self.proc.send_signal(sig)
         rc = self.proc.wait(timeout)
         self.proc = None
+        Daemon.running.discard(self)
         return rc
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report ends with the last lines each running daemon logged: in CI they
+    are all there is to tell a daemon's view of the failure."""
+    report = yield
+    if report.failed:
+        for d in sorted(Daemon.running, key=lambda d: d.name):
+            tail = "\n".join(d.output().splitlines()[-LOG_TAIL:])
+            report.sections.append((f"daemon {d.name}: last {LOG_TAIL} log lines", tail))
+    return report
+
+
+LOG_TAIL = 60
 
 
 def start_all(*daemons: Daemon, timeout: float = 240) -> None:

@@ -83,10 +83,11 @@ def array(
 
 
 class GatedVolume(MemVolume):
-    """A MemVolume whose writes wait while `gate` is clear."""
+    """A MemVolume whose writes wait while `gate` is clear, and then take `delay` seconds."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
+        self.delay = 0.0
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -94,6 +95,7 @@ class GatedVolume(MemVolume):
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
         self.entered.set()
         self.gate.wait()
+        time.sleep(self.delay)
         super().write(offset, bufs, fua)
 
 
@@ -307,6 +309,34 @@ def test_pipelined_writes_are_applied_in_sequence_order(keys: Path, site: Site) 
     assert all(a.body.status is Status.OK for a in answers)
     assert [w[0] for w in site.volume.writes] == [(seq % 4) * 512 for seq in range(1, 33)]
     assert [site.volume.data[i * 512] for i in range(4)] == [32, 29, 30, 31]  # the last ones
+
+
+def test_a_slow_s_volume_under_pipelined_writes_keeps_the_link_up(keys: Path, site: Site) -> None:
+    """Sixteen writers at once to an S-VOL that takes a sixth of the link timeout per write:
+    the S side reads most of them in one batch, which takes longer than the timeout to apply.
+    The P side must still hear from it within the timeout and keep the link."""
+    site.volume.delay = TIMEOUT / 6
+    s = session_to(keys, site.port)
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            s.write("s0", i * 512, bytes([i]) * 512)
+        except LinkError as e:
+            errors.append(e)
+
+    try:
+        assert s.wait_connected(5)
+        for _ in range(2):
+            writers = [threading.Thread(target=write, args=(i,)) for i in range(16)]
+            for t in writers:
+                t.start()
+            for t in writers:
+                t.join(10)
+        assert not errors and s.connected
+        assert [site.volume.data[i * 512] for i in range(16)] == list(range(16))
+    finally:
+        s.close()
 
 
 def test_a_reconnecting_peer_supersedes_its_old_connection(keys: Path, site: Site) -> None:

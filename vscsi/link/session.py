@@ -618,8 +618,10 @@ class LinkServer:
                 p.thread.join()
 
     def _serve(self, peer: _Peer, remote: RemoteConfig, stream: TlsStream) -> str:
-        """Read requests, apply them in order, answer all that were read in one send; why
-        the connection ended."""
+        """Read requests, apply them in order, answer those read together in one send; why
+        the connection ended. A batch that takes long (a slow S-VOL under many pipelined
+        writes) sends what it answered so far every quarter of the link timeout: the P side
+        takes a peer that answers nothing for the timeout as dead, and this one is alive."""
         expected = 1
         timeout = self.link.timeout
         try:
@@ -627,6 +629,7 @@ class LinkServer:
                 if not stream.receive(timeout):
                     return f"no frame for {timeout:g}s"
                 answers = []
+                sent = time.monotonic()
                 while (frame := stream.next_frame()) is not None:
                     if frame.seq != expected:
                         raise FrameError(f"sequence number {frame.seq}, expected {expected}")
@@ -636,6 +639,9 @@ class LinkServer:
                     if peer.gone:
                         return "superseded"
                     answers.append(self._answer(remote, frame))
+                    if time.monotonic() - sent >= timeout / 4:
+                        stream.send(*answers)
+                        answers, sent = [], time.monotonic()
                 if answers:
                     stream.send(*answers)
         except FrameError as e:

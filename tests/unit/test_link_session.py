@@ -493,6 +493,39 @@ def test_a_silent_peer_fails_requests_within_the_link_timeout(keys: Path, site: 
         proxy.close()
 
 
+def test_answers_that_came_while_the_receiver_was_held_up_keep_the_link(
+    keys: Path, site: Site
+) -> None:
+    """The P side's receiving thread finds the socket empty, then does not run for longer than
+    the link timeout (a loaded host, an emulated CPU); meanwhile a write is answered. When it
+    runs again, the answer is waiting: the peer is alive and the write succeeds."""
+    s = session_to(keys, site.port)
+    try:
+        assert s.wait_connected(5)
+        s.write("s0", 0, bytes(512))
+        assert s._conn is not None
+        stream = s._conn.stream
+        receive, held = stream.receive, threading.Event()
+
+        def held_up_once(timeout: float) -> bool:
+            if not held.is_set():
+                return receive(timeout)
+            held.clear()
+            time.sleep(TIMEOUT * 1.4)  # after a look that found nothing
+            return False
+
+        stream.receive = held_up_once  # type: ignore[method-assign]
+        held.set()
+        while held.is_set():
+            time.sleep(0.01)
+        time.sleep(TIMEOUT * 0.6)  # the write goes out late in the hold-up, so the S side
+        s.write("s0", 512, b"h" * 512)  # hears the next heartbeat within its own timeout
+        assert s.connected
+        assert bytes(site.volume.data[512:1024]) == b"h" * 512
+    finally:
+        s.close()
+
+
 def test_a_peer_that_stops_reading_is_dropped_within_the_link_timeout(
     keys: Path, site: Site, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -92,11 +92,12 @@ class TlsStream:
     # -- receiving ---------------------------------------------------------------------------
 
     def receive(self, timeout: float) -> bool:
-        """Wait up to `timeout` for bytes and decrypt them; False if none came. EOFError when
-        the peer closed the connection, OSError or ssl.SSLError when it broke."""
+        """Wait up to `timeout` for bytes and decrypt them; False if none came (with no time
+        left, whether some are there already). EOFError when the peer closed the connection,
+        OSError or ssl.SSLError when it broke."""
         if self._eof:
             raise EOFError
-        if timeout <= 0 or not self._poll.poll(timeout * 1000):
+        if not self._poll.poll(max(timeout, 0.0) * 1000):
             return False
         data = self.sock.recv(RECV_SIZE)
         if not data:

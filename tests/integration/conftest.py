@@ -130,6 +130,9 @@ class Daemon:
         self.stop(signal.SIGKILL)
 
 
+LOG_TAIL = 60  # lines of each daemon's log in a failed test's report
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -142,9 +145,6 @@ def pytest_runtest_makereport(
             tail = "\n".join(d.output().splitlines()[-LOG_TAIL:])
             report.sections.append((f"daemon {d.name}: last {LOG_TAIL} log lines", tail))
     return report
-
-
-LOG_TAIL = 60
 
 
 def start_all(*daemons: Daemon, timeout: float = 240) -> None:

@@ -10,6 +10,11 @@ against the same volume served through libtcmu.so.2 (`transport = "libtcmu"`).
 Every backing file is written in full before its backend starts (tcmu-runner's qcow image is
 created preallocated), so no job measures tmpfs allocating pages: a first write to a tmpfs page
 costs about four times a rewrite here, and a pair would pay it on two files.
+
+The backends take turns in rounds (VSCSI_BENCH_ROUNDS, 3 by default), every other round in
+reverse order, and the tables give each job's median over the rounds. An emulated VM's speed
+drifts by up to 3x over minutes with the host's load; measured once each, in a fixed order, the
+backends met different machines and their ratios said nothing. A last table lists every round.
 Absolute numbers mean nothing across machines.
 """
 
@@ -17,15 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import rtslib_fb
@@ -39,6 +47,7 @@ from vscsi.tcmu import configfs
 
 SIZE = 256 << 20
 RUNTIME = int(os.environ.get("VSCSI_BENCH_RUNTIME", "8"))
+ROUNDS = int(os.environ.get("VSCSI_BENCH_ROUNDS", "3"))
 VSCSI = str(Path(sys.executable).with_name("vscsi"))
 JOBS: list[tuple[str, str, str, int]] = [
     ("seq write 1M QD4", "write", "1M", 4),
@@ -88,20 +97,37 @@ def allocated(path: Path) -> Path:
     return path
 
 
-def run_jobs(
-    dev: str, jobs: list[tuple[str, str, str, int]], work: Path
-) -> tuple[dict[str, float], dict[str, CpuUse], dict[str, float]]:
-    """IOPS of each job, the VM's CPU use over each fio run and, for a vscsi backend, the
-    share of the job's commands that the compiled path answered (`vscsi status`)."""
-    iops, cpu, compiled = {}, {}, {}
+@dataclass
+class Runs:
+    """One backend's jobs over every round: each job's IOPS per round, the VM's CPU use and,
+    for a vscsi backend, (commands, compiled) counts, both summed over the rounds."""
+
+    iops: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, CpuUse] = field(default_factory=dict)
+    served: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def median(self) -> dict[str, float]:
+        """Each job's median over the rounds fio completed (NaN when it failed in every one)."""
+        done = {job: [x for x in rates if not math.isnan(x)] for job, rates in self.iops.items()}
+        return {job: statistics.median(xs) if xs else math.nan for job, xs in done.items()}
+
+    def compiled(self) -> dict[str, float]:
+        """The share of each job's commands that the compiled path answered."""
+        return {job: done / n for job, (n, done) in self.served.items() if n}
+
+
+def run_jobs(dev: str, jobs: list[tuple[str, str, str, int]], work: Path, runs: Runs) -> None:
+    """Each job once, added to `runs`."""
     for name, rw, bs, qd in jobs:
         before = served_counts(work, dev)
-        with measured() as cpu[name]:
-            iops[name] = fio(dev, rw, bs, qd)
+        with measured() as use:
+            rate = fio(dev, rw, bs, qd)
         after = served_counts(work, dev)
-        if before and after and after[0] > before[0]:
-            compiled[name] = (after[1] - before[1]) / (after[0] - before[0])
-    return iops, cpu, compiled
+        runs.iops.setdefault(name, []).append(rate)
+        runs.cpu[name] = runs.cpu.get(name, CpuUse()) + use
+        if before and after:
+            n, done = runs.served.get(name, (0, 0))
+            runs.served[name] = (n + after[0] - before[0], done + after[1] - before[1])
 
 
 def served_counts(work: Path, dev: str) -> tuple[int, int] | None:
@@ -364,15 +390,16 @@ def side_by_side(
     return "\n".join(lines)
 
 
-def cpu_table(results: dict[str, dict[str, float]], cpu: dict[str, dict[str, CpuUse]]) -> str:
-    """µs of VM CPU per I/O, and in brackets how busy both vCPUs were, per backend and job."""
-    names = list(cpu)
+def cpu_table(runs: dict[str, Runs]) -> str:
+    """µs of VM CPU per I/O, and in brackets how busy both vCPUs were, per backend and job
+    (every round's CPU over every round's I/Os)."""
+    names = list(runs)
     lines = [f"| job | {' | '.join(names)} |", "|" + "---|" * (len(names) + 1)]
     for job, *_ in JOBS:
         cells = []
         for n in names:
-            use = cpu[n].get(job)
-            ios = results[n].get(job, 0.0) * RUNTIME
+            use = runs[n].cpu.get(job)
+            ios = sum(runs[n].iops.get(job, [])) * RUNTIME
             cells.append("—" if use is None else f"{use.per_io(ios):,.0f} ({use.share:.0%})")
         lines.append(f"| {job} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -403,6 +430,16 @@ def compiled_table(compiled: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def rounds_table(runs: dict[str, Runs]) -> str:
+    """Every round's IOPS, the medians' spread: backend by backend, job by job."""
+    lines = ["| backend | job | " + " | ".join(f"round {i + 1}" for i in range(ROUNDS)) + " |",
+             "|" + "---|" * (ROUNDS + 2)]  # fmt: skip
+    for name, r in runs.items():
+        for job, rates in r.iops.items():
+            lines.append(f"| {name} | {job} | " + " | ".join(f"{x:,.0f}" for x in rates) + " |")
+    return "\n".join(lines)
+
+
 def link_table(results: dict[str, dict[str, float]]) -> str:
     """The remote pair against the link alone (bench_link: the same TLS connection between
     two in-process ends, no TCMU, no pair layer, a memory volume), measured here and now."""
@@ -416,6 +453,12 @@ def link_table(results: dict[str, dict[str, float]]) -> str:
         s, a, r = results["vscsi"][job], alone[job], results["vscsi-remote"][job]
         lines.append(f"| {job} | {s:,.0f} | {a:,.0f} | {r:,.0f} | {a / s:.2f}x | {r / a:.2f}x |")
     return "\n".join(lines)
+
+
+def turns(names: list[str], round_: int) -> list[str]:
+    """The backends' order in a round: as listed, then reversed, and so on, so that a VM
+    slowing down (or speeding up) over the run does not favour the backends measured first."""
+    return names if round_ % 2 == 0 else names[::-1]
 
 
 def main() -> None:
@@ -432,24 +475,26 @@ def main() -> None:
     only = os.environ.get("VSCSI_BENCH_ONLY")  # e.g. "vscsi,vscsi-remote": a part of the run
     if only:
         backends = {name: backends[name] for name in only.split(",")}
-    results: dict[str, dict[str, float]] = {}
-    cpu: dict[str, dict[str, CpuUse]] = {}
-    compiled: dict[str, dict[str, float]] = {}
+    runs = {name: Runs() for name in backends}
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         # a tmpfs of its own: the VM's /tmp sits on a small /run and would fill up
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1G", "tmpfs", tmp], check=True)
         try:
-            for name, backend in backends.items():
-                print(f"== {name}", file=sys.stderr, flush=True)
-                with backend(Path(tmp)) as dev:  # type: ignore[attr-defined]
-                    jobs = PAIR_JOBS if name in PAIRED else JOBS
-                    results[name], cpu[name], compiled[name] = run_jobs(dev, jobs, Path(tmp))
-                print(json.dumps(results[name]), file=sys.stderr, flush=True)
+            for i in range(ROUNDS):
+                for name in turns(list(backends), i):
+                    print(f"== {name}, round {i + 1} of {ROUNDS}", file=sys.stderr, flush=True)
+                    with backends[name](Path(tmp)) as dev:  # type: ignore[attr-defined]
+                        run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS, Path(tmp), runs[name])
+                    print(json.dumps({j: r[-1] for j, r in runs[name].iops.items()}),
+                          file=sys.stderr, flush=True)  # fmt: skip
         finally:
             subprocess.run(["umount", tmp], check=False)
+    results = {name: r.median() for name, r in runs.items()}
+    compiled = {name: r.compiled() for name, r in runs.items()}
     tables = []
     if {"fileio", "tcmu-runner", "vscsi"} <= results.keys():
-        tables.append(f"fio, libaio, direct, {RUNTIME}s per job, IOPS (1M jobs: MiB/s)\n"
+        tables.append(f"fio, libaio, direct, {RUNTIME}s per job, the median of {ROUNDS} rounds, "
+                      "IOPS (1M jobs: MiB/s)\n"
                       + table(results))  # fmt: skip
     if {"vscsi", "vscsi-python"} <= results.keys():
         tables.append("the compiled READ/WRITE path: vscsi with it and without it (fast_path = "
@@ -471,10 +516,12 @@ def main() -> None:
         tables.append("the share of each job's commands that vscsi's compiled READ/WRITE path "
                       "answered (`vscsi status`: compiled / commands); the rest took the Python "
                       "core\n" + compiled_table(compiled))  # fmt: skip
-    if cpu:
+    if runs:
         tables.append("VM CPU per I/O, µs (1M jobs: per MiB), from /proc/stat over each fio run "
                       "(user+nice+system+irq+softirq of both vCPUs); in brackets the share of "
-                      "both vCPUs busy\n" + cpu_table(results, cpu))  # fmt: skip
+                      "both vCPUs busy\n" + cpu_table(runs))  # fmt: skip
+        tables.append("every round, IOPS (1M jobs: MiB/s); the tables above give the medians\n"
+                      + rounds_table(runs))  # fmt: skip
     print("\n" + "\n\n".join(tables))
     out = os.environ.get("VSCSI_VM_OUT")
     if out and tables:

@@ -23,6 +23,10 @@ class CpuUse:
     busy_us: float = 0.0
     total_us: float = 0.0
 
+    def __add__(self, other: CpuUse) -> CpuUse:
+        """Two windows' use together (the same job over several rounds)."""
+        return CpuUse(self.busy_us + other.busy_us, self.total_us + other.total_us)
+
     def per_io(self, ios: float) -> float:
         """µs of CPU per I/O (NaN when there were none)."""
         return self.busy_us / ios if ios > 0 else float("nan")

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -278,6 +279,7 @@ def vscsi_remote_backend(work: Path) -> Iterator[str]:
     """A P-VOL in PAIR (fence never) with the S-VOL on a second daemon, a remote array; the
     link (TLS) runs over a veth pair between two network namespaces, one per site."""
     keys = work / "keys"
+    shutil.rmtree(keys, ignore_errors=True)  # the last round's: `link keys` keeps what exists
     for name, (_, _, serial) in SITES.items():
         subprocess.run([VSCSI, "link", "keys", "--dir", str(keys), "--name", name, "--serial",
                         str(serial)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip

@@ -130,20 +130,24 @@ class Daemon:
         self.stop(signal.SIGKILL)
 
 
-LOG_TAIL = 60  # lines of each daemon's log in a failed test's report
+LOG_TAIL = 60  # lines of each daemon's log, and of the kernel's, in a failed test's report
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report ends with the last lines each running daemon logged: in CI they
-    are all there is to tell a daemon's view of the failure."""
+    """A failed test's report ends with the last lines each running daemon logged, and the
+    kernel's (a sense the target core made up, e.g. for a ring it found broken, shows only
+    there): in CI they are all there is to tell each side's view of the failure."""
     report = yield
     if report.failed:
         for d in sorted(Daemon.running, key=lambda d: d.name):
             tail = "\n".join(d.output().splitlines()[-LOG_TAIL:])
             report.sections.append((f"daemon {d.name}: last {LOG_TAIL} log lines", tail))
+        kernel = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+        tail = "\n".join(kernel.splitlines()[-LOG_TAIL:])
+        report.sections.append((f"kernel: last {LOG_TAIL} log lines", tail))
     return report
 
 

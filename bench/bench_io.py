@@ -279,7 +279,6 @@ def vscsi_remote_backend(work: Path) -> Iterator[str]:
     """A P-VOL in PAIR (fence never) with the S-VOL on a second daemon, a remote array; the
     link (TLS) runs over a veth pair between two network namespaces, one per site."""
     keys = work / "keys"
-    shutil.rmtree(keys, ignore_errors=True)  # the last round's: `link keys` keeps what exists
     for name, (_, _, serial) in SITES.items():
         subprocess.run([VSCSI, "link", "keys", "--dir", str(keys), "--name", name, "--serial",
                         str(serial)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
@@ -485,8 +484,14 @@ def main() -> None:
             for i in range(ROUNDS):
                 for name in turns(list(backends), i):
                     print(f"== {name}, round {i + 1} of {ROUNDS}", file=sys.stderr, flush=True)
-                    with backends[name](Path(tmp)) as dev:  # type: ignore[attr-defined]
-                        run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS, Path(tmp), runs[name])
+                    # a directory of its own: no state, keys or pair left by the last round
+                    work = Path(tmp) / f"{name}-{i + 1}"
+                    work.mkdir()
+                    try:
+                        with backends[name](work) as dev:  # type: ignore[attr-defined]
+                            run_jobs(dev, PAIR_JOBS if name in PAIRED else JOBS, work, runs[name])
+                    finally:
+                        shutil.rmtree(work, ignore_errors=True)
                     print(json.dumps({j: r[-1] for j, r in runs[name].iops.items()}),
                           file=sys.stderr, flush=True)  # fmt: skip
         finally:

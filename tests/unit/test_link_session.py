@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import select
 import socket
 import ssl
 import threading
@@ -83,7 +84,8 @@ def array(
 
 
 class GatedVolume(MemVolume):
-    """A MemVolume whose writes wait while `gate` is clear, and then take `delay` seconds."""
+    """A MemVolume whose writes wait while `gate` is clear, and then take `delay` seconds;
+    `inside` counts the writes under way."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -91,12 +93,25 @@ class GatedVolume(MemVolume):
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.inside = 0
+        self._count = threading.Condition()
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        self.entered.set()
-        self.gate.wait()
-        time.sleep(self.delay)
-        super().write(offset, bufs, fua)
+        with self._count:
+            self.inside += 1
+            self._count.notify_all()
+        try:
+            self.entered.set()
+            self.gate.wait()
+            time.sleep(self.delay)
+            super().write(offset, bufs, fua)
+        finally:
+            with self._count:
+                self.inside -= 1
+
+    def wait_inside(self, n: int) -> bool:
+        with self._count:
+            return self._count.wait_for(lambda: self.inside >= n, 5)
 
 
 class Site:
@@ -143,6 +158,7 @@ class NoExtents:
 def site(keys: Path) -> Iterator[Site]:
     s = Site(keys)
     yield s
+    s.volume.gate.set()  # a failed test must not leave a write waiting (close waits for it)
     s.server.close()
 
 
@@ -339,14 +355,18 @@ def test_a_slow_s_volume_under_pipelined_writes_keeps_the_link_up(keys: Path, si
         s.close()
 
 
-def test_a_reconnecting_peer_supersedes_its_old_connection(keys: Path, site: Site) -> None:
+@pytest.mark.parametrize("fua", [False, True])
+def test_a_reconnecting_peer_supersedes_its_old_connection(
+    keys: Path, site: Site, fua: bool
+) -> None:
     """Nothing sent on a connection the P side gave up on is applied after the new one is up:
-    the request being applied finishes first, the rest of the old connection is dropped."""
+    the request being applied finishes first, the rest of the old connection is dropped. With
+    FUA the first write is applied beside the reading thread, the second waits for it."""
     site.volume.gate.clear()
     old = raw_client(keys, site.port)
     old.sendall(
-        encode(FrameType.WRITE, 1, volume="s0", offset=0, fua=False, data=b"1" * 512)
-        + encode(FrameType.WRITE, 2, volume="s0", offset=0, fua=False, data=b"2" * 512)
+        encode(FrameType.WRITE, 1, volume="s0", offset=0, fua=fua, data=b"1" * 512)
+        + encode(FrameType.WRITE, 2, volume="s0", offset=0, fua=fua, data=b"2" * 512)
     )
     assert site.volume.entered.wait(5)
     new = session_to(keys, site.port)
@@ -355,11 +375,85 @@ def test_a_reconnecting_peer_supersedes_its_old_connection(keys: Path, site: Sit
         site.volume.gate.set()
         assert new.wait_connected(5)
         new.write("s0", 512, b"3" * 512)
-        assert site.volume.writes == [(0, 512, False), (512, 512, False)]
+        assert site.volume.writes == [(0, 512, fua), (512, 512, False)]
         assert bytes(site.volume.data[:512]) == b"1" * 512
     finally:
         new.close()
         old.close()
+
+
+def wfua(seq: int, offset: int, data: bytes, fua: bool = True) -> bytes:
+    return encode(FrameType.WRITE, seq, volume="s0", offset=offset, fua=fua, data=data)
+
+
+def quiet(s: ssl.SSLSocket, seconds: float) -> bool:
+    """No answer arrives on `s` for `seconds`."""
+    return not s.pending() and not select.select([s], [], [], seconds)[0]
+
+
+@pytest.mark.parametrize(("fua", "write_cache"), [(True, True), (False, False)])
+def test_writes_that_wait_for_the_device_are_applied_side_by_side(
+    keys: Path, site: Site, fua: bool, write_cache: bool
+) -> None:
+    """Writes that wait for the S-VOL's device (FUA, or no write cache) are applied at once,
+    each answered when it ends: one at a time, a remote pair's synchronous writes would run at
+    queue depth 1 whatever the host's."""
+    site.volume.write_cache = write_cache
+    site.volume.gate.clear()
+    with raw_client(keys, site.port) as s:
+        s.sendall(b"".join(wfua(seq, seq * 4096, bytes([seq]) * 4096, fua) for seq in range(1, 5)))
+        assert site.volume.wait_inside(4)
+        assert quiet(s, 0.1)
+        site.volume.gate.set()
+        answers = [recv_frame(s) for _ in range(4)]
+    assert sorted(a.body.answers for a in answers) == [1, 2, 3, 4]
+    assert all(a.body.status is Status.OK for a in answers)
+    assert [site.volume.data[seq * 4096] for seq in range(1, 5)] == [1, 2, 3, 4]
+
+
+def test_an_overlapping_write_waits_for_the_one_in_flight(keys: Path, site: Site) -> None:
+    site.volume.gate.clear()
+    with raw_client(keys, site.port) as s:
+        s.sendall(wfua(1, 0, b"1" * 4096) + wfua(2, 2048, b"2" * 4096))
+        assert site.volume.wait_inside(1)
+        assert quiet(s, 0.2) and site.volume.inside == 1  # the second waits for the first
+        site.volume.gate.set()
+        answers = [recv_frame(s) for _ in range(2)]
+    assert all(a.body.status is Status.OK for a in answers)
+    assert [w[0] for w in site.volume.writes] == [0, 2048]
+    assert bytes(site.volume.data[:6144]) == b"1" * 2048 + b"2" * 4096
+
+
+AFTER_WRITES = {
+    "FLUSH": encode(FrameType.FLUSH, 2, volume="s0"),
+    "CONTROL": encode(FrameType.CONTROL, 2, body={"op": "split"}),
+    "READ": encode(FrameType.READ, 2, volume="s0", offset=0, length=4096),
+    "HEARTBEAT": encode(FrameType.HEARTBEAT, 2),
+    "UNMAP": encode(FrameType.UNMAP, 2, volume="s0", offset=8192, length=4096),
+}
+
+
+@pytest.mark.parametrize("kind", AFTER_WRITES)
+def test_a_request_after_writes_in_flight_is_applied_once_they_ended(
+    keys: Path, site: Site, kind: str
+) -> None:
+    """A FLUSH flushes the writes sent before it, a CONTROL (a split) comes after them, a READ
+    sees them, and a HEARTBEAT is answered only once they ended (an S-VOL that makes no
+    progress must still read as a dead peer)."""
+    site.volume.gate.clear()
+    site.volume.data[8192:12288] = b"u" * 4096
+    with raw_client(keys, site.port) as s:
+        s.sendall(wfua(1, 0, b"w" * 4096) + AFTER_WRITES[kind])
+        assert site.volume.wait_inside(1)
+        assert quiet(s, 0.2)
+        assert (site.volume.flushes, site.controls, site.volume.data[8192]) == (0, [], ord("u"))
+        site.volume.gate.set()
+        answers = [recv_frame(s) for _ in range(2)]
+    assert [a.body.answers for a in answers] == [1, 2]
+    assert all(a.body.status is Status.OK for a in answers)
+    if kind == "READ":
+        assert answers[1].body.data == b"w" * 4096
+    assert site.volume.flushes == (kind == "FLUSH") and len(site.controls) == (kind == "CONTROL")
 
 
 # -- authentication --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from tests.unit.remotepeers import SIZE, Site, two_sites
 from vscsi.pair.manager import PairManager
-from vscsi.pair.states import Access, PairError, Status
+from vscsi.pair.states import Access, PairError, Status, StatusRefused
 from vscsi.pair.volume import GRAIN
 from vscsi.pair.vpd import FLAG_FENCED, parse_page
 from vscsi.remote.states import Fence, Takeover
@@ -136,6 +136,25 @@ def test_svol_takeover_old_primary_refused_after_restart_then_swapped_back(
     assert mb.display("tc")[0]["copy_total"] == GRAIN  # B's change only
     assert same(a, b)
     assert ma.access("Av0") is Access.READ_ONLY and mb.access("Bv0") is Access.READ_WRITE
+
+
+def test_an_update_copy_routed_before_an_svol_takeover_is_refused_after_it(
+    tmp_path: Path,
+) -> None:
+    """The link routes an update copy, then may wait before applying it (behind other
+    writes in flight): a takeover in between must win, or the old primary's write would land
+    on a volume the S site now owns."""
+    a, b, _ = two_sites(tmp_path)
+    _, mb = paired(a, b)
+    target = mb.remote.replica_target("Bv0", a.serial)  # routed while in PAIR
+    a.crash()
+    assert mb.remote.takeover("tc") is Takeover.SVOL_E
+    before = bytes(b.vols["Bv0"].data)
+    with pytest.raises(StatusRefused, match="takes no update copies"):
+        target.write(0, [memoryview(b"late" * 1024)])
+    with pytest.raises(StatusRefused, match="takes no update copies"):
+        target.unmap(0, 4096)
+    assert b.vols["Bv0"].data == before
 
 
 def test_a_split_brain_is_reported_on_both_sides_and_stops_the_old_primary(

@@ -4,13 +4,16 @@
 Plain threads over `TlsStream`, no event loop: on the P side the caller's thread sends its own
 request and one receiver thread per connection hands each answer to the caller waiting for
 it, so many requests are in flight at once on one connection; on the S side one thread per
-connection reads, applies in order and answers every request it read in one send.
+connection reads and applies in order, answering the requests it read together in one send,
+while WRITEs that wait for their device run beside it (`_Beside`) with the outcome of the same
+order.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -56,6 +59,7 @@ REQUESTS = frozenset({
 })  # fmt: skip
 MAX_ERROR = 1024  # characters of an error text sent back
 BACKOFF = (0.1, 5.0)  # seconds between connection attempts: first, then doubling up to this
+APPLY_WORKERS = 16  # WRITEs of one connection that wait for their device, applied at once
 
 
 # -- both sides -------------------------------------------------------------------------------
@@ -622,17 +626,19 @@ class LinkServer:
                 p.thread.join()
 
     def _serve(self, peer: _Peer, remote: RemoteConfig, stream: TlsStream) -> str:
-        """Read requests, apply them in order, answer those read together in one send; why
-        the connection ended. A batch that takes long (a slow S-VOL under many pipelined
-        writes) sends what it answered so far every quarter of the link timeout: the P side
-        takes a peer that answers nothing for the timeout as dead, and this one is alive."""
+        """Read requests, apply them in order (WRITEs that wait for their device beside this
+        thread, `_Beside`), answer those read together in one send; why the connection ended.
+        A batch that takes long (a slow S-VOL under many pipelined writes) sends what it
+        answered so far every quarter of the link timeout: the P side takes a peer that
+        answers nothing for the timeout as dead, and this one is alive."""
         expected = 1
         timeout = self.link.timeout
+        beside = _Beside(stream, f"link-apply-{remote.name}")
         try:
             while True:
                 if not stream.receive(timeout):
                     return f"no frame for {timeout:g}s"
-                answers = []
+                answers: list[bytes] = []
                 sent = time.monotonic()
                 while (frame := stream.next_frame()) is not None:
                     if frame.seq != expected:
@@ -642,7 +648,18 @@ class LinkServer:
                     expected += 1
                     if peer.gone:
                         return "superseded"
-                    answers.append(self._answer(remote, frame))
+                    span, target = self._shape(remote, frame)
+                    if blockers := beside.blocking(span):
+                        if answers:  # sent before waiting: the P side's callers need not wait
+                            stream.send(*answers)
+                            answers, sent = [], time.monotonic()
+                        concurrent.futures.wait(blockers)
+                        if peer.gone:
+                            return "superseded"
+                    if span and target is not None and _waits(target, frame.body.fua):
+                        beside.start(span, functools.partial(self._answer, remote, frame, target))
+                        continue
+                    answers.append(self._answer(remote, frame, target))
                     if time.monotonic() - sent >= timeout / 4:
                         stream.send(*answers)
                         answers, sent = [], time.monotonic()
@@ -652,26 +669,42 @@ class LinkServer:
             return f"dropped: {e}"
         except (OSError, EOFError, ssl.SSLError) as e:
             return "superseded" if peer.gone else reason(e)
+        finally:
+            beside.close()  # a superseding connection is served once these have ended
 
-    def _answer(self, remote: RemoteConfig, frame: Frame) -> bytes:
-        """Apply one request, and the RESPONSE to it."""
+    def _shape(self, remote: RemoteConfig, frame: Frame) -> tuple[Span | None, Target | None]:
+        """A WRITE's range (what it waits for among the writes in flight; None for any other
+        request: it waits for all of them) and its target (None when it has none, or when
+        routing refuses it: `_apply` answers that)."""
+        if frame.type is not FrameType.WRITE:
+            return None, None
+        b = frame.body
+        try:
+            target = self.route(remote, b.volume)
+        except Exception:  # refused (a state, a bug): answered in turn by `_apply`
+            target = None
+        return (b.volume, b.offset, b.offset + len(b.data)), target
+
+    def _answer(self, remote: RemoteConfig, frame: Frame, target: Target | None = None) -> bytes:
+        """Apply one request (to `target` when routed already), and the RESPONSE to it."""
         if frame.type is FrameType.HEARTBEAT:
             status, error, data = Status.OK, "", b""
         else:
-            status, error, data = self._apply(remote, frame)
+            status, error, data = self._apply(remote, frame, target)
         return encode(
             FrameType.RESPONSE, frame.seq,
             answers=frame.seq, status=status, error=error[:MAX_ERROR], data=data,
         )  # fmt: skip
 
-    def _apply(self, remote: RemoteConfig, frame: Frame) -> Answer:
+    def _apply(self, remote: RemoteConfig, frame: Frame, target: Target | None) -> Answer:
         b = frame.body
         try:
             if frame.type is FrameType.CONTROL:
                 if self.on_control is None:
                     return Status.BAD_REQUEST, "this array takes no CONTROL messages", b""
                 return Status.OK, "", ControlResult.build(self.on_control(remote, b.body))
-            target = self.route(remote, b.volume)
+            if target is None:
+                target = self.route(remote, b.volume)
             if target is None:
                 return Status.NO_VOLUME, f"no volume {b.volume!r} for array {remote.name}", b""
             return Status.OK, "", _apply_to(target, frame)
@@ -686,6 +719,60 @@ class LinkServer:
         except Exception as e:  # a bug below must not take the link down with it
             log.exception("link: %s from %s failed", frame.type.name, remote.name)
             return Status.FAILED, f"{type(e).__name__}: {e}", b""
+
+
+def _waits(target: Target, fua: bool) -> bool:
+    """Whether a WRITE waits for the target's device: FUA, or a target without a write cache
+    (one that says nothing of it has one)."""
+    return fua or not getattr(target, "write_cache", True)
+
+
+Span = tuple[str, int, int]  # a WRITE's volume, first byte and end
+
+
+class _Beside:
+    """The WRITEs of one connection that wait for their device (`_waits`), applied on threads
+    beside the connection's reading thread, each answered as it ends. Applied one at a time,
+    every synchronous write of a remote pair would wait for the ones before it on the S-VOL's
+    device: the pair would run at queue depth 1 whatever the host's.
+
+    The outcome is that of applying the requests in sequence order. Writes in flight together
+    were all unanswered, so no host had been told of one when another was sent. A WRITE that
+    overlaps one in flight waits for it (the P side's region locks keep such writes apart
+    anyway); every request other than a WRITE waits for all of them: a FLUSH flushes them, a
+    CONTROL (a split, a takeover) comes after them, a READ sees them, and a HEARTBEAT is
+    answered only once they ended, so an S-VOL that stops making progress still reads as a dead
+    peer on the P side. Only the connection's reading thread calls these methods."""
+
+    def __init__(self, stream: TlsStream, name: str) -> None:
+        self._stream = stream
+        self._pool = concurrent.futures.ThreadPoolExecutor(APPLY_WORKERS, name)
+        self._running: dict[concurrent.futures.Future[None], Span] = {}
+
+    def blocking(self, span: Span | None) -> list[concurrent.futures.Future[None]]:
+        """The writes in flight a request on `span` waits for (None: every one)."""
+        self._running = {f: s for f, s in self._running.items() if not f.done()}
+        if span is None:
+            return list(self._running)
+        volume, start, end = span
+        return [f for f, (v, s, e) in self._running.items()
+                if v == volume and s < end and start < e]  # fmt: skip
+
+    def start(self, span: Span, answer: Callable[[], bytes]) -> None:
+        self._running[self._pool.submit(self._run, answer)] = span
+
+    def _run(self, answer: Callable[[], bytes]) -> None:
+        try:
+            self._stream.send(answer())
+        except (OSError, ssl.SSLError):
+            self._stream.abort()  # a frame cut short: the reading thread ends the connection
+        except Exception:  # a bug: unanswered, the request would hold its P side caller
+            log.exception("a write applied beside the link's reading thread failed")
+            self._stream.abort()
+
+    def close(self) -> None:
+        """Wait for every write in flight."""
+        self._pool.shutdown(wait=True)
 
 
 def _apply_to(target: Target, frame: Frame) -> bytes | bytearray:

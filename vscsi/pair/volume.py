@@ -218,26 +218,42 @@ class PairVolume:
                     lambda replica: replica.unmap(offset, length), self._waits(False),
                 )  # fmt: skip
 
-    def replicate(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
+    def replicate(
+        self,
+        offset: int,
+        bufs: Sequence[memoryview],
+        fua: bool = False,
+        admit: Callable[[], object] | None = None,
+    ) -> None:
         """An update copy from the P side of the remote pair whose S-VOL this is: written like
         a host write, so the volume's local pairs mirror or track it (a cascade), but past the
-        host's access check and not counted as a change of the S side."""
+        host's access check and not counted as a change of the S side. `admit` raises when
+        the volume takes no update copies any more; it runs under the write gate, which a
+        state change holds exclusively."""
         length = sum(len(b) for b in bufs)
-        with self.gate.shared(), self._tracked(offset, length):
-            self._paired(
-                offset, length, self.manager.roles(self.name)[0], None,
-                lambda: self.held.write_base(offset, bufs, fua),
-                lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
-            )  # fmt: skip
+        with self.gate.shared():
+            if admit is not None:
+                admit()
+            with self._tracked(offset, length):
+                self._paired(
+                    offset, length, self.manager.roles(self.name)[0], None,
+                    lambda: self.held.write_base(offset, bufs, fua),
+                    lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
+                )  # fmt: skip
 
-    def replicate_unmap(self, offset: int, length: int) -> None:
+    def replicate_unmap(
+        self, offset: int, length: int, admit: Callable[[], object] | None = None
+    ) -> None:
         """An update copy's deallocation, as `replicate`."""
-        with self.gate.shared(), self._tracked(offset, length):
-            self._paired(
-                offset, length, self.manager.roles(self.name)[0], None,
-                lambda: deallocate(self.held, offset, length),
-                lambda replica: replica.unmap(offset, length), self._waits(False),
-            )  # fmt: skip
+        with self.gate.shared():
+            if admit is not None:
+                admit()
+            with self._tracked(offset, length):
+                self._paired(
+                    offset, length, self.manager.roles(self.name)[0], None,
+                    lambda: deallocate(self.held, offset, length),
+                    lambda replica: replica.unmap(offset, length), self._waits(False),
+                )  # fmt: skip
 
     def _paired(
         self,

@@ -5,9 +5,10 @@ the remote pairs a volume is in."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -388,7 +389,14 @@ class RemotePairs:
     def replica_target(self, volume: str, peer_serial: int) -> Replica:
         """The store behind `volume` for a peer's update copy: only while it is the S-VOL of
         that peer's pair in COPY or PAIR. Anything else (a taken-over S-VOL, an old primary
-        writing after a swap) is refused, so no stale P side can overwrite it."""
+        writing after a swap) is refused, so no stale P side can overwrite it; each change
+        is checked again under the volume's write gate, which every state change holds
+        exclusively (`UpdateTarget`)."""
+        return UpdateTarget(self._updated(volume, peer_serial).local,
+                            functools.partial(self._updated, volume, peer_serial))  # fmt: skip
+
+    def _updated(self, volume: str, peer_serial: int) -> RemotePair:
+        """The pair whose S-VOL `volume` takes update copies from array `peer_serial`."""
         _, sec = self.m.roles(volume)
         if not isinstance(sec, RemotePair):
             raise VolumeRefused(f"{volume!r} is not the S-VOL of a remote pair")
@@ -396,30 +404,40 @@ class RemotePairs:
         if st.primary != peer_serial or st.s not in (Status.COPY, Status.PAIR):
             raise StatusRefused(f"{volume!r} takes no update copies from array {peer_serial} "
                             f"({st.s.value})")  # fmt: skip
-        return UpdateTarget(sec.local)
+        return sec
 
 
 class UpdateTarget:
     """An S-VOL as the peer's update copies write it: through the volume as a host write goes
     (`PairVolume.replicate`), so each write is marked in the volume's write-intent log first
     (after a crash of this array the regions whose acknowledged copies its cache may have lost
-    are known, `RemotePair.recover_secondary`) and reaches the volume's local pairs."""
+    are known, `RemotePair.recover_secondary`) and reaches the volume's local pairs. `admit`
+    raises when the volume no longer takes them; each change calls it under the write gate,
+    so none lands after a state change (a takeover) that refuses it, however long it waited
+    for its turn."""
 
-    def __init__(self, volume: PairVolume) -> None:
+    def __init__(self, volume: PairVolume, admit: Callable[[], object]) -> None:
         self.volume = volume
+        self.admit = admit
 
     @property
     def size(self) -> int:
         return self.volume.size
 
+    @property
+    def write_cache(self) -> bool:
+        """Whether a write without FUA returns before it is durable (the link applies the
+        ones that wait for the device side by side)."""
+        return self.volume.write_cache
+
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.volume.base.readinto(offset, bufs)
 
     def write(self, offset: int, bufs: Sequence[memoryview], fua: bool = False) -> None:
-        self.volume.replicate(offset, bufs, fua)
+        self.volume.replicate(offset, bufs, fua, self.admit)
 
     def unmap(self, offset: int, length: int) -> None:
-        self.volume.replicate_unmap(offset, length)
+        self.volume.replicate_unmap(offset, length, self.admit)
 
     def flush(self) -> None:
         self.volume.flush()  # and the S-VOLs of its local pairs that mirror it

@@ -15,16 +15,21 @@ from pathlib import Path
 from tests.integration.conftest import Daemon, run
 
 
-def fio(dev: str, size: str = "12M", rate_iops: int = 0) -> subprocess.Popen[str]:
+def fio(
+    dev: str, size: str = "12M", rate_iops: int = 0, sync: bool = False
+) -> subprocess.Popen[str]:
     """fio writing random 4 KiB blocks with crc32c checksums over the first `size` bytes, then
     verifying every block (12M: ~10 s of writes in the emulated VM); `rate_iops` caps the
-    writes, so that a test surely acts while they run."""
+    writes, so that a test surely acts while they run; `sync` opens the disk O_SYNC, so each
+    write is a WRITE with FUA."""
     cmd = ["fio", "--name=verify", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
            "--rw=randwrite", "--bs=4k", "--iodepth=8", f"--size={size}", "--verify=crc32c",
            "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
            "--randrepeat=0"]  # fmt: skip
     if rate_iops:
         cmd.append(f"--rate_iops={rate_iops}")
+    if sync:
+        cmd.append("--sync=1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import VSCSI, Daemon, run, run_rc, start_all
-from tests.integration.hostio import Reader, Writer, fio, rescan, wait_writes
+from tests.integration.hostio import Reader, Writer, fio, fio_ok, rescan, wait_writes
 from tests.integration.sites import (
     ADDR,
     NS,
@@ -228,6 +228,17 @@ def test_swap_takeover_with_both_sites_up_and_back(
     rc, out = cli(a, "takeover", "tc")
     assert (rc, out) == (1, "pair tc: swap\n"), out  # fail back
     assert host_write(a, "ra", 3 * MIB, os.urandom(256 * 1024), workdir)[0] == 0
+    same(workdir)
+
+
+def test_fua_writes_at_queue_depth_reach_the_svol_whole(
+    sites: tuple[Daemon, Daemon], workdir: Path
+) -> None:
+    """Every write FUA (O_SYNC), eight in flight: the S side applies them side by side
+    (docs/link.md), and each is acknowledged only once durable on both arrays."""
+    a, _ = sites
+    fio_ok(fio(a.sd("ra"), size="2M", sync=True), a)
+    assert status(a)["status"] == "PAIR", status(a)
     same(workdir)
 
 

@@ -230,30 +230,37 @@ class PairVolume:
         host's access check and not counted as a change of the S side. `admit` raises when
         the volume takes no update copies any more; it runs under the write gate, which a
         state change holds exclusively."""
-        length = sum(len(b) for b in bufs)
-        with self.gate.shared():
-            if admit is not None:
-                admit()
-            with self._tracked(offset, length):
-                self._paired(
-                    offset, length, self.manager.roles(self.name)[0], None,
-                    lambda: self.held.write_base(offset, bufs, fua),
-                    lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
-                )  # fmt: skip
+        self._replicated(
+            offset, sum(len(b) for b in bufs), admit,
+            lambda: self.held.write_base(offset, bufs, fua),
+            lambda replica: replica.write(offset, bufs, fua), self._waits(fua),
+        )  # fmt: skip
 
     def replicate_unmap(
         self, offset: int, length: int, admit: Callable[[], object] | None = None
     ) -> None:
         """An update copy's deallocation, as `replicate`."""
+        self._replicated(
+            offset, length, admit,
+            lambda: deallocate(self.held, offset, length),
+            lambda replica: replica.unmap(offset, length), self._waits(False),
+        )  # fmt: skip
+
+    def _replicated(
+        self,
+        offset: int,
+        length: int,
+        admit: Callable[[], object] | None,
+        local: Callable[[], None],
+        mirror: Callable[[Replica], None],
+        waits: bool,
+    ) -> None:
         with self.gate.shared():
             if admit is not None:
                 admit()
             with self._tracked(offset, length):
-                self._paired(
-                    offset, length, self.manager.roles(self.name)[0], None,
-                    lambda: deallocate(self.held, offset, length),
-                    lambda replica: replica.unmap(offset, length), self._waits(False),
-                )  # fmt: skip
+                primaries = self.manager.roles(self.name)[0]
+                self._paired(offset, length, primaries, None, local, mirror, waits)
 
     def _paired(
         self,
